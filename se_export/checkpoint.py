@@ -1,0 +1,163 @@
+"""Expanded checkpoints: HF config + tokenizer, one safetensors file, and ``se_manifest.json``.
+
+The manifest is written last and names every file with its size and sha256, so a folder
+without it (an interrupted save) is never mistaken for a checkpoint and a damaged file is
+caught at load. Tensors shared in memory (tied embeddings, the router that gate and up share)
+are stored once and listed as aliases. Experts are stored packed (``sparse_format``), never dense.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .atomic import atomic_path, atomic_write_text
+from .errors import SEError
+from .models import sha256_file
+
+MANIFEST = "se_manifest.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def is_incomplete_checkpoint(path: Path) -> bool:
+    """A folder an expansion or save was writing to when it stopped (no manifest yet)."""
+    from safetensors import safe_open
+
+    from .expand import PARTIAL_DIR
+
+    path = Path(path)
+    if is_checkpoint(path):
+        return False
+    if (path / PARTIAL_DIR).is_dir():
+        return True
+    if (path / WEIGHTS).is_file():
+        try:
+            with safe_open(str(path / WEIGHTS), "pt") as f:
+                return (f.metadata() or {}).get("producer") == "se-export"
+        except (SafetensorError, OSError):
+            return False
+    return False
+
+
+def expanded_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from .modules import RoutedSparseLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, RoutedSparseLinear)}
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, value in state.items():
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+                 tuple(value.stride()), value.dtype)
+        if ident in seen:
+            aliases[key] = seen[ident]
+        else:
+            seen[ident] = key
+            tensors[key] = value.detach().contiguous()
+    return tensors, aliases
+
+
+def save_checkpoint(model: nn.Module, tokenizer, out: Path, info: dict) -> dict:
+    """Write the checkpoint into ``out`` (files atomically, manifest last); return the manifest."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # the folder is not a checkpoint until we finish
+    tensors, aliases = _dedupe(model.state_dict())
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "se-export"})
+    model.config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    modules = {}
+    for name, m in expanded_modules(model).items():
+        modules[name] = {"format": m.format, "experts": m.num_experts, "in": m.in_features,
+                         "out": m.out_features, "router_group": m.router_group,
+                         "bias": m.bias is not None, "nnz": int(m.values.numel()),
+                         "value_dtype": str(m.values.dtype).removeprefix("torch.")}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "producer": "se-export",
+        **info,
+        "modules": modules,
+        "aliases": aliases,
+        "files": {WEIGHTS: {"bytes": (out / WEIGHTS).stat().st_size, "sha256": sha256_file(out / WEIGHTS)}},
+        "complete": True,
+    }
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def read_manifest(path: Path) -> dict:
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise SEError(f"{path} is not an se-export checkpoint (no {MANIFEST}); run se-export expand first") from None
+    except json.JSONDecodeError:
+        raise SEError(f"corrupt checkpoint {path}: {MANIFEST} is not valid JSON; re-run se-export expand") from None
+    if manifest.get("format_version") != FORMAT_VERSION or not manifest.get("complete"):
+        raise SEError(f"checkpoint {path} has format version {manifest.get('format_version')} "
+                      f"(this se-export reads {FORMAT_VERSION}) or is incomplete; re-run se-export expand")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict, hash_files: bool = True) -> None:
+    for name, expect in manifest.get("files", {}).items():
+        f = Path(path) / name
+        if not f.is_file():
+            raise SEError(f"corrupt checkpoint {path}: {name} is missing; re-run se-export expand")
+        if f.stat().st_size != expect["bytes"] or (hash_files and sha256_file(f) != expect["sha256"]):
+            raise SEError(f"corrupt checkpoint {path}: {name} differs from its manifest (size or sha256); "
+                          "re-run se-export expand or restore the file")
+
+
+def load_checkpoint(path: Path, with_tokenizer: bool = False, verify: bool = True):
+    """Rebuild the expanded transformers model (and tokenizer); logits equal the saved model's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .adapters import set_submodule
+    from .expand import module_from_tensors
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    verify_files(path, manifest, hash_files=verify)
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise SEError(f"corrupt checkpoint {path}: cannot read {WEIGHTS} ({exc}); re-run se-export expand") from None
+    for alias, target in manifest.get("aliases", {}).items():
+        tensors[alias] = tensors[target]
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, meta in manifest["modules"].items():
+        set_submodule(model, name, module_from_tensors(name, meta, tensors))
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise SEError(f"corrupt checkpoint {path}: weights do not match the model ({str(exc).splitlines()[0]})") from None
+    model.eval()
+    if not with_tokenizer:
+        return model
+    from transformers import AutoTokenizer
+
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def remove_partial(out: Path) -> None:
+    from .expand import PARTIAL_DIR
+
+    shutil.rmtree(Path(out) / PARTIAL_DIR, ignore_errors=True)

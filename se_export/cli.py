@@ -1,0 +1,166 @@
+"""The ``se-export`` command line (typer). Every user error ends in one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .errors import SEError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Sparse Expansion of Hugging Face causal LMs: expand, evaluate, export.")
+err = Console(stderr=True)
+
+
+def _parse_layers(text: str | None) -> list[int] | None:
+    """``"0-3,7"`` -> [0, 1, 2, 3, 7]."""
+    if not text:
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            a, _, b = part.partition("-")
+            out.extend(range(int(a), int(b) + 1) if b else [int(a)])
+    except ValueError:
+        raise SEError(f"bad --layers '{text}': use indices and ranges like 0-3,7") from None
+    return sorted(set(out))
+
+
+@app.command()
+def expand(
+    model: Annotated[str, typer.Argument(help="HF hub id, local HF folder, .gguf file, or 'default'")],
+    out: Annotated[Path, typer.Option("--out", help="checkpoint folder to write")],
+    experts: Annotated[int | None, typer.Option("--experts", "-k", help="experts per linear (se: 16)")] = None,
+    sparsity: Annotated[str, typer.Option(help="fraction of zeros per expert (0.5, 70%) or N:M (2:4)")] = "0.5",
+    method: Annotated[str, typer.Option(help="se | sparsegpt | wanda | magnitude")] = "se",
+    calib: Annotated[str, typer.Option(help="'wiki' (Wikipedia summaries) or a text file")] = "wiki",
+    calib_samples: Annotated[int, typer.Option(help="calibration windows")] = 128,
+    seqlen: Annotated[int, typer.Option(help="tokens per calibration window")] = 512,
+    pca_factor: Annotated[int, typer.Option(help="router PCA keeps in_features // F components (0: no PCA)")] = 32,
+    seed: Annotated[int, typer.Option(help="seed of windows and k-means")] = 0,
+    true_sequential: Annotated[bool, typer.Option(help="calibrate down-proj on the expanded gate/up outputs")] = True,
+    min_cluster_tokens: Annotated[int, typer.Option(help="smaller clusters are merged away")] = 128,
+    value_dtype: Annotated[str, typer.Option(help="stored value precision: fp16 | bf16 | fp32")] = "fp16",
+    fmt: Annotated[str, typer.Option("--format", help="auto | bitmap | csr16")] = "auto",
+    layers: Annotated[str | None, typer.Option(help="expand only these decoder layers, e.g. 0-3,7")] = None,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted expansion in --out")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace whatever --out holds")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Expand every MLP linear into K routed sparse experts and save a compact checkpoint."""
+    from .checkpoint import is_checkpoint, remove_partial, save_checkpoint
+    from .data import calibration_windows, load_text, tokenize
+    from .expand import PARTIAL_DIR, ExpandConfig, expand_model, prepare_workdir
+    from .models import load_model
+
+    cfg = ExpandConfig(method=method, experts=experts if experts is not None else (16 if method == "se" else 1),
+                       sparsity=sparsity, pca_factor=pca_factor, seed=seed, true_sequential=true_sequential,
+                       min_cluster_tokens=min_cluster_tokens, value_dtype=value_dtype, format=fmt,
+                       layers=_parse_layers(layers))
+    spec = cfg.check()
+    if cfg.method == "se" and cfg.experts > calib_samples * seqlen:
+        raise SEError(f"--experts {cfg.experts} is larger than the {calib_samples * seqlen} calibration tokens: "
+                      "use fewer experts or more --calib-samples/--seqlen")
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    if is_checkpoint(out):
+        raise SEError(f"{out} already holds a checkpoint: pass --overwrite to replace it or choose another --out")
+    if out.exists() and not (out / PARTIAL_DIR).is_dir() and any(out.iterdir()):
+        raise SEError(f"{out} is a non-empty folder that is not an se-export expansion: choose another --out")
+    if resume and not (out / PARTIAL_DIR).is_dir():
+        raise SEError(f"nothing to resume in {out}: run without --resume")
+    text = load_text(calib)
+    loaded = load_model(model)
+    ids = tokenize(loaded.tokenizer, text)
+    windows = calibration_windows(ids, calib_samples, seqlen, seed)
+    calibration = {"source": text.name, "sha256": text.sha256, "samples": calib_samples,
+                   "seqlen": seqlen, "seed": seed}
+    key = cfg.key({"model": loaded.source, "calibration": calibration,
+                   "model_config": loaded.model.config.to_json_string()})
+    workdir = prepare_workdir(out, key, resume)
+    t0 = time.perf_counter()
+    result = expand_model(loaded.model, windows, cfg, workdir=workdir, show_progress=not quiet)
+    stats = checkpoint_stats(loaded.model)
+    info = {"base_model": loaded.source, "method": cfg.method, "experts": cfg.experts, "sparsity": str(spec),
+            "pca_factor": cfg.pca_factor, "true_sequential": cfg.true_sequential, "value_dtype": cfg.value_dtype,
+            "calibration": calibration, "stats": stats,
+            "expansion": {"seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
+                          "resumed_layers": result.resumed_layers}}
+    save_checkpoint(loaded.model, loaded.tokenizer, out, info)
+    report = {**info, "layers": result.layers}
+    from .atomic import atomic_write_text
+
+    atomic_write_text(out / "expand_report.json", json.dumps(report, indent=1))
+    remove_partial(out)
+    err.print(f"[green]expanded[/] {len(result.layers)} layers in {time.perf_counter() - t0:.1f}s "
+              f"(peak RSS {result.peak_rss_mb:.0f} MB) -> {out}")
+    err.print(f"MLP bytes: experts {stats['expert_bytes'] / 1e6:.1f} MB vs dense {stats['dense_mlp_bytes'] / 1e6:.1f} MB "
+              f"(ratio {stats['expert_bytes'] / max(1, stats['dense_mlp_bytes']):.2f}); report: {out / 'expand_report.json'}")
+
+
+def checkpoint_stats(model) -> dict:
+    """Bytes of the stored experts vs the dense linears they replace (at fp32 and fp16)."""
+    from .checkpoint import expanded_modules
+
+    mods = expanded_modules(model)
+    expert = sum(m.packed().nbytes() for m in mods.values())
+    router = sum(m.router_weight.numel() * 4 + m.router_bias.numel() * 4 for m in mods.values())
+    dense_params = sum(m.in_features * m.out_features for m in mods.values())
+    return {"expanded_linears": len(mods), "expert_bytes": expert, "router_bytes": router,
+            "dense_mlp_params": dense_params, "dense_mlp_bytes": dense_params * 4,
+            "dense_mlp_bytes_fp16": dense_params * 2,
+            "bytes_per_stored_weight": expert / max(1, sum(int(m.values.numel()) for m in mods.values()))}
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Argument(help="checkpoint folder, HF folder, .gguf, hub id or 'default'")],
+    text: Annotated[str, typer.Option(help="'wikitext2', 'wiki' or a text file")] = "wikitext2",
+    seqlen: Annotated[int, typer.Option(help="tokens per window")] = 512,
+    max_windows: Annotated[int | None, typer.Option(help="evaluate only the first N windows")] = None,
+    allow_calibration_text: Annotated[bool, typer.Option(help="allow evaluating on the calibration text")] = False,
+    cache_gb: Annotated[float, typer.Option(help="GB of decoded experts kept between windows (0: none)")] = 8.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Perplexity on non-overlapping windows (the standard protocol)."""
+    from .checkpoint import is_checkpoint, read_manifest
+    from .data import eval_windows, load_text, tokenize
+    from .evaluate import perplexity
+    from .models import load_model
+    from .modules import decoded_expert_cache
+
+    body = load_text(text)
+    if Path(model).is_dir() and is_checkpoint(Path(model)):
+        calib = read_manifest(Path(model)).get("calibration", {})
+        if calib.get("sha256") == body.sha256 and not allow_calibration_text:
+            raise SEError(f"{text} is the text {model} was calibrated on: evaluate on other text "
+                          "or pass --allow-calibration-text")
+    loaded = load_model(model)
+    windows = eval_windows(tokenize(loaded.tokenizer, body), seqlen, max_windows)
+    with decoded_expert_cache(int(cache_gb * (1 << 30))):
+        result = perplexity(loaded.model, windows, show_progress=not as_json)
+    result = {"model": model, "text": body.name, **result}
+    if as_json:
+        print(json.dumps(result))
+    else:
+        err.print(f"perplexity [bold]{result['perplexity']:.3f}[/] on {result['windows']} x {seqlen} tokens "
+                  f"of {body.name} ({result['seconds']:.1f}s)")
+
+
+def main() -> None:
+    try:
+        app()
+    except SEError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""The Sparse Expansion pipeline: sequential, layer by layer, with resumable progress.
+
+For each decoder layer, only that layer's calibration activations are live:
+
+1. run the layer on the captured hidden states, stopping at the MLP, to get the first group's
+   input (gate/up share it);
+2. per linear group: fit the router (``se``), accumulate one Hessian per cluster, prune every
+   expert with SparseGPT (batched over experts), install ``RoutedSparseLinear`` modules;
+3. the next group's input is produced by the *expanded* previous group ("true sequential",
+   default) or by the dense one (``true_sequential=False``, what the official code does);
+4. run the expanded layer to produce the next layer's inputs.
+
+After every layer its modules and report are written to ``<out>/.se-partial`` (atomically), so
+an interrupted run resumes from the last finished layer with an identical result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import baselines
+from .adapters import MlpAdapter, adapter_for, decoder_layers, linear_weight, set_submodule
+from .atomic import atomic_path, atomic_write_text
+from .errors import SEError
+from .modules import RoutedSparseLinear, decoded_expert_cache
+from .progress import progress_bar
+from .router import fit_router
+from .sparse_format import FORMATS, pack_experts
+from .sparsegpt import HessianAccumulator, reconstruction_error, sparsegpt_prune
+from .sparsity import SparsitySpec, parse_sparsity
+
+METHODS = ("se", "sparsegpt", "wanda", "magnitude")
+VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PARTIAL_DIR = ".se-partial"
+_LAYER_CACHE_BYTES = 4 << 30  # decoded experts of the layer being calibrated
+
+
+@dataclass
+class ExpandConfig:
+    """Everything that determines the expanded weights (hashed to guard ``--resume``)."""
+
+    method: str = "se"
+    experts: int = 16
+    sparsity: str = "0.5"
+    pca_factor: int = 32
+    seed: int = 0
+    true_sequential: bool = True
+    min_cluster_tokens: int = 128
+    restarts: int = 3
+    blocksize: int = 128
+    percdamp: float = 0.01
+    value_dtype: str = "fp16"
+    format: str = "auto"
+    batch_size: int = 8
+    layers: list[int] | None = None
+
+    def check(self) -> SparsitySpec:
+        """Validate the settings; return the parsed sparsity."""
+        if self.method not in METHODS:
+            raise SEError(f"unknown method '{self.method}': use one of {', '.join(METHODS)}")
+        if self.experts < 1:
+            raise SEError(f"--experts must be >= 1 (got {self.experts})")
+        if self.method != "se" and self.experts != 1:
+            raise SEError(f"--method {self.method} prunes one expert; drop --experts or use --method se")
+        if self.value_dtype not in VALUE_DTYPES:
+            raise SEError(f"unknown value dtype '{self.value_dtype}': use one of {', '.join(VALUE_DTYPES)}")
+        if self.format not in ("auto", *FORMATS):
+            raise SEError(f"unknown format '{self.format}': use auto or one of {', '.join(FORMATS)}")
+        if self.pca_factor < 0:
+            raise SEError("--pca-factor must be >= 0 (0 or 1 disables PCA)")
+        return parse_sparsity(self.sparsity)
+
+    def key(self, extra: dict) -> str:
+        blob = json.dumps({"config": asdict(self), **extra}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class ExpandResult:
+    layers: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    resumed_layers: int = 0
+
+
+class ExpansionInterrupted(RuntimeError):
+    """Raised by ``stop_after_layer`` (tests simulate a crash with it)."""
+
+
+class _Stop(Exception):
+    pass
+
+
+def _layer_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def capture_decoder_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, batch_size: int):
+    """Hidden states entering layer 0 and the keyword arguments each layer call gets, per chunk."""
+    states: list[torch.Tensor] = []
+    kwargs_list: list[dict] = []
+
+    def grab(_module, args, kwargs):
+        kwargs = dict(kwargs)
+        states.append((args[0] if args else kwargs.pop("hidden_states")).detach())
+        kwargs_list.append(kwargs)
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for chunk in calib.split(batch_size):
+            with contextlib.suppress(_Stop):
+                model(chunk, use_cache=False)
+    finally:
+        handle.remove()
+    return states, kwargs_list
+
+
+def _capture_input(target: nn.Module, run: Callable[[], object]) -> torch.Tensor:
+    """Input of ``target`` while ``run()`` executes, flattened to [tokens, in]; stops there."""
+    grabbed: list[torch.Tensor] = []
+
+    def grab(_module, args):
+        grabbed.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+        raise _Stop
+
+    handle = target.register_forward_pre_hook(grab)
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not grabbed:
+        raise RuntimeError(f"{type(target).__name__} was not called; the architecture adapter is wrong")
+    return grabbed[0]
+
+
+def _group_seed(seed: int, layer: int, group: int) -> int:
+    return (seed * 1_000_003 + layer * 1009 + group) % (2**63)
+
+
+def expand_group(
+    layer: nn.Module,
+    layer_index: int,
+    group_index: int,
+    names: tuple[str, ...],
+    x: torch.Tensor,
+    cfg: ExpandConfig,
+    spec: SparsitySpec,
+    adapter: MlpAdapter,
+    prefix: str,
+) -> tuple[dict[str, RoutedSparseLinear], dict]:
+    """Expand the linears ``names`` (sharing input ``x [tokens, in]``) of one layer."""
+    start = time.perf_counter()
+    dense = [linear_weight(layer.get_submodule(n), adapter) for n in names]
+    weight = torch.cat([w.float() for w, _ in dense])
+    bounds, row = [], 0
+    for w, _ in dense:
+        bounds.append((row, row + w.shape[0]))
+        row += w.shape[0]
+    in_features = weight.shape[1]
+    report: dict = {"linears": list(names), "tokens": int(x.shape[0])}
+
+    if cfg.method == "se":
+        router, labels, rrep = fit_router(
+            x, cfg.experts, pca_factor=cfg.pca_factor, seed=_group_seed(cfg.seed, layer_index, group_index),
+            restarts=cfg.restarts, min_cluster_tokens=cfg.min_cluster_tokens)
+        router_weight, router_bias = router.fold()
+        report["router"] = rrep.as_dict()
+    else:
+        labels = None
+        router_weight, router_bias = torch.zeros(in_features, 1), torch.zeros(1)
+    num_experts = router_weight.shape[1]
+
+    acc = HessianAccumulator(in_features, num_experts)
+    acc.add(x, labels)
+    hessians = acc.hessians()
+    if cfg.method in ("se", "sparsegpt"):
+        result = sparsegpt_prune(weight, hessians, spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
+                                 row_segments=bounds)
+        pruned, keep = result.weight, result.keep
+        report["damping"] = result.damping
+        report["dead_inputs"] = result.dead_inputs
+    else:
+        if cfg.method == "wanda":
+            sq_norms = torch.diagonal(acc.sums[0]).float()
+            masks = [baselines.wanda_mask(weight[a:b], sq_norms, spec) for a, b in bounds]
+        else:
+            masks = [baselines.magnitude_mask(weight[a:b], spec) for a, b in bounds]
+        keep = torch.cat(masks).unsqueeze(0)
+        pruned = weight.unsqueeze(0) * keep
+    report["cluster_sizes"] = acc.counts.tolist()
+    report["reconstruction_error"] = reconstruction_error(weight, pruned, hessians)
+
+    value_dtype = VALUE_DTYPES[cfg.value_dtype]
+    group_name = f"{prefix}.{names[0]}"
+    modules: dict[str, RoutedSparseLinear] = {}
+    for name, (a, b), (_, bias) in zip(names, bounds, dense, strict=True):
+        packed = pack_experts(pruned[:, a:b], keep[:, a:b], cfg.format, value_dtype)
+        expert_bias = None if bias is None else bias.float().expand(num_experts, -1).contiguous()
+        modules[name] = RoutedSparseLinear(packed, router_weight, router_bias, expert_bias, router_group=group_name)
+    report["format"] = {n: m.format for n, m in modules.items()}
+    report["sparsity"] = {n: 1.0 - m.values.numel() / (m.num_experts * m.out_features * m.in_features)
+                          for n, m in modules.items()}
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    return modules, report
+
+
+# ---------------------------------------------------------------- partial (resume) state
+
+
+def _module_to_tensors(prefix: str, module: RoutedSparseLinear) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {f"{prefix}.{k}": v.contiguous() for k, v in module.state_dict().items()}
+    meta = {"format": module.format, "experts": module.num_experts, "in": module.in_features,
+            "out": module.out_features, "router_group": module.router_group,
+            "bias": module.bias is not None}
+    return tensors, meta
+
+
+def module_from_tensors(prefix: str, meta: dict, tensors: dict[str, torch.Tensor]) -> RoutedSparseLinear:
+    from .sparse_format import PackedExperts, validate_packed
+
+    try:
+        packed = PackedExperts(meta["format"], int(meta["experts"]), int(meta["out"]), int(meta["in"]),
+                               tensors[f"{prefix}.values"], tensors[f"{prefix}.indices"], tensors[f"{prefix}.row_ptr"])
+        router_weight = tensors[f"{prefix}.router_weight"]
+        router_bias = tensors[f"{prefix}.router_bias"]
+        bias = tensors.get(f"{prefix}.bias") if meta.get("bias") else None
+    except KeyError as exc:
+        raise SEError(f"corrupt checkpoint: tensor {exc} is missing; re-run se-export expand") from None
+    validate_packed(packed)
+    if tuple(router_weight.shape) != (packed.in_features, packed.num_experts) or router_bias.numel() != packed.num_experts:
+        raise SEError(f"corrupt checkpoint: router of {prefix} does not match its experts; re-run se-export expand")
+    return RoutedSparseLinear(packed, router_weight, router_bias, bias, router_group=meta.get("router_group", ""))
+
+
+def _save_partial_layer(work: Path, index: int, prefix: str, modules: dict[str, RoutedSparseLinear], report: dict) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    metas = {}
+    seen: dict[int, str] = {}
+    for name, module in modules.items():
+        t, meta = _module_to_tensors(f"{prefix}.{name}", module)
+        for key, value in t.items():  # shared routers are stored once
+            if value.data_ptr() in seen:
+                meta.setdefault("aliases", {})[key] = seen[value.data_ptr()]
+            else:
+                seen[value.data_ptr()] = key
+                tensors[key] = value
+        metas[name] = meta
+    path = work / f"layer_{index:05d}.safetensors"
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"modules": json.dumps(metas), "report": json.dumps(report)})
+
+
+def _load_partial_layer(work: Path, index: int, prefix: str) -> tuple[dict[str, RoutedSparseLinear], dict] | None:
+    from safetensors import safe_open
+
+    path = work / f"layer_{index:05d}.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    metas = json.loads(meta["modules"])
+    modules = {}
+    for name, m in metas.items():
+        for alias, target in m.get("aliases", {}).items():
+            tensors[alias] = tensors[target]
+        modules[name] = module_from_tensors(f"{prefix}.{name}", m, tensors)
+    # re-share router tensors between modules of one group, as in the original run
+    by_group: dict[str, RoutedSparseLinear] = {}
+    for module in modules.values():
+        first = by_group.setdefault(module.router_group, module)
+        module.router_weight, module.router_bias = first.router_weight, first.router_bias
+    return modules, json.loads(meta["report"])
+
+
+def prepare_workdir(out: Path, key: str, resume: bool) -> Path:
+    """Create or reopen ``<out>/.se-partial`` for settings ``key``."""
+    work = out / PARTIAL_DIR
+    state = work / "state.json"
+    if state.is_file():
+        saved = json.loads(state.read_text()).get("key")
+        if not resume:
+            raise SEError(f"{out} holds an unfinished expansion: pass --resume to continue it or --overwrite to start over")
+        if saved != key:
+            raise SEError(f"the unfinished expansion in {out} used other settings: repeat its exact command "
+                          "with --resume, or pass --overwrite to start over")
+        return work
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(state, json.dumps({"key": key}))
+    return work
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+@torch.no_grad()
+def expand_model(
+    model: nn.Module,
+    calib: torch.Tensor,
+    cfg: ExpandConfig,
+    *,
+    workdir: Path | None = None,
+    show_progress: bool = True,
+    stop_after_layer: int | None = None,
+) -> ExpandResult:
+    """Expand the MLP linears of ``model`` in place, calibrated on ``calib [N, L]`` token ids."""
+    spec = cfg.check()
+    model.eval()
+    adapter = adapter_for(model.config)
+    layers = decoder_layers(model, adapter)
+    if cfg.method == "se" and cfg.experts > calib.numel():
+        raise SEError(f"--experts {cfg.experts} is larger than the {calib.numel()} calibration tokens: "
+                      "use fewer experts or more --calib-samples/--seqlen")
+    selected = set(range(len(layers)) if cfg.layers is None else cfg.layers)
+    if bad := [i for i in selected if not 0 <= i < len(layers)]:
+        raise SEError(f"--layers {bad} out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
+    last = max(selected, default=-1)
+    start = time.perf_counter()
+    result = ExpandResult()
+
+    states, kwargs_list = capture_decoder_inputs(model, layers, calib, cfg.batch_size)
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task("expanding", total=last + 1)
+        for index in range(last + 1):
+            layer = layers[index]
+            prefix = f"{adapter.layers}.{index}"
+            bar.update(task, description=f"layer {index}/{last}")
+            if index in selected:
+                loaded = _load_partial_layer(workdir, index, prefix) if workdir else None
+                if loaded is not None:
+                    modules, report = loaded
+                    for name, module in modules.items():
+                        set_submodule(layer, name, module)
+                    result.resumed_layers += 1
+                else:
+                    report = _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter, bar)
+                    modules = {n: layer.get_submodule(n) for g in adapter.groups for n in g}
+                    if workdir:
+                        _save_partial_layer(workdir, index, prefix, modules, report)
+                result.layers.append(report)
+            if index < last:
+                with decoded_expert_cache(_LAYER_CACHE_BYTES):
+                    states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs_list, strict=True)]
+            gc.collect()
+            bar.update(task, advance=1)
+            if stop_after_layer is not None and index >= stop_after_layer and index < last:
+                raise ExpansionInterrupted(f"stopped after layer {index}")
+    result.seconds = round(time.perf_counter() - start, 2)
+    result.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return result
+
+
+def _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter: MlpAdapter, bar) -> dict:
+    layer_start = time.perf_counter()
+    groups = adapter.groups
+
+    def run_layer_to(target: nn.Module) -> torch.Tensor:
+        parts = [_capture_input(target, lambda h=h, kw=kw: layer(h, **kw))
+                 for h, kw in zip(states, kwargs_list, strict=True)]
+        return torch.cat(parts)
+
+    first_linear = layer.get_submodule(groups[0][0])
+    inputs = {0: run_layer_to(first_linear)}
+    if not cfg.true_sequential:  # every group calibrated on the dense layer's activations
+        for g in range(1, len(groups)):
+            inputs[g] = _group_input(layer, adapter, g, inputs[0], run_layer_to)
+    reports = []
+    for g, names in enumerate(groups):
+        if g not in inputs:
+            with decoded_expert_cache(_LAYER_CACHE_BYTES):
+                inputs[g] = _group_input(layer, adapter, g, inputs[0], run_layer_to)
+        modules, report = expand_group(layer, index, g, names, inputs[g], cfg, spec, adapter, prefix)
+        if g:
+            del inputs[g]
+        for name, module in modules.items():
+            set_submodule(layer, name, module)
+        reports.append(report)
+    return {"layer": index, "groups": reports, "true_sequential": cfg.true_sequential,
+            "seconds": round(time.perf_counter() - layer_start, 3)}
+
+
+def _group_input(layer, adapter: MlpAdapter, g: int, first_input: torch.Tensor, run_layer_to) -> torch.Tensor:
+    """Input of group g: from the MLP alone when the adapter names it, else from the whole layer."""
+    target = layer.get_submodule(adapter.groups[g][0])
+    if adapter.mlp is None:
+        return run_layer_to(target)
+    mlp = layer.get_submodule(adapter.mlp)
+    chunks = first_input.split(8192)
+    return torch.cat([_capture_input(target, lambda c=c: mlp(c.unsqueeze(0))) for c in chunks])

@@ -1,0 +1,123 @@
+"""``RoutedSparseLinear``: the nn.Module that replaces an expanded linear layer.
+
+It owns a folded router and K packed sparse experts and calls ``se::routed_sparse_matmul``.
+Decoding a packed expert costs more than multiplying it on CPU, so evaluation and calibration
+may enable ``decoded_expert_cache``: a byte-bounded LRU of decoded fp32 experts that runs the
+same grouped product (``ops.grouped_expert_matmul``) without repeating the decode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from . import ops
+from .sparse_format import PackedExperts
+
+
+class _DecodedExpertCache:
+    """LRU of decoded expert weights keyed by (module, expert); ``budget`` bytes at most."""
+
+    def __init__(self) -> None:
+        self.budget = 0
+        self.used = 0
+        self.entries: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+
+    def get(self, module: RoutedSparseLinear, k: int) -> torch.Tensor:
+        key = (id(module), k)
+        hit = self.entries.get(key)
+        if hit is not None:
+            self.entries.move_to_end(key)
+            return hit
+        weight = module.packed().unpack_expert(k, torch.float32)
+        size = weight.numel() * weight.element_size()
+        while self.entries and self.used + size > self.budget:
+            _, old = self.entries.popitem(last=False)
+            self.used -= old.numel() * old.element_size()
+        if size <= self.budget:
+            self.entries[key] = weight
+            self.used += size
+        return weight
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.used = 0
+
+
+_CACHE = _DecodedExpertCache()
+
+
+@contextlib.contextmanager
+def decoded_expert_cache(max_bytes: int) -> Iterator[None]:
+    """Within the block, keep up to ``max_bytes`` of decoded experts between forward calls."""
+    previous = _CACHE.budget
+    _CACHE.budget = max_bytes
+    try:
+        yield
+    finally:
+        _CACHE.budget = previous
+        _CACHE.clear()
+
+
+class RoutedSparseLinear(nn.Module):
+    """A linear layer replaced by K sparse experts and a nearest-centroid router.
+
+    ``router_group`` names the routing this layer shares with others (gate and up of a gated
+    MLP see the same input and use one router); exporters use it to route once.
+    """
+
+    def __init__(
+        self,
+        packed: PackedExperts,
+        router_weight: torch.Tensor,
+        router_bias: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        router_group: str = "",
+    ) -> None:
+        super().__init__()
+        self.in_features = packed.in_features
+        self.out_features = packed.out_features
+        self.num_experts = packed.num_experts
+        self.format = packed.format
+        self.router_group = router_group
+        self.record_routing = False
+        self.last_expert_ids: torch.Tensor | None = None
+        self.register_buffer("router_weight", router_weight.to(torch.float32))
+        self.register_buffer("router_bias", router_bias.to(torch.float32))
+        self.register_buffer("values", packed.values)
+        self.register_buffer("indices", packed.indices)
+        self.register_buffer("row_ptr", packed.row_ptr)
+        self.register_buffer("bias", None if bias is None else bias)
+
+    def packed(self) -> PackedExperts:
+        return PackedExperts(self.format, self.num_experts, self.out_features, self.in_features,
+                             self.values, self.indices, self.row_ptr)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _CACHE.budget > 0:
+            flat = x.reshape(-1, self.in_features)
+            ids = ops.route(flat, self.router_weight, self.router_bias)
+            y = ops.grouped_expert_matmul(
+                flat, ids, self.num_experts, self.out_features, lambda k: _CACHE.get(self, k), self.bias
+            ).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            ids = ids.reshape(x.shape[:-1])
+        else:
+            y, ids = torch.ops.se.routed_sparse_matmul(
+                x, self.router_weight, self.router_bias, self.values, self.indices, self.row_ptr,
+                self.bias, None, self.out_features, self.format,
+            )
+        if self.record_routing:
+            self.last_expert_ids = ids
+        return y
+
+    def active_weights_per_token(self) -> float:
+        """Mean stored weights of one expert plus the router's in*K multiply-adds."""
+        return self.values.numel() / self.num_experts + self.in_features * self.num_experts
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"experts={self.num_experts}, format={self.format}, bias={self.bias is not None}")

@@ -1,0 +1,184 @@
+"""Router fit: PCA of a linear's calibration inputs, then k-means; folded into one small linear.
+
+Robustness (DESIGN.md section 1): a handful of attention-sink tokens with huge norms can take
+over PCA and k-means. Tokens whose norm exceeds ``outlier_factor`` x the median norm (at most
+``max_outlier_fraction`` of them) are left out of the fit and only routed afterwards. Clusters
+with fewer than ``min_cluster_tokens`` tokens would give experts shaped by damping rather than
+data, so the smallest such centroid is dropped and k-means re-converges, until all are big
+enough. The report says how many of each happened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import SEError
+
+
+@dataclass
+class Router:
+    """Nearest-centroid router in PCA space: ``argmin_k ||(x - mean) P - c_k||``."""
+
+    mean: torch.Tensor  # [in]
+    projection: torch.Tensor  # [in, r]
+    centroids: torch.Tensor  # [K, r]
+
+    @property
+    def num_experts(self) -> int:
+        return self.centroids.shape[0]
+
+    def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(G [in, K], b [K])`` with ``argmin_k (x G + b)_k`` equal to nearest-centroid routing."""
+        p = self.projection.double()
+        c = self.centroids.double()
+        g = -2.0 * p @ c.t()
+        b = (c * c).sum(1) + 2.0 * (self.mean.double() @ p) @ c.t()
+        return g.float(), b.float()
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """Explicit (unfolded) nearest-centroid assignment, for tests and the agreement metric."""
+        z = (x.double() - self.mean.double()) @ self.projection.double()
+        return torch.cdist(z, self.centroids.double()).argmin(1)
+
+
+@dataclass
+class RouterReport:
+    requested_experts: int
+    experts: int
+    pca_components: int
+    outliers_excluded: int
+    clusters_merged: int
+    cluster_sizes: list[int] = field(default_factory=list)
+    inertia: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def pca(x: torch.Tensor, components: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and the top ``components`` principal directions ``[in, r]`` (deterministic signs)."""
+    mean = x.mean(0, dtype=torch.float64)
+    xc = x.double() - mean
+    cov = xc.t() @ xc / max(1, x.shape[0] - 1)
+    _, vecs = torch.linalg.eigh(cov)
+    p = vecs[:, -components:].flip(1)
+    signs = torch.sign(p[p.abs().argmax(0), torch.arange(p.shape[1])])
+    return mean.float(), (p * signs).float()
+
+
+def _kmeans_pp(z: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    n = z.shape[0]
+    first = int(torch.randint(n, (1,), generator=gen))
+    centers = [z[first]]
+    d2 = ((z - centers[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        total = float(d2.sum())
+        if total <= 0:
+            idx = int(torch.randint(n, (1,), generator=gen))
+        else:
+            idx = int(torch.multinomial(d2 / total, 1, generator=gen))
+        centers.append(z[idx])
+        d2 = torch.minimum(d2, ((z - z[idx]) ** 2).sum(1))
+    return torch.stack(centers)
+
+
+def _lloyd(z: torch.Tensor, centers: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Lloyd iterations in float64; an emptied cluster is re-seeded at the worst-fit point."""
+    labels = torch.zeros(z.shape[0], dtype=torch.int64)
+    inertia = float("inf")
+    for _ in range(iters):
+        d = torch.cdist(z, centers)
+        dmin, labels = d.min(1)
+        inertia_new = float((dmin**2).sum())
+        counts = torch.bincount(labels, minlength=centers.shape[0])
+        sums = torch.zeros_like(centers).index_add_(0, labels, z)
+        new = sums / counts.clamp(min=1).unsqueeze(1).to(z.dtype)
+        for k in torch.nonzero(counts == 0).flatten().tolist():
+            far = int(dmin.argmax())
+            new[k] = z[far]
+            dmin[far] = 0
+        converged = torch.allclose(new, centers, rtol=0, atol=1e-9) or inertia - inertia_new <= 1e-9 * inertia_new
+        centers = new
+        inertia = inertia_new
+        if converged:
+            break
+    d = torch.cdist(z, centers)
+    dmin, labels = d.min(1)
+    return centers, labels, float((dmin**2).sum())
+
+
+def kmeans(z: torch.Tensor, k: int, seed: int, restarts: int = 3, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best of ``restarts`` k-means++ initialised Lloyd runs (lowest inertia), seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    z = z.double()
+    best = None
+    for _ in range(max(1, restarts)):
+        centers, labels, inertia = _lloyd(z, _kmeans_pp(z, k, gen), iters)
+        if best is None or inertia < best[2]:
+            best = (centers, labels, inertia)
+    assert best is not None
+    return best
+
+
+def fit_router(
+    x: torch.Tensor,
+    num_experts: int,
+    *,
+    pca_factor: int = 32,
+    seed: int = 0,
+    restarts: int = 3,
+    min_cluster_tokens: int = 64,
+    outlier_factor: float = 8.0,
+    max_outlier_fraction: float = 0.05,
+) -> tuple[Router, torch.Tensor, RouterReport]:
+    """Fit a router on ``x [N, in]``; returns it, the inference-time label of every token, a report.
+
+    Labels come from the folded router itself, so calibration sees exactly the routing that
+    inference will use. ``pca_factor <= 1`` disables PCA.
+    """
+    n, in_features = x.shape
+    min_cluster_tokens = max(1, min_cluster_tokens)
+    if num_experts > n:
+        raise SEError(f"--experts {num_experts} is larger than the {n} calibration tokens: "
+                      "use fewer experts or more --calib-samples/--seqlen")
+    x = x.float()
+    norms = x.norm(dim=1)
+    limit = outlier_factor * float(norms.median())
+    outliers = norms > limit
+    max_out = int(max_outlier_fraction * n)
+    if int(outliers.sum()) > max_out:
+        outliers = torch.zeros_like(outliers)
+        if max_out:
+            outliers[norms.topk(max_out).indices] = True
+    inliers = x[~outliers]
+    if inliers.shape[0] < num_experts:
+        inliers, outliers = x, torch.zeros_like(outliers)
+
+    components = in_features if pca_factor <= 1 else max(1, in_features // pca_factor)
+    if components >= in_features:
+        mean = inliers.mean(0, dtype=torch.float64).float()
+        proj = torch.eye(in_features)
+    else:
+        mean, proj = pca(inliers, components)
+    z = ((inliers.double() - mean.double()) @ proj.double())
+    centers, _, _ = kmeans(z, num_experts, seed, restarts)
+    z_all = (x.double() - mean.double()) @ proj.double()
+
+    merged = 0
+    while True:
+        router = Router(mean, proj, centers.float())
+        g, b = router.fold()
+        labels = torch.argmin(x @ g + b, dim=1)
+        sizes = torch.bincount(labels, minlength=centers.shape[0])
+        small = int(sizes.argmin())
+        if centers.shape[0] == 1 or int(sizes[small]) >= min_cluster_tokens:
+            break
+        keep = [i for i in range(centers.shape[0]) if i != small]
+        centers, _, _ = _lloyd(z, centers[keep], 20)
+        merged += 1
+    inertia = float(((z_all - centers[labels]) ** 2).sum())
+    report = RouterReport(num_experts, centers.shape[0], components, int(outliers.sum()), merged,
+                          sizes.tolist(), inertia)
+    return router, labels, report

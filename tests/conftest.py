@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random models of both MLP families, a byte-level tokenizer, and text."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "as", "with", "by", "at", "from", "his", "her", "an", "are", "which", "that", "this", "river", "city", "king", "war", "music", "film", "song", "team", "game", "church", "school", "ship", "army", "party", "island", "north", "south", "east", "west", "old", "new", "great", "small", "first", "second", "early", "late", "long", "short", "high"]
+
+
+def make_text(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_words // 12):
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(12)) + ".")
+    return "\n".join(lines)
+
+
+def make_tokenizer(tmp: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([make_text(3000, 1)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def tiny_config(family: str, vocab: int):
+    from transformers import AutoConfig
+
+    if family == "llama":
+        return AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=64, intermediate_size=96,
+                                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=256, tie_word_embeddings=True)
+    if family == "gpt_neox":
+        return AutoConfig.for_model("gpt_neox", vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256,
+                                    rotary_pct=0.25)
+    raise ValueError(family)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text(make_text(6000, 2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def eval_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "eval.txt"
+    path.write_text(make_text(3000, 3))
+    return path
+
+
+def build_tiny_model(family: str, tokenizer, folder: Path | None = None, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)), dtype=torch.float32)
+    model.eval()
+    if folder is not None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt_neox"])
+def tiny_model_dir(request, tmp_path_factory, tiny_tokenizer) -> Path:
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    build_tiny_model(request.param, tiny_tokenizer, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama-only")
+    build_tiny_model("llama", tiny_tokenizer, folder)
+    return folder

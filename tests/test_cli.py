@@ -1,0 +1,96 @@
+"""The se-export command line, run as a user would (subprocess), on a tiny model folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import se_export
+from se_export.checkpoint import MANIFEST, WEIGHTS
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "se_export.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=300, env=env)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def expanded(tmp_path_factory, tiny_model_dir, calib_file) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "ckpt"
+    proc = run_cli("expand", tiny_model_dir, "--out", out, "--experts", "4", "--calib", calib_file,
+                   "--calib-samples", "8", "--seqlen", "32", "--min-cluster-tokens", "8", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_expand_writes_a_complete_checkpoint_and_report(expanded):
+    manifest = json.loads((expanded / MANIFEST).read_text())
+    assert manifest["complete"] and manifest["method"] == "se" and manifest["experts"] == 4
+    assert manifest["stats"]["expert_bytes"] > 0
+    report = json.loads((expanded / "expand_report.json").read_text())
+    assert all("cluster_sizes" in g for layer in report["layers"] for g in layer["groups"])
+    assert not (expanded / ".se-partial").exists()
+    assert se_export.load(expanded) is not None
+
+
+def test_eval_json_and_calibration_overlap_guard(expanded, eval_file, calib_file):
+    proc = run_cli("eval", expanded, "--text", eval_file, "--seqlen", "32", "--max-windows", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["windows"] == 3 and result["perplexity"] > 1
+    _one_line_error(run_cli("eval", expanded, "--text", calib_file, "--seqlen", "32"), "calibrated on")
+
+
+def test_refuses_to_overwrite_a_checkpoint(expanded, tiny_model_dir, calib_file):
+    _one_line_error(run_cli("expand", tiny_model_dir, "--out", expanded, "--calib", calib_file), "--overwrite")
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["expand", "no/such-model-here", "--out", "{tmp}/o"], "cannot load"),
+    (["expand", "./missing-folder", "--out", "{tmp}/o"], "unknown model"),
+    (["expand", "{model}", "--out", "{tmp}/o", "--sparsity", "half"], "bad sparsity"),
+    (["expand", "{model}", "--out", "{tmp}/o", "--calib", "{calib}", "--calib-samples", "1", "--seqlen", "8",
+      "--experts", "16"], "larger than the 8 calibration tokens"),
+    (["expand", "{model}", "--out", "{tmp}/o", "--calib", "{tmp}/none.txt"], "not found"),
+    (["eval", "{tmp}", "--text", "{calib}"], "without config.json"),
+])
+def test_bad_input_gives_one_line_error(args, needle, tmp_path, tiny_llama_dir, calib_file):
+    filled = [a.format(tmp=tmp_path, model=tiny_llama_dir, calib=calib_file) for a in args]
+    _one_line_error(run_cli(*filled, cwd=tmp_path), needle)
+
+
+def test_corrupt_checkpoint_is_detected(expanded, tmp_path, eval_file):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(expanded, broken)
+    data = bytearray((broken / WEIGHTS).read_bytes())
+    data[-100] ^= 0xFF
+    (broken / WEIGHTS).write_bytes(bytes(data))
+    _one_line_error(run_cli("eval", broken, "--text", eval_file, "--seqlen", "32"), "corrupt checkpoint")
+    (broken / WEIGHTS).write_bytes(bytes(data[: len(data) // 2]))
+    _one_line_error(run_cli("eval", broken, "--text", eval_file, "--seqlen", "32"), "corrupt checkpoint")
+    (broken / MANIFEST).write_text("{not json")
+    _one_line_error(run_cli("eval", broken, "--text", eval_file, "--seqlen", "32"), "corrupt checkpoint")
+
+
+def test_interrupted_save_is_not_a_checkpoint(expanded, tmp_path, eval_file):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(expanded, partial)
+    (partial / MANIFEST).unlink()  # what a crash before the manifest leaves behind
+    _one_line_error(run_cli("eval", partial, "--text", eval_file, "--seqlen", "32"), "incomplete")
