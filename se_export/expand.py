@@ -174,10 +174,11 @@ def expand_group(
     in_features = weight.shape[1]
     report: dict = {"linears": list(names), "tokens": int(x.shape[0])}
 
+    gram = (x.t() @ x).double()  # shared by the router's PCA and the Hessians
     if cfg.method == "se":
         router, labels, rrep = fit_router(
             x, cfg.experts, pca_factor=cfg.pca_factor, seed=_group_seed(cfg.seed, layer_index, group_index),
-            restarts=cfg.restarts, min_cluster_tokens=cfg.min_cluster_tokens)
+            restarts=cfg.restarts, min_cluster_tokens=cfg.min_cluster_tokens, gram=gram)
         router_weight, router_bias = router.fold()
         report["router"] = rrep.as_dict()
     else:
@@ -186,7 +187,7 @@ def expand_group(
     num_experts = router_weight.shape[1]
 
     acc = HessianAccumulator(in_features, num_experts)
-    acc.add(x, labels)
+    acc.add(x, labels, total=gram)
     hessians = acc.hessians()
     if cfg.method in ("se", "sparsegpt"):
         result = sparsegpt_prune(weight, hessians, spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,

@@ -57,15 +57,30 @@ class RouterReport:
         return asdict(self)
 
 
-def pca(x: torch.Tensor, components: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and the top ``components`` principal directions ``[in, r]`` (deterministic signs)."""
-    mean = x.mean(0, dtype=torch.float64)
-    xc = x.double() - mean
-    cov = xc.t() @ xc / max(1, x.shape[0] - 1)
+def pca(x: torch.Tensor, components: int, gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and the top ``components`` principal directions ``[in, r]`` (deterministic signs).
+
+    ``gram`` (``x^T x`` in fp64, if the caller already has it) saves the covariance pass. The
+    eigendecomposition runs in fp32: ~15x faster than fp64 on CPU for 1536 features, and
+    routing only needs the leading directions.
+    """
+    n = x.shape[0]
+    mean64 = x.mean(0, dtype=torch.float64)
+    if gram is None:
+        xc = x.float() - mean64.float()
+        cov = xc.t() @ xc / max(1, n - 1)
+    else:
+        cov = ((gram - n * torch.outer(mean64, mean64)) / max(1, n - 1)).float()
     _, vecs = torch.linalg.eigh(cov)
     p = vecs[:, -components:].flip(1)
     signs = torch.sign(p[p.abs().argmax(0), torch.arange(p.shape[1])])
-    return mean.float(), (p * signs).float()
+    return mean64.float(), p * signs
+
+
+def _sq_dist(z: torch.Tensor, centers: torch.Tensor, zz: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared distances ``[N, K]`` via one matmul (much faster than cdist on CPU)."""
+    zz = (z * z).sum(1, keepdim=True) if zz is None else zz
+    return (zz - 2 * z @ centers.t() + (centers * centers).sum(1)).clamp_(min=0)
 
 
 def _kmeans_pp(z: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -84,35 +99,35 @@ def _kmeans_pp(z: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.stack(centers)
 
 
-def _lloyd(z: torch.Tensor, centers: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Lloyd iterations in float64; an emptied cluster is re-seeded at the worst-fit point."""
-    labels = torch.zeros(z.shape[0], dtype=torch.int64)
+def _lloyd(z: torch.Tensor, centers: torch.Tensor, iters: int, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Lloyd iterations until the inertia improves by less than ``tol`` (relative); an emptied
+    cluster is re-seeded at the worst-fit point."""
+    k = centers.shape[0]
+    zz = (z * z).sum(1, keepdim=True)
     inertia = float("inf")
     for _ in range(iters):
-        d = torch.cdist(z, centers)
-        dmin, labels = d.min(1)
-        inertia_new = float((dmin**2).sum())
-        counts = torch.bincount(labels, minlength=centers.shape[0])
-        sums = torch.zeros_like(centers).index_add_(0, labels, z)
-        new = sums / counts.clamp(min=1).unsqueeze(1).to(z.dtype)
-        for k in torch.nonzero(counts == 0).flatten().tolist():
+        dmin, labels = _sq_dist(z, centers, zz).min(1)
+        inertia_new = float(dmin.sum(dtype=torch.float64))
+        onehot = torch.zeros(z.shape[0], k, dtype=z.dtype).scatter_(1, labels.unsqueeze(1), 1.0)
+        counts = onehot.sum(0)
+        new = (onehot.t() @ z) / counts.clamp(min=1).unsqueeze(1)
+        for j in torch.nonzero(counts == 0).flatten().tolist():
             far = int(dmin.argmax())
-            new[k] = z[far]
+            new[j] = z[far]
             dmin[far] = 0
-        converged = torch.allclose(new, centers, rtol=0, atol=1e-9) or inertia - inertia_new <= 1e-9 * inertia_new
+        converged = inertia - inertia_new <= tol * inertia_new
         centers = new
         inertia = inertia_new
         if converged:
             break
-    d = torch.cdist(z, centers)
-    dmin, labels = d.min(1)
-    return centers, labels, float((dmin**2).sum())
+    dmin, labels = _sq_dist(z, centers, zz).min(1)
+    return centers, labels, float(dmin.sum(dtype=torch.float64))
 
 
 def kmeans(z: torch.Tensor, k: int, seed: int, restarts: int = 3, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best of ``restarts`` k-means++ initialised Lloyd runs (lowest inertia), seeded."""
     gen = torch.Generator().manual_seed(seed)
-    z = z.double()
+    z = z.float()
     best = None
     for _ in range(max(1, restarts)):
         centers, labels, inertia = _lloyd(z, _kmeans_pp(z, k, gen), iters)
@@ -132,11 +147,13 @@ def fit_router(
     min_cluster_tokens: int = 64,
     outlier_factor: float = 8.0,
     max_outlier_fraction: float = 0.05,
+    gram: torch.Tensor | None = None,
 ) -> tuple[Router, torch.Tensor, RouterReport]:
     """Fit a router on ``x [N, in]``; returns it, the inference-time label of every token, a report.
 
     Labels come from the folded router itself, so calibration sees exactly the routing that
-    inference will use. ``pca_factor <= 1`` disables PCA.
+    inference will use. ``pca_factor <= 1`` disables PCA. ``gram`` is ``x^T x`` (fp64) if the
+    caller has it: the covariance is then derived instead of recomputed.
     """
     n, in_features = x.shape
     min_cluster_tokens = max(1, min_cluster_tokens)
@@ -161,10 +178,13 @@ def fit_router(
         mean = inliers.mean(0, dtype=torch.float64).float()
         proj = torch.eye(in_features)
     else:
-        mean, proj = pca(inliers, components)
-    z = ((inliers.double() - mean.double()) @ proj.double())
+        if gram is not None and bool(outliers.any()):
+            out_x = x[outliers].double()
+            gram = gram - out_x.t() @ out_x
+        mean, proj = pca(inliers, components, gram)
+    z = (inliers - mean) @ proj
     centers, _, _ = kmeans(z, num_experts, seed, restarts)
-    z_all = (x.double() - mean.double()) @ proj.double()
+    z_all = (x - mean) @ proj
 
     merged = 0
     while True:
@@ -178,7 +198,7 @@ def fit_router(
         keep = [i for i in range(centers.shape[0]) if i != small]
         centers, _, _ = _lloyd(z, centers[keep], 20)
         merged += 1
-    inertia = float(((z_all - centers[labels]) ** 2).sum())
+    inertia = float(_sq_dist(z_all, centers).gather(1, labels.unsqueeze(1)).sum())
     report = RouterReport(num_experts, centers.shape[0], components, int(outliers.sum()), merged,
                           sizes.tolist(), inertia)
     return router, labels, report

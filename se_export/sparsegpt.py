@@ -31,23 +31,33 @@ class HessianAccumulator:
         self.sums = torch.zeros(num_experts, in_features, in_features, dtype=torch.float64)
         self.counts = torch.zeros(num_experts, dtype=torch.int64)
 
-    def add(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """Add tokens ``x [n, in]`` assigned to experts ``labels [n]`` (all to expert 0 if None)."""
+    def add(self, x: torch.Tensor, labels: torch.Tensor | None = None, total: torch.Tensor | None = None) -> None:
+        """Add tokens ``x [n, in]`` assigned to experts ``labels [n]`` (all to expert 0 if None).
+
+        With ``total`` (``x^T x`` in fp64, already computed by the caller) the largest cluster's
+        sum is derived by subtraction instead of computed: it saves that cluster's share.
+        """
         x = x.reshape(-1, x.shape[-1]).float()
         if labels is None:
-            self.sums[0] += (x.t() @ x).double()
+            self.sums[0] += (x.t() @ x).double() if total is None else total
             self.counts[0] += x.shape[0]
             return
         labels = labels.reshape(-1).long()
         order = torch.argsort(labels, stable=True)
         sizes = torch.bincount(labels, minlength=self.sums.shape[0]).tolist()
+        derived = max(range(len(sizes)), key=sizes.__getitem__) if total is not None else -1
         start = 0
+        partial = torch.zeros_like(self.sums[0])
         for k, size in enumerate(sizes):
-            if size:
+            if size and k != derived:
                 xk = x.index_select(0, order[start : start + size])
-                self.sums[k] += (xk.t() @ xk).double()
-                self.counts[k] += size
-                start += size
+                gram = (xk.t() @ xk).double()
+                self.sums[k] += gram
+                partial += gram
+            start += size
+            self.counts[k] += size
+        if derived >= 0:
+            self.sums[derived] += total - partial
 
     def hessians(self) -> torch.Tensor:
         """``H_k = 2/n_k sum x x^T`` as fp32 ``[E, in, in]`` (zero for an expert without tokens)."""
@@ -62,14 +72,18 @@ def _select_prune_unstructured(score: torch.Tensor, fraction: float, segments: l
         seg = score[:, r0:r1].reshape(score.shape[0], -1)
         count = round(seg.shape[1] * fraction)
         if count:
-            idx = torch.argsort(seg, dim=1, stable=True)[:, :count]
+            idx = torch.topk(seg, count, dim=1, largest=False, sorted=False).indices
             sub = torch.zeros_like(seg, dtype=torch.bool).scatter_(1, idx, True)
             mask[:, r0:r1] = sub.view(score.shape[0], r1 - r0, -1)
     return mask
 
 
 def _cholesky_inverse_upper(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of ``(H + damp I)^-1`` per expert, raising damping where it fails."""
+    """Upper Cholesky factor of ``(H + damp I)^-1`` per expert, raising damping where it fails.
+
+    ``H^-1 = L^-T L^-1`` via a batched triangular solve: on CPU this is ~6x faster than
+    ``torch.cholesky_inverse`` for a batch of 1536x1536 Hessians.
+    """
     n = h.shape[-1]
     eye = torch.eye(n, dtype=h.dtype)
     mean_diag = torch.diagonal(h, dim1=-2, dim2=-1).mean(-1)
@@ -79,8 +93,8 @@ def _cholesky_inverse_upper(h: torch.Tensor, percdamp: float) -> tuple[torch.Ten
         low, info = torch.linalg.cholesky_ex(hd)
         ok = info == 0
         if bool(ok.all()):
-            hinv = torch.cholesky_inverse(low)
-            upper, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+            low_inv = torch.linalg.solve_triangular(low, eye.expand_as(low), upper=False)
+            upper, info2 = torch.linalg.cholesky_ex(low_inv.transpose(-2, -1) @ low_inv, upper=True)
             if bool((info2 == 0).all()):
                 return upper, damp
             ok = info2 == 0
