@@ -50,6 +50,7 @@ def expand(
     value_dtype: Annotated[str, typer.Option(help="stored value precision: fp16 | bf16 | fp32")] = "fp16",
     fmt: Annotated[str, typer.Option("--format", help="auto | bitmap | csr16")] = "auto",
     layers: Annotated[str | None, typer.Option(help="expand only these decoder layers, e.g. 0-3,7")] = None,
+    allocate: Annotated[str, typer.Option(help="uniform | wasserstein: per-layer K from the layers' WD, same total")] = "uniform",
     resume: Annotated[bool, typer.Option(help="continue an interrupted expansion in --out")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace whatever --out holds")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
@@ -76,10 +77,21 @@ def expand(
         raise SEError(f"{out} is a non-empty folder that is not an se-export expansion: choose another --out")
     if resume and not (out / PARTIAL_DIR).is_dir():
         raise SEError(f"nothing to resume in {out}: run without --resume")
+    if allocate not in ("uniform", "wasserstein"):
+        raise SEError(f"unknown --allocate '{allocate}': use uniform or wasserstein")
+    if allocate == "wasserstein" and cfg.method != "se":
+        raise SEError("--allocate wasserstein spreads experts: it needs --method se")
     text = load_text(calib)
     loaded = load_model(model)
     ids = tokenize(loaded.tokenizer, text)
     windows = calibration_windows(ids, calib_samples, seqlen, seed)
+    if allocate == "wasserstein":
+        from .allocation import allocate_experts, layer_scores
+        from .analyze import analyze_model
+
+        results, _ = analyze_model(loaded.model, windows[:32], pairs=16, show_progress=not quiet)
+        cfg.experts_per_layer = allocate_experts(layer_scores([r.wd for r in results]), cfg.experts)
+        err.print(f"experts per layer (wasserstein allocation): {cfg.experts_per_layer}")
     calibration = {"source": text.name, "sha256": text.sha256, "samples": calib_samples,
                    "seqlen": seqlen, "seed": seed}
     key = cfg.key({"model": loaded.source, "calibration": calibration,
@@ -89,6 +101,7 @@ def expand(
     result = expand_model(loaded.model, windows, cfg, workdir=workdir, show_progress=not quiet)
     stats = checkpoint_stats(loaded.model)
     info = {"base_model": loaded.source, "method": cfg.method, "experts": cfg.experts, "sparsity": str(spec),
+            "allocation": allocate, "experts_per_layer": cfg.experts_per_layer,
             "pca_factor": cfg.pca_factor, "true_sequential": cfg.true_sequential, "value_dtype": cfg.value_dtype,
             "calibration": calibration, "stats": stats,
             "expansion": {"seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
@@ -152,6 +165,84 @@ def evaluate(
     else:
         err.print(f"perplexity [bold]{result['perplexity']:.3f}[/] on {result['windows']} x {seqlen} tokens "
                   f"of {body.name} ({result['seconds']:.1f}s)")
+
+
+@app.command()
+def analyze(
+    model: Annotated[str, typer.Argument(help="checkpoint folder, HF folder, .gguf, hub id or 'default'")],
+    out: Annotated[Path, typer.Option("--out", help="report folder")],
+    text: Annotated[str, typer.Option(help="'wiki', 'wikitext2' or a text file")] = "wiki",
+    tokens: Annotated[int, typer.Option(help="tokens per neuron distribution")] = 16384,
+    seqlen: Annotated[int, typer.Option(help="tokens per window")] = 512,
+    top: Annotated[float, typer.Option(help="fraction of neurons per layer called Wasserstein neurons")] = 0.03,
+    neuron: Annotated[str | None, typer.Option(help="LAYER:INDEX to plot (default: the highest WD)")] = None,
+    plot_sparsity: Annotated[str, typer.Option(help="sparsity of the neuron comparison plot")] = "0.9",
+    pairs: Annotated[int, typer.Option(help="token pairs for the mapping difficulty")] = 4096,
+    seed: Annotated[int, typer.Option(help="seed of windows and pairs")] = 0,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Wasserstein neurons: per-neuron WD to N(0,1), mapping difficulty, plots and a report."""
+    from . import plots
+    from .analyze import (
+        analyze_model,
+        neuron_outputs,
+        neuron_variants,
+        write_arrays,
+        write_report,
+        write_summary,
+    )
+    from .data import calibration_windows, load_text, tokenize
+    from .models import load_model
+
+    if not 0 < top < 1:
+        raise SEError(f"--top must be a fraction in (0, 1), e.g. 0.03 (got {top})")
+    if tokens < seqlen:
+        raise SEError(f"--tokens {tokens} is smaller than one window (--seqlen {seqlen})")
+    body = load_text(text)
+    loaded = load_model(model)
+    windows = calibration_windows(tokenize(loaded.tokenizer, body), tokens // seqlen, seqlen, seed)
+    chosen = None
+    if neuron:
+        try:
+            chosen = tuple(int(v) for v in neuron.split(":"))
+            assert len(chosen) == 2
+        except (ValueError, AssertionError):
+            raise SEError(f"bad --neuron '{neuron}': use LAYER:INDEX, e.g. 12:345") from None
+    results, kept = analyze_model(loaded.model, windows, top=top, pairs=pairs, seed=seed,
+                                  show_progress=not quiet, keep_inputs={chosen[0]} if chosen else "max_wd")
+    if chosen is None:
+        best = results[next(iter(kept))]
+        chosen = (best.layer, int(best.wd.argmax()))
+    layer_idx, index = chosen
+    if not (0 <= layer_idx < len(results)) or not (0 <= index < results[layer_idx].wd.numel()):
+        raise SEError(f"--neuron {neuron} is out of range: {len(results)} layers of {results[0].wd.numel()} neurons")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model, "text": body.name, "tokens": int(windows.numel()), "seqlen": seqlen, "seed": seed,
+            "top": top, "pairs": pairs}
+    write_arrays(results, out)
+    rows = write_summary(results, out, meta)
+    plots.wd_histograms([r.wd for r in results], top, out / "wd_histograms.png")
+    plots.wd_heatmap([r.wd for r in results], out / "wd_heatmap.png")
+
+    from .adapters import adapter_for, decoder_layers, linear_weight
+
+    adapter = adapter_for(loaded.model.config)
+    target = decoder_layers(loaded.model, adapter)[layer_idx].get_submodule(adapter.groups[0][0])
+    x = kept[layer_idx]
+    dense = neuron_outputs(target, x, adapter)[:, index]
+    weight, bias = linear_weight(target, adapter) if not hasattr(target, "router_weight") else (None, None)
+    neuron_info = None
+    if weight is not None:
+        variants = neuron_variants(x, weight[index].float(), 0.0 if bias is None else float(bias[index]), dense,
+                                   sparsity=plot_sparsity, seed=seed)
+        plot_name = f"neuron_{layer_idx}_{index}.png"
+        plots.neuron_overlay(dense, variants, f"layer {layer_idx} neuron {index}: dense vs {plot_sparsity} sparse",
+                             out / plot_name)
+        neuron_info = {"layer": layer_idx, "index": index, "wd": float(results[layer_idx].wd[index]),
+                       "sparsity": plot_sparsity, "plot": plot_name,
+                       "distances": {k: d for k, (_, d) in variants.items()}}
+    write_report(out, rows, meta, neuron_info)
+    err.print(f"[green]analysed[/] {len(results)} layers -> {out / 'report.md'}")
 
 
 def main() -> None:

@@ -65,6 +65,10 @@ class ExpandConfig:
     format: str = "auto"
     batch_size: int = 8
     layers: list[int] | None = None
+    experts_per_layer: list[int] | None = None  # overrides ``experts`` (see allocation.py)
+
+    def experts_for(self, layer: int) -> int:
+        return self.experts_per_layer[layer] if self.experts_per_layer else self.experts
 
     def check(self) -> SparsitySpec:
         """Validate the settings; return the parsed sparsity."""
@@ -72,6 +76,8 @@ class ExpandConfig:
             raise SEError(f"unknown method '{self.method}': use one of {', '.join(METHODS)}")
         if self.experts < 1:
             raise SEError(f"--experts must be >= 1 (got {self.experts})")
+        if self.experts_per_layer and (self.method != "se" or min(self.experts_per_layer) < 1):
+            raise SEError("per-layer expert counts need --method se and at least one expert per layer")
         if self.method != "se" and self.experts != 1:
             raise SEError(f"--method {self.method} prunes one expert; drop --experts or use --method se")
         if self.value_dtype not in VALUE_DTYPES:
@@ -177,7 +183,7 @@ def expand_group(
     gram = (x.t() @ x).double()  # shared by the router's PCA and the Hessians
     if cfg.method == "se":
         router, labels, rrep = fit_router(
-            x, cfg.experts, pca_factor=cfg.pca_factor, seed=_group_seed(cfg.seed, layer_index, group_index),
+            x, cfg.experts_for(layer_index), pca_factor=cfg.pca_factor, seed=_group_seed(cfg.seed, layer_index, group_index),
             restarts=cfg.restarts, min_cluster_tokens=cfg.min_cluster_tokens, gram=gram)
         router_weight, router_bias = router.fold()
         report["router"] = rrep.as_dict()
@@ -324,7 +330,9 @@ def expand_model(
     model.eval()
     adapter = adapter_for(model.config)
     layers = decoder_layers(model, adapter)
-    if cfg.method == "se" and cfg.experts > calib.numel():
+    if cfg.experts_per_layer is not None and len(cfg.experts_per_layer) != len(layers):
+        raise SEError(f"{len(cfg.experts_per_layer)} per-layer expert counts for {len(layers)} layers")
+    if cfg.method == "se" and max(cfg.experts_per_layer or [cfg.experts]) > calib.numel():
         raise SEError(f"--experts {cfg.experts} is larger than the {calib.numel()} calibration tokens: "
                       "use fewer experts or more --calib-samples/--seqlen")
     selected = set(range(len(layers)) if cfg.layers is None else cfg.layers)

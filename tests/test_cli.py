@@ -94,3 +94,21 @@ def test_interrupted_save_is_not_a_checkpoint(expanded, tmp_path, eval_file):
     shutil.copytree(expanded, partial)
     (partial / MANIFEST).unlink()  # what a crash before the manifest leaves behind
     _one_line_error(run_cli("eval", partial, "--text", eval_file, "--seqlen", "32"), "incomplete")
+
+
+def test_analyze_writes_report_arrays_and_plots(tmp_path, tiny_llama_dir, calib_file):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "report"
+    proc = run_cli("analyze", tiny_llama_dir, "--out", out, "--text", calib_file, "--tokens", "256",
+                   "--seqlen", "32", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("report.md", "summary.json", "summary.csv", "wd_histograms.png", "wd_heatmap.png"):
+        assert (out / name).stat().st_size > 0
+    arrays = load_file(str(out / "neurons.safetensors"))
+    assert arrays["layer.0.wd"].shape == (96,)
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["layers"]) == 3 and summary["tokens"] == 256
+    report = (out / "report.md").read_text()
+    assert "Sparse Expansion K=16" in report and list(out.glob("neuron_*.png"))
+    _one_line_error(run_cli("analyze", tiny_llama_dir, "--out", out, "--neuron", "x"), "bad --neuron")
