@@ -43,6 +43,16 @@ def tiny_config(family: str, vocab: int):
         return AutoConfig.for_model("gpt_neox", vocab_size=vocab, hidden_size=64, intermediate_size=128,
                                     num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256,
                                     rotary_pct=0.25)
+    if family in ("qwen2", "mistral", "gemma"):
+        return AutoConfig.for_model(family, vocab_size=vocab, hidden_size=64, intermediate_size=96,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    head_dim=16, max_position_embeddings=256)
+    if family == "opt":
+        return AutoConfig.for_model("opt", vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)
+    if family == "gpt2":
+        return AutoConfig.for_model("gpt2", vocab_size=vocab, n_embd=64, n_inner=128, n_layer=2, n_head=4,
+                                    n_positions=256)
     raise ValueError(family)
 
 

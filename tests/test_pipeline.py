@@ -46,7 +46,7 @@ def test_every_mlp_linear_is_expanded_with_exact_sparsity(family, tiny_tokenizer
     assert all("reconstruction_error" in g for layer in result.layers for g in layer["groups"])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen2", "mistral", "gemma", "opt", "gpt2"])
 def test_expanded_model_matches_dense_recomputation_of_its_experts(family, tiny_tokenizer, calib):
     """Rebuild each expanded MLP as dense masked weights and per-token routing: same logits."""
     model, _ = _expand(family, tiny_tokenizer, calib)
@@ -63,6 +63,7 @@ def test_expanded_model_matches_dense_recomputation_of_its_experts(family, tiny_
         return y.to(output.dtype).reshape(output.shape)
 
     hooks = [m.register_forward_hook(dense_forward) for m in model.modules() if isinstance(m, RoutedSparseLinear)]
+    assert len(hooks) == model.config.num_hidden_layers * (3 if family not in ("gpt_neox", "opt", "gpt2") else 2)
     reference = model(x).logits
     for h in hooks:
         h.remove()
@@ -152,3 +153,13 @@ def test_layer_subset_and_bad_settings(tiny_tokenizer, calib):
         _expand("llama", tiny_tokenizer, calib, method="obs")
     with pytest.raises(SEError, match="prunes one expert"):
         _expand("llama", tiny_tokenizer, calib, method="wanda", experts=4)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen2", "gemma", "opt", "gpt2"])
+def test_zero_sparsity_expansion_reproduces_the_dense_model(family, tiny_tokenizer, calib):
+    """With nothing pruned every expert is the dense weight: logits equal the original model's.
+    This catches transposed (Conv1D) or misplaced weights that a self-consistency test cannot."""
+    x = calib[:2, :24]
+    dense = build_tiny_model(family, tiny_tokenizer)(x).logits
+    model, _ = _expand(family, tiny_tokenizer, calib, sparsity="0", value_dtype="fp32", experts=2)
+    assert torch.allclose(model(x).logits, dense, atol=1e-4)
