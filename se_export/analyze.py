@@ -64,7 +64,7 @@ def neuron_outputs(module: nn.Module, x: torch.Tensor, adapter) -> torch.Tensor:
 
 @torch.no_grad()
 def analyze_model(model: nn.Module, windows: torch.Tensor, *, top: float = 0.03, batch_size: int = 8,
-                  pairs: int = 4096, seed: int = 0, show_progress: bool = True,
+                  pairs: int = 2048, seed: int = 0, show_progress: bool = True,
                   keep_inputs: set[int] | str | None = None) -> tuple[list[LayerNeurons], dict[int, torch.Tensor]]:
     """Per-layer neuron statistics; also returns the linear inputs of layers in ``keep_inputs``
     (``"max_wd"``: of the layer holding the highest-WD neuron, without a second pass)."""
@@ -158,8 +158,8 @@ def write_report(out: Path, rows: list[dict], meta: dict, neuron: dict | None) -
              f"{meta['tokens']} tokens of `{meta['text']}` (windows of {meta['seqlen']}, seed {meta['seed']}); "
              f"neurons = pre-activations of `{rows[0]['linear'].split('.')[-1]}` in every layer. "
              "WD = Wasserstein-1 distance of the standardized output distribution to N(0,1) (exact, "
-             "analytic quantiles); MD = mapping difficulty (scale-free ratio of output to input "
-             f"distances over {meta['pairs']} token pairs). Top {meta['top']:.0%} by WD are the Wasserstein neurons.", "",
+             "analytic quantiles); MD = mapping difficulty (mean output gap between each of "
+             f"{meta['pairs']} tokens and its nearest input neighbour, over the gap for random pairs). Top {meta['top']:.0%} by WD are the Wasserstein neurons.", "",
              "![WD histograms](wd_histograms.png)", "", "![WD by layer](wd_heatmap.png)", "",
              "| layer | mean WD | median | q97 | max | mean MD | Spearman(WD, MD) | top neurons |",
              "|---|---|---|---|---|---|---|---|"]

@@ -177,7 +177,7 @@ def analyze(
     top: Annotated[float, typer.Option(help="fraction of neurons per layer called Wasserstein neurons")] = 0.03,
     neuron: Annotated[str | None, typer.Option(help="LAYER:INDEX to plot (default: the highest WD)")] = None,
     plot_sparsity: Annotated[str, typer.Option(help="sparsity of the neuron comparison plot")] = "0.9",
-    pairs: Annotated[int, typer.Option(help="token pairs for the mapping difficulty")] = 4096,
+    pairs: Annotated[int, typer.Option(help="anchor tokens for the mapping difficulty")] = 2048,
     seed: Annotated[int, typer.Option(help="seed of windows and pairs")] = 0,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:

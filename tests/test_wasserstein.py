@@ -70,12 +70,14 @@ def test_streaming_over_chunks_equals_one_shot(sizes, seed):
 def test_two_sample_distance_and_mapping_difficulty():
     a = torch.randn(1000)
     assert wasserstein_between(a, a + 0.5) == pytest.approx(0.5)
-    x = torch.randn(2000, 8)
-    linear = x @ torch.randn(8, 1)
-    # a neuron that flips on a tiny input direction maps close inputs far apart
-    switch = torch.sign(x[:, :1]) * 5 + 0.01 * x[:, 1:2]
-    md = mapping_difficulty(x, torch.cat([linear, switch], 1), pairs=4000)
-    assert md[1] > md[0]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 3, generator=gen)
+    smooth = x @ torch.randn(3, 1, generator=gen)
+    # a neuron whose output depends on a hash of the input maps close inputs far apart
+    scrambled = torch.sin(1000 * x[:, :1]) * 5
+    md = mapping_difficulty(x, torch.cat([smooth, scrambled], 1), pairs=1000, pool=4000)
+    assert md[0] < 0.2 < 0.8 < md[1]
+    assert torch.allclose(mapping_difficulty(3 * x + 1, torch.cat([smooth, scrambled], 1) * 7, pairs=1000, pool=4000), md)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
