@@ -56,7 +56,8 @@ def expanded_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, RoutedSparseLinear)}
 
 
-def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def dedupe_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors that share memory (tied embeddings, shared routers) stored once: ``(unique, aliases)``."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -71,23 +72,25 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return tensors, aliases
 
 
+def restore_aliases(tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Inverse of ``dedupe_tensors``: aliased keys point at the same tensor objects again."""
+    for alias, target in aliases.items():
+        tensors[alias] = tensors[target]
+    return tensors
+
+
 def save_checkpoint(model: nn.Module, tokenizer, out: Path, info: dict) -> dict:
     """Write the checkpoint into ``out`` (files atomically, manifest last); return the manifest."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the folder is not a checkpoint until we finish
-    tensors, aliases = _dedupe(model.state_dict())
+    tensors, aliases = dedupe_tensors(model.state_dict())
     with atomic_path(out / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "se-export"})
     model.config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    modules = {}
-    for name, m in expanded_modules(model).items():
-        modules[name] = {"format": m.format, "experts": m.num_experts, "in": m.in_features,
-                         "out": m.out_features, "router_group": m.router_group,
-                         "bias": m.bias is not None, "nnz": int(m.values.numel()),
-                         "value_dtype": str(m.values.dtype).removeprefix("torch.")}
+    modules = {name: m.meta() for name, m in expanded_modules(model).items()}
     manifest = {
         "format_version": FORMAT_VERSION,
         "producer": "se-export",
@@ -130,7 +133,7 @@ def load_checkpoint(path: Path, with_tokenizer: bool = False, verify: bool = Tru
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .adapters import set_submodule
-    from .expand import module_from_tensors
+    from .modules import RoutedSparseLinear
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -139,12 +142,11 @@ def load_checkpoint(path: Path, with_tokenizer: bool = False, verify: bool = Tru
         tensors = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as exc:
         raise SEError(f"corrupt checkpoint {path}: cannot read {WEIGHTS} ({exc}); re-run se-export expand") from None
-    for alias, target in manifest.get("aliases", {}).items():
-        tensors[alias] = tensors[target]
+    restore_aliases(tensors, manifest.get("aliases", {}))
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for name, meta in manifest["modules"].items():
-        set_submodule(model, name, module_from_tensors(name, meta, tensors))
+        set_submodule(model, name, RoutedSparseLinear.from_tensors(name, meta, tensors))
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as exc:

@@ -27,12 +27,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import baselines
 from .adapters import MlpAdapter, adapter_for, decoder_layers, linear_weight, set_submodule
 from .atomic import atomic_path, atomic_write_text
+from .checkpoint import dedupe_tensors, restore_aliases
 from .errors import SEError
 from .modules import RoutedSparseLinear, decoded_expert_cache
 from .progress import progress_bar
@@ -229,70 +231,25 @@ def expand_group(
 # ---------------------------------------------------------------- partial (resume) state
 
 
-def _module_to_tensors(prefix: str, module: RoutedSparseLinear) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {f"{prefix}.{k}": v.contiguous() for k, v in module.state_dict().items()}
-    meta = {"format": module.format, "experts": module.num_experts, "in": module.in_features,
-            "out": module.out_features, "router_group": module.router_group,
-            "bias": module.bias is not None}
-    return tensors, meta
-
-
-def module_from_tensors(prefix: str, meta: dict, tensors: dict[str, torch.Tensor]) -> RoutedSparseLinear:
-    from .sparse_format import PackedExperts, validate_packed
-
-    try:
-        packed = PackedExperts(meta["format"], int(meta["experts"]), int(meta["out"]), int(meta["in"]),
-                               tensors[f"{prefix}.values"], tensors[f"{prefix}.indices"], tensors[f"{prefix}.row_ptr"])
-        router_weight = tensors[f"{prefix}.router_weight"]
-        router_bias = tensors[f"{prefix}.router_bias"]
-        bias = tensors.get(f"{prefix}.bias") if meta.get("bias") else None
-    except KeyError as exc:
-        raise SEError(f"corrupt checkpoint: tensor {exc} is missing; re-run se-export expand") from None
-    validate_packed(packed)
-    if tuple(router_weight.shape) != (packed.in_features, packed.num_experts) or router_bias.numel() != packed.num_experts:
-        raise SEError(f"corrupt checkpoint: router of {prefix} does not match its experts; re-run se-export expand")
-    return RoutedSparseLinear(packed, router_weight, router_bias, bias, router_group=meta.get("router_group", ""))
-
-
 def _save_partial_layer(work: Path, index: int, prefix: str, modules: dict[str, RoutedSparseLinear], report: dict) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    metas = {}
-    seen: dict[int, str] = {}
-    for name, module in modules.items():
-        t, meta = _module_to_tensors(f"{prefix}.{name}", module)
-        for key, value in t.items():  # shared routers are stored once
-            if value.data_ptr() in seen:
-                meta.setdefault("aliases", {})[key] = seen[value.data_ptr()]
-            else:
-                seen[value.data_ptr()] = key
-                tensors[key] = value
-        metas[name] = meta
-    path = work / f"layer_{index:05d}.safetensors"
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"modules": json.dumps(metas), "report": json.dumps(report)})
+    state = {f"{prefix}.{name}.{key}": value for name, module in modules.items()
+             for key, value in module.state_dict().items()}
+    tensors, aliases = dedupe_tensors(state)  # the router gate and up share is stored once
+    meta = {"modules": {name: m.meta() for name, m in modules.items()}, "aliases": aliases, "report": report}
+    with atomic_path(work / f"layer_{index:05d}.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"se_layer": json.dumps(meta)})
 
 
 def _load_partial_layer(work: Path, index: int, prefix: str) -> tuple[dict[str, RoutedSparseLinear], dict] | None:
-    from safetensors import safe_open
-
     path = work / f"layer_{index:05d}.safetensors"
     if not path.is_file():
         return None
     with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(path))
-    metas = json.loads(meta["modules"])
-    modules = {}
-    for name, m in metas.items():
-        for alias, target in m.get("aliases", {}).items():
-            tensors[alias] = tensors[target]
-        modules[name] = module_from_tensors(f"{prefix}.{name}", m, tensors)
-    # re-share router tensors between modules of one group, as in the original run
-    by_group: dict[str, RoutedSparseLinear] = {}
-    for module in modules.values():
-        first = by_group.setdefault(module.router_group, module)
-        module.router_weight, module.router_bias = first.router_weight, first.router_bias
-    return modules, json.loads(meta["report"])
+        meta = json.loads(f.metadata()["se_layer"])
+    tensors = restore_aliases(load_file(str(path)), meta["aliases"])
+    modules = {name: RoutedSparseLinear.from_tensors(f"{prefix}.{name}", m, tensors)
+               for name, m in meta["modules"].items()}
+    return modules, meta["report"]
 
 
 def prepare_workdir(out: Path, key: str, resume: bool) -> Path:

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .sparse_format import PackedExperts
+from .errors import SEError
+from .sparse_format import PackedExperts, validate_packed
 
 
 class _DecodedExpertCache:
@@ -113,6 +114,30 @@ class RoutedSparseLinear(nn.Module):
         if self.record_routing:
             self.last_expert_ids = ids
         return y
+
+    def meta(self) -> dict:
+        """What a checkpoint manifest records to rebuild this module (tensors go separately)."""
+        return {"format": self.format, "experts": self.num_experts, "in": self.in_features,
+                "out": self.out_features, "router_group": self.router_group, "bias": self.bias is not None,
+                "nnz": int(self.values.numel()), "value_dtype": str(self.values.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def from_tensors(cls, prefix: str, meta: dict, tensors: dict[str, torch.Tensor]) -> RoutedSparseLinear:
+        """Rebuild from ``meta()`` and the tensors saved under ``prefix.<buffer>``, checking them."""
+        try:
+            packed = PackedExperts(meta["format"], int(meta["experts"]), int(meta["out"]), int(meta["in"]),
+                                   tensors[f"{prefix}.values"], tensors[f"{prefix}.indices"],
+                                   tensors[f"{prefix}.row_ptr"])
+            router_weight = tensors[f"{prefix}.router_weight"]
+            router_bias = tensors[f"{prefix}.router_bias"]
+            bias = tensors[f"{prefix}.bias"] if meta.get("bias") else None
+        except KeyError as exc:
+            raise SEError(f"corrupt checkpoint: tensor {exc} is missing; re-run se-export expand") from None
+        validate_packed(packed)
+        if (tuple(router_weight.shape) != (packed.in_features, packed.num_experts)
+                or router_bias.numel() != packed.num_experts):
+            raise SEError(f"corrupt checkpoint: router of {prefix} does not match its experts; re-run se-export expand")
+        return cls(packed, router_weight, router_bias, bias, router_group=meta.get("router_group", ""))
 
     def active_weights_per_token(self) -> float:
         """Mean stored weights of one expert plus the router's in*K multiply-adds."""
