@@ -20,7 +20,7 @@ from torch import nn
 
 from .adapters import adapter_for, decoder_layers, linear_weight
 from .atomic import atomic_path, atomic_write_text
-from .expand import _capture_input, _layer_output, capture_decoder_inputs
+from .expand import capture_decoder_inputs, capture_input, layer_output
 from .modules import RoutedSparseLinear, decoded_expert_cache
 from .progress import progress_bar
 from .wasserstein import NeuronStats, mapping_difficulty
@@ -80,7 +80,7 @@ def analyze_model(model: nn.Module, windows: torch.Tensor, *, top: float = 0.03,
         task = bar.add_task("wasserstein", total=len(layers))
         for index, layer in enumerate(layers):
             target = layer.get_submodule(target_name)
-            x = torch.cat([_capture_input(target, lambda h=h, kw=kw, layer=layer: layer(h, **kw))
+            x = torch.cat([capture_input(target, lambda h=h, kw=kw, layer=layer: layer(h, **kw))
                            for h, kw in zip(states, kwargs_list, strict=True)])
             y = neuron_outputs(target, x, adapter)
             stats = NeuronStats(y.shape[1], tokens)
@@ -99,7 +99,7 @@ def analyze_model(model: nn.Module, windows: torch.Tensor, *, top: float = 0.03,
                 kept[index] = x
             del x, y, stats
             if index + 1 < len(layers):
-                states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs_list, strict=True)]
+                states = [layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs_list, strict=True)]
             bar.update(task, advance=1, description=f"wasserstein layer {index}")
     return results, kept
 

@@ -230,9 +230,11 @@ def analyze(
     target = decoder_layers(loaded.model, adapter)[layer_idx].get_submodule(adapter.groups[0][0])
     x = kept[layer_idx]
     dense = neuron_outputs(target, x, adapter)[:, index]
-    weight, bias = linear_weight(target, adapter) if not hasattr(target, "router_weight") else (None, None)
+    from .modules import RoutedSparseLinear
+
     neuron_info = None
-    if weight is not None:
+    if not isinstance(target, RoutedSparseLinear):  # a checkpoint's experts have no single dense row
+        weight, bias = linear_weight(target, adapter)
         variants = neuron_variants(x, weight[index].float(), 0.0 if bias is None else float(bias[index]), dense,
                                    sparsity=plot_sparsity, seed=seed)
         plot_name = f"neuron_{layer_idx}_{index}.png"

@@ -111,7 +111,7 @@ class _Stop(Exception):
     pass
 
 
-def _layer_output(out) -> torch.Tensor:
+def layer_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -136,7 +136,7 @@ def capture_decoder_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch
     return states, kwargs_list
 
 
-def _capture_input(target: nn.Module, run: Callable[[], object]) -> torch.Tensor:
+def capture_input(target: nn.Module, run: Callable[[], object]) -> torch.Tensor:
     """Input of ``target`` while ``run()`` executes, flattened to [tokens, in]; stops there."""
     grabbed: list[torch.Tensor] = []
 
@@ -321,7 +321,7 @@ def expand_model(
                 result.layers.append(report)
             if index < last:
                 with decoded_expert_cache(_LAYER_CACHE_BYTES):
-                    states = [_layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs_list, strict=True)]
+                    states = [layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs_list, strict=True)]
             gc.collect()
             bar.update(task, advance=1)
             if stop_after_layer is not None and index >= stop_after_layer and index < last:
@@ -336,7 +336,7 @@ def _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter:
     groups = adapter.groups
 
     def run_layer_to(target: nn.Module) -> torch.Tensor:
-        parts = [_capture_input(target, lambda h=h, kw=kw: layer(h, **kw))
+        parts = [capture_input(target, lambda h=h, kw=kw: layer(h, **kw))
                  for h, kw in zip(states, kwargs_list, strict=True)]
         return torch.cat(parts)
 
@@ -367,4 +367,4 @@ def _group_input(layer, adapter: MlpAdapter, g: int, first_input: torch.Tensor, 
         return run_layer_to(target)
     mlp = layer.get_submodule(adapter.mlp)
     chunks = first_input.split(8192)
-    return torch.cat([_capture_input(target, lambda c=c: mlp(c.unsqueeze(0))) for c in chunks])
+    return torch.cat([capture_input(target, lambda c=c: mlp(c.unsqueeze(0))) for c in chunks])

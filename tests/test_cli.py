@@ -112,3 +112,12 @@ def test_analyze_writes_report_arrays_and_plots(tmp_path, tiny_llama_dir, calib_
     report = (out / "report.md").read_text()
     assert "Sparse Expansion K=16" in report and list(out.glob("neuron_*.png"))
     _one_line_error(run_cli("analyze", tiny_llama_dir, "--out", out, "--neuron", "x"), "bad --neuron")
+
+
+def test_analyze_accepts_an_expanded_checkpoint(expanded, tmp_path, calib_file):
+    out = tmp_path / "ckpt-report"
+    proc = run_cli("analyze", expanded, "--out", out, "--text", calib_file, "--tokens", "128", "--seqlen", "32",
+                   "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(row["wd_q100"] >= row["wd_q50"] >= 0 for row in summary["layers"])
