@@ -139,10 +139,6 @@ class RoutedSparseLinear(nn.Module):
             raise SEError(f"corrupt checkpoint: router of {prefix} does not match its experts; re-run se-export expand")
         return cls(packed, router_weight, router_bias, bias, router_group=meta.get("router_group", ""))
 
-    def active_weights_per_token(self) -> float:
-        """Mean stored weights of one expert plus the router's in*K multiply-adds."""
-        return self.values.numel() / self.num_experts + self.in_features * self.num_experts
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"experts={self.num_experts}, format={self.format}, bias={self.bias is not None}")

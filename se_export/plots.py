@@ -72,24 +72,6 @@ def neuron_overlay(dense: torch.Tensor, variants: dict[str, tuple[torch.Tensor, 
     _save(fig, path)
 
 
-def lines(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str, path: Path,
-          logy: bool = False, logx: bool = False) -> None:
-    """A simple multi-series line plot (benchmarks)."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if logy:
-        ax.set_yscale("log")
-    if logx:
-        ax.set_xscale("log")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
-
-
 def bars(values: dict[str, float], ylabel: str, title: str, path: Path, baseline: float | None = None,
          logy: bool = False) -> None:
     """One bar per labelled value, optional dashed baseline (benchmarks)."""

@@ -37,11 +37,6 @@ class Router:
         b = (c * c).sum(1) + 2.0 * (self.mean.double() @ p) @ c.t()
         return g.float(), b.float()
 
-    def nearest(self, x: torch.Tensor) -> torch.Tensor:
-        """Explicit (unfolded) nearest-centroid assignment, for tests and the agreement metric."""
-        z = (x.double() - self.mean.double()) @ self.projection.double()
-        return torch.cdist(z, self.centroids.double()).argmin(1)
-
 
 @dataclass
 class RouterReport:
