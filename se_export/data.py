@@ -54,10 +54,20 @@ def wikitext2_path() -> Path | None:
     return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
 
 
+def _python_docs() -> Text:
+    """Python's language reference topics (``pydoc_data``, ships with CPython): real English
+    technical prose with code, a domain far from encyclopedia text (out-of-domain evaluation)."""
+    from pydoc_data.topics import topics
+
+    return Text("pydocs", "\n\n".join(topics[name].strip() for name in sorted(topics)))
+
+
 def load_text(source: str) -> Text:
-    """``wiki``, ``wikitext2`` or a text file path, or an SEError naming what to pass."""
+    """``wiki``, ``wikitext2``, ``pydocs`` or a text file path, or an SEError naming what to pass."""
     if source == "wiki":
         return _wiki_summaries()
+    if source == "pydocs":
+        return _python_docs()
     if source == "wikitext2":
         path = wikitext2_path()
         if path is None:
@@ -65,7 +75,7 @@ def load_text(source: str) -> Text:
         return Text("wikitext2", path.read_text(encoding="utf-8"))
     path = Path(source).expanduser()
     if not path.is_file():
-        raise SEError(f"text '{source}' not found: pass 'wiki', 'wikitext2', or the path of a plain text file")
+        raise SEError(f"text '{source}' not found: pass 'wiki', 'wikitext2', 'pydocs', or the path of a plain text file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

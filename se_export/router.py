@@ -47,6 +47,8 @@ class RouterReport:
     clusters_merged: int
     cluster_sizes: list[int] = field(default_factory=list)
     inertia: float = 0.0
+    fold_agreement: float = 1.0  # folded-router labels == nearest centroid in PCA space
+
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -193,7 +195,9 @@ def fit_router(
         keep = [i for i in range(centers.shape[0]) if i != small]
         centers, _, _ = _lloyd(z, centers[keep], 20)
         merged += 1
-    inertia = float(_sq_dist(z_all, centers).gather(1, labels.unsqueeze(1)).sum())
+    dist = _sq_dist(z_all, centers)
+    inertia = float(dist.gather(1, labels.unsqueeze(1)).sum())
+    agreement = float((dist.argmin(1) == labels).float().mean())
     report = RouterReport(num_experts, centers.shape[0], components, int(outliers.sum()), merged,
-                          sizes.tolist(), inertia)
+                          sizes.tolist(), inertia, agreement)
     return router, labels, report

@@ -1,0 +1,299 @@
+"""Quality grid (issue: quality benchmark): dense vs magnitude / Wanda / SparseGPT / Sparse
+Expansion (K = 2, 4, 8, 16) at 50%, 70%, 90% and 2:4 MLP sparsity on the default model, plus
+the ablations at 70% (PCA factor, true-sequential, calibration samples).
+
+Every configuration is expanded in-process, evaluated on WikiText-2 test (512-token
+non-overlapping windows) and on an out-of-domain text (Python's language reference,
+``pydocs``), and its result is cached in ``bench/results/quality/<key>.json`` keyed by the full
+configuration; a re-run reuses finished configurations and resumes an interrupted expansion
+from ``out/quality/<key>`` (per-layer partial state). ``--report`` only rebuilds the summary
+JSON, the Markdown table and the plots from the cache.
+
+    .venv/bin/python bench/quality.py --grid main --grid ablation --eval-windows 40
+    .venv/bin/python bench/quality.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from se_export.atomic import atomic_write_text
+from se_export.data import calibration_windows, eval_windows, load_text, tokenize
+from se_export.evaluate import perplexity
+from se_export.expand import PARTIAL_DIR, ExpandConfig, expand_model, prepare_workdir
+from se_export.models import load_model
+from se_export.modules import RoutedSparseLinear, decoded_expert_cache
+
+RESULTS = Path("bench/results")
+CACHE = RESULTS / "quality"
+WORK = Path("out/quality")
+SPARSITIES = ("0.7", "0.9", "0.5", "2:4")  # order = priority when the grid is cut short
+
+
+@dataclass(frozen=True)
+class Config:
+    """One grid point; every field changes the result, so all of them are in the cache key."""
+
+    method: str  # dense | magnitude | wanda | sparsegpt | se
+    sparsity: str = "0"
+    experts: int = 1
+    pca_factor: int = 32
+    true_sequential: bool = True
+    calib_samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.method == "dense":
+            return "dense"
+        name = f"se K={self.experts}" if self.method == "se" else self.method
+        extras = []
+        if self.pca_factor != 32:
+            extras.append(f"pca={self.pca_factor or 'none'}")
+        if not self.true_sequential:
+            extras.append("dense-output down")
+        if self.calib_samples != 128:
+            extras.append(f"calib={self.calib_samples}")
+        return f"{name} @ {self.sparsity}" + (f" ({', '.join(extras)})" if extras else "")
+
+
+def main_grid() -> list[Config]:
+    grid = [Config("dense")]
+    for s in SPARSITIES:
+        grid += [Config("sparsegpt", s), Config("se", s, 16), Config("magnitude", s), Config("wanda", s),
+                 Config("se", s, 8), Config("se", s, 4), Config("se", s, 2)]
+    return grid
+
+
+def ablation_grid() -> list[Config]:
+    return [Config("se", "0.7", 16, pca_factor=0), Config("se", "0.7", 16, pca_factor=8),
+            Config("se", "0.7", 16, true_sequential=False), Config("se", "0.7", 16, calib_samples=32)]
+
+
+def cache_key(cfg: Config, eval_setup: dict) -> str:
+    blob = json.dumps({"config": asdict(cfg), "eval": eval_setup}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def mlp_accounting(model: torch.nn.Module, dense_linears: dict[str, tuple[int, int]]) -> dict:
+    """Active MLP weights per token (chosen expert's kept weights + router) and stored bytes."""
+    active, stored, router_bytes = 0.0, 0, 0
+    for name, (out_f, in_f) in dense_linears.items():
+        module = model.get_submodule(name)
+        if isinstance(module, RoutedSparseLinear):
+            k = module.num_experts
+            active += module.values.numel() / k + (in_f * k if k > 1 else 0)
+            stored += module.packed().nbytes()
+            router_bytes += (module.router_weight.numel() + module.router_bias.numel()) * 4 if k > 1 else 0
+        else:
+            active += out_f * in_f
+            stored += out_f * in_f * 2  # dense fp16, the same value precision as the experts
+    dense = sum(o * i for o, i in dense_linears.values())
+    return {"active_weights_per_token": int(active), "active_fraction": active / dense,
+            "stored_mlp_bytes": stored, "router_bytes": router_bytes, "dense_mlp_bytes_fp16": dense * 2}
+
+
+def mlp_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    from se_export.adapters import adapter_for, decoder_layers, linear_weight
+
+    adapter = adapter_for(model.config)
+    shapes = {}
+    for i, layer in enumerate(decoder_layers(model, adapter)):
+        for group in adapter.groups:
+            for name in group:
+                w, _ = linear_weight(layer.get_submodule(name), adapter)
+                shapes[f"{adapter.layers}.{i}.{name}"] = tuple(w.shape)
+    return shapes
+
+
+def router_summary(layers: list[dict]) -> dict:
+    routers = [g["router"] for rep in layers for g in rep["groups"] if "router" in g]
+    if not routers:
+        return {}
+    shares = [max(r["cluster_sizes"]) / sum(r["cluster_sizes"]) for r in routers]
+    return {"fold_agreement_min": min(r.get("fold_agreement", 1.0) for r in routers),
+            "fold_agreement_mean": sum(r.get("fold_agreement", 1.0) for r in routers) / len(routers),
+            "largest_cluster_share_mean": sum(shares) / len(shares),
+            "experts_after_merge_mean": sum(r["experts"] for r in routers) / len(routers),
+            "outliers_excluded_mean": sum(r["outliers_excluded"] for r in routers) / len(routers)}
+
+
+def run_config(cfg: Config, args, eval_setup: dict, key: str) -> dict:
+    start = time.perf_counter()
+    loaded = load_model(args.model)
+    model = loaded.model
+    linears = mlp_linears(model)
+    report: dict = {"config": asdict(cfg), "label": cfg.label, "key": key, "eval": eval_setup}
+    if cfg.method != "dense":
+        text = load_text("wiki")
+        calib = calibration_windows(tokenize(loaded.tokenizer, text), cfg.calib_samples, cfg.seqlen, cfg.seed)
+        ecfg = ExpandConfig(method=cfg.method, experts=cfg.experts, sparsity=cfg.sparsity,
+                            pca_factor=cfg.pca_factor, seed=cfg.seed, true_sequential=cfg.true_sequential)
+        work = WORK / key
+        workdir = prepare_workdir(work, key, resume=(work / PARTIAL_DIR).is_dir())
+        result = expand_model(model, calib, ecfg, workdir=workdir, show_progress=not args.quiet)
+        report["expand_seconds"] = result.seconds
+        report["resumed_layers"] = result.resumed_layers
+        report["router"] = router_summary(result.layers)
+        errors = [e for rep in result.layers for g in rep["groups"] for e in g["reconstruction_error"]]
+        report["reconstruction_error_mean"] = sum(errors) / len(errors)
+    report.update(mlp_accounting(model, linears))
+    with decoded_expert_cache(8 << 30):
+        for name, windows in (("wikitext2", args.eval_windows), ("pydocs", args.ood_windows)):
+            ids = tokenize(loaded.tokenizer, load_text(name))
+            report[name] = perplexity(model, eval_windows(ids, 512, windows or None), show_progress=not args.quiet)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if (WORK / key).exists():
+        shutil.rmtree(WORK / key)
+    return report
+
+
+def load_results(eval_setup: dict | None = None) -> list[dict]:
+    rows = [json.loads(p.read_text()) for p in sorted(CACHE.glob("*.json"))]
+    return [r for r in rows if eval_setup is None or r["eval"] == eval_setup]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    dense = next((r for r in rows if r["config"]["method"] == "dense"), None)
+    head = ("| configuration | WikiText-2 ppl | vs dense | out-of-domain ppl | active MLP weights/token | "
+            "stored MLP MB | expand s |\n|---|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    order = {"dense": 0, "magnitude": 1, "wanda": 2, "sparsegpt": 3, "se": 4}
+    spars = {s: i for i, s in enumerate(("0", "0.5", "0.7", "0.9", "2:4"))}
+
+    def sort_key(r):
+        c = r["config"]
+        return spars.get(c["sparsity"], 9), order[c["method"]], c["experts"], r["label"]
+
+    for r in sorted(rows, key=sort_key):
+        ppl = r["wikitext2"]["perplexity"]
+        rel = f"{ppl / dense['wikitext2']['perplexity']:.2f}x" if dense else "-"
+        lines.append(f"| {r['label']} | {ppl:.2f} | {rel} | {r['pydocs']['perplexity']:.2f} | "
+                     f"{r['active_weights_per_token'] / 1e6:.2f} M ({r['active_fraction']:.0%}) | "
+                     f"{r['stored_mlp_bytes'] / 1e6:.1f} | {r.get('expand_seconds', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = [r for r in rows if r["label"].count("(") == 0]
+    dense = next((r for r in main if r["config"]["method"] == "dense"), None)
+    series: dict[str, list[dict]] = {}
+    for r in main:
+        c = r["config"]
+        if c["method"] == "dense":
+            continue
+        series.setdefault(f"se K={c['experts']}" if c["method"] == "se" else c["method"], []).append(r)
+    xs = {"0.5": 0.5, "0.7": 0.7, "0.9": 0.9}
+    paths = []
+    fig, (ax, ax24) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    for name, items in sorted(series.items()):
+        pts = sorted((xs[r["config"]["sparsity"]], r["wikitext2"]["perplexity"]) for r in items
+                     if r["config"]["sparsity"] in xs)
+        if pts:
+            line, = ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+            for r in items:
+                if r["config"]["sparsity"] == "2:4":
+                    ax24.scatter([name], [r["wikitext2"]["perplexity"]], color=line.get_color())
+    for a in (ax, ax24):
+        a.set_yscale("log")
+        if dense:
+            a.axhline(dense["wikitext2"]["perplexity"], color="k", ls="--", lw=1, label="dense")
+    ax.set_xlabel("MLP sparsity")
+    ax.set_ylabel("WikiText-2 perplexity (log)")
+    ax.set_title("Perplexity vs sparsity (SmolLM2-135M)")
+    ax.legend(fontsize=8)
+    ax24.set_title("2:4")
+    ax24.tick_params(axis="x", rotation=60, labelsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "quality_ppl_vs_sparsity.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, items in sorted(series.items()):
+        pts = sorted((r["stored_mlp_bytes"] / 1e6, r["wikitext2"]["perplexity"], r["config"]["sparsity"]) for r in items)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        for x, y, s in pts:
+            ax.annotate(s, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    if dense:
+        ax.scatter([dense["stored_mlp_bytes"] / 1e6], [dense["wikitext2"]["perplexity"]], color="k", marker="*",
+                   s=120, label="dense (fp16)", zorder=5)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored MLP bytes, MB (packed experts, fp16 values)")
+    ax.set_ylabel("WikiText-2 perplexity (log)")
+    ax.set_title("The memory price of experts")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "quality_ppl_vs_bytes.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_report(eval_setup: dict) -> None:
+    rows = load_results(eval_setup)
+    if not rows:
+        print("no cached results for this evaluation setting")
+        return
+    summary = {"eval": eval_setup, "results": rows}
+    atomic_write_text(RESULTS / "quality.json", json.dumps(summary, indent=1))
+    table = markdown_table(rows)
+    atomic_write_text(RESULTS / "quality.md", table + "\n")
+    print(table)
+    for p in plots(rows, Path("docs")):
+        print(f"wrote {p}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--grid", action="append", choices=("main", "ablation"), default=None)
+    parser.add_argument("--only", default=None, help="run only configurations whose label contains this")
+    parser.add_argument("--eval-windows", type=int, default=40, help="WikiText-2 windows (0: all)")
+    parser.add_argument("--ood-windows", type=int, default=16, help="out-of-domain windows (0: all)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--report", action="store_true", help="only rebuild table, JSON and plots")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    eval_setup = {"model": args.model, "wikitext2_windows": args.eval_windows, "pydocs_windows": args.ood_windows,
+                  "seqlen": 512, "calibration": "wiki"}
+    if not args.report:
+        grid = []
+        for name in args.grid or ["main"]:
+            grid += main_grid() if name == "main" else ablation_grid()
+        grid = [c for c in grid if args.only is None or args.only in c.label]
+        CACHE.mkdir(parents=True, exist_ok=True)
+        for i, cfg in enumerate(grid):
+            key = cache_key(cfg, eval_setup)
+            path = CACHE / f"{key}.json"
+            if path.exists():
+                continue
+            print(f"[{i + 1}/{len(grid)}] {cfg.label}", flush=True)
+            report = run_config(cfg, args, eval_setup, key)
+            atomic_write_text(path, json.dumps(report, indent=1))
+            print(f"    wikitext2 ppl {report['wikitext2']['perplexity']:.2f}, pydocs {report['pydocs']['perplexity']:.2f}, "
+                  f"{report['seconds']:.0f}s", flush=True)
+    write_report(eval_setup)
+
+
+if __name__ == "__main__":
+    main()
