@@ -50,6 +50,23 @@ class _DecodedExpertCache:
 
 
 _CACHE = _DecodedExpertCache()
+_SHARED_ROUTING: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+@contextlib.contextmanager
+def shared_routing() -> Iterator[None]:
+    """Within the block, linears of one ``router_group`` that see the same input tensor route once.
+
+    The first layer of a group (gate) routes and returns ``expert_ids``; the next (up) passes
+    them back to the op. Exporters use this so the graph holds one router per gated MLP; the
+    result is identical because both layers share the router and the input.
+    """
+    global _SHARED_ROUTING
+    previous, _SHARED_ROUTING = _SHARED_ROUTING, {}
+    try:
+        yield
+    finally:
+        _SHARED_ROUTING = previous
 
 
 @contextlib.contextmanager
@@ -107,13 +124,26 @@ class RoutedSparseLinear(nn.Module):
             ).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             ids = ids.reshape(x.shape[:-1])
         else:
+            given = self.shared_expert_ids(x)
             y, ids = torch.ops.se.routed_sparse_matmul(
                 x, self.router_weight, self.router_bias, self.values, self.indices, self.row_ptr,
-                self.bias, None, self.out_features, self.format,
+                self.bias, given, self.out_features, self.format,
             )
+            self.remember_expert_ids(x, ids)
         if self.record_routing:
             self.last_expert_ids = ids
         return y
+
+    def shared_expert_ids(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Routing computed for this input by another layer of the group (see ``shared_routing``)."""
+        if _SHARED_ROUTING is None or not self.router_group:
+            return None
+        hit = _SHARED_ROUTING.get(self.router_group)
+        return hit[1] if hit is not None and hit[0] is x else None
+
+    def remember_expert_ids(self, x: torch.Tensor, ids: torch.Tensor) -> None:
+        if _SHARED_ROUTING is not None and self.router_group:
+            _SHARED_ROUTING[self.router_group] = (x, ids)
 
     def meta(self) -> dict:
         """What a checkpoint manifest records to rebuild this module (tensors go separately)."""

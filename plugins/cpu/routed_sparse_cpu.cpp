@@ -1,0 +1,580 @@
+// CPU implementation of se_kernels.h.
+//
+// Tokens are routed (fp32 scores), grouped by expert (counting sort), and each group runs one
+// sparse-times-dense product:
+//  * 1-2 tokens in a group (decode): one sparse dot product per (token, row);
+//  * more tokens (prefill): the group's activations are transposed to [in, tokens] so every kept
+//    weight is broadcast once and multiplied into a tile of up to 32 tokens (vector FMAs).
+// Work items (expert group x block of rows) are spread over OpenMP threads. On x86 an AVX2/FMA/F16C
+// path is chosen at run time (bitmaps are expanded with a 256-entry permutation table, csr16 uses
+// gathers); every other machine (aarch64 included) runs the portable path, which the compiler
+// vectorizes over the token tile.
+#include "se_kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define SE_X86 1
+#include <immintrin.h>
+#else
+#define SE_X86 0
+#endif
+
+namespace se_cpu {
+
+constexpr int64_t kRowsPerItem = 32;
+constexpr int64_t kTile = 64;       // tokens per register tile in the prefill path
+constexpr int64_t kGemvMaxTokens = 2;
+constexpr int64_t kColBlock = 128;  // columns per L1 block of a prefill tile (128 x 64 fp32 = 32 KB)
+
+// ------------------------------------------------------------------ number formats
+
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      exp = 127 - 15 + 1;
+      while ((man & 0x400u) == 0) {
+        man <<= 1;
+        --exp;
+      }
+      man &= 0x3ffu;
+      bits = sign | (exp << 23) | (man << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t f32_to_f16(float f) {  // round to nearest even, like torch's .half()
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  uint32_t abs = x & 0x7fffffffu;
+  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
+  if (abs >= 0x47800000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 2^16: inf
+  if (abs < 0x38800000u) {  // below 2^-14: fp16 subnormal m * 2^-24 (scaling by 2^24 is exact)
+    float a;
+    std::memcpy(&a, &abs, 4);
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(a * 16777216.0f)));
+  }
+  abs += 0xfffu + ((abs >> 13) & 1u);
+  const uint32_t h = (abs - (112u << 23)) >> 13;
+  return static_cast<uint16_t>(sign | std::min(h, 0x7c00u));
+}
+
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <int VD>
+inline float load_value(const void* values, int64_t i) {
+  if constexpr (VD == SE_F32) {
+    return static_cast<const float*>(values)[i];
+  } else if constexpr (VD == SE_F16) {
+    return f16_to_f32(static_cast<const uint16_t*>(values)[i]);
+  } else {
+    return bf16_to_f32(static_cast<const uint16_t*>(values)[i]);
+  }
+}
+
+// ------------------------------------------------------------------ problem description
+
+struct Problem {
+  const se_experts* e;
+  const float* x;         // [tokens, in] fp32
+  float* y;               // [tokens, out] fp32
+  const int32_t* order;   // tokens sorted by expert
+  const int64_t* start;   // [K+1] group offsets into order
+  int64_t row_bytes;      // bitmap bytes per row
+};
+
+inline int64_t row_begin(const se_experts* e, int64_t k, int64_t r) { return e->row_ptr[k * e->out_features + r]; }
+inline int64_t row_end(const se_experts* e, int64_t k, int64_t r) {
+  const int64_t next = k * e->out_features + r + 1;
+  return next < e->num_experts * e->out_features ? e->row_ptr[next] : e->nnz;
+}
+
+// ------------------------------------------------------------------ portable kernels
+
+template <int VD>
+float dot_csr_portable(const se_experts* e, int64_t b, int64_t end, const float* x) {
+  const uint16_t* cols = static_cast<const uint16_t*>(e->indices);
+  float acc = 0.f;
+  for (int64_t j = b; j < end; ++j) acc += load_value<VD>(e->values, j) * x[cols[j]];
+  return acc;
+}
+
+template <int VD>
+float dot_bitmap_portable(const se_experts* e, const uint8_t* bits, int64_t nbytes, int64_t p, const float* x) {
+  float acc = 0.f;
+  for (int64_t byte = 0; byte < nbytes; ++byte) {
+    unsigned m = bits[byte];
+    while (m) {
+      const int j = __builtin_ctz(m);
+      acc += load_value<VD>(e->values, p++) * x[byte * 8 + j];
+      m &= m - 1;
+    }
+  }
+  return acc;
+}
+
+// Prefill: acc[0..kTile) += v * xt[c * kTile + t] for the row's kept weights with columns in
+// [c0, c1); ``pos`` is the row's cursor into values (advanced), xt the tile-major activations.
+template <int VD>
+void row_block_portable(const se_experts* e, const uint8_t* bitmap_row, int64_t c0, int64_t c1, int64_t end,
+                        int64_t& pos, const float* xt, float* acc) {
+  auto add = [&](float v, const float* xr) {
+    for (int64_t t = 0; t < kTile; ++t) acc[t] += v * xr[t];
+  };
+  if (e->format == SE_CSR16) {
+    const uint16_t* cols = static_cast<const uint16_t*>(e->indices);
+    for (; pos < end && cols[pos] < c1; ++pos) add(load_value<VD>(e->values, pos), xt + cols[pos] * kTile);
+  } else {
+    for (int64_t byte = c0 / 8; byte < (c1 + 7) / 8; ++byte) {
+      unsigned m = bitmap_row[byte];
+      while (m) {
+        const int j = __builtin_ctz(m);
+        add(load_value<VD>(e->values, pos++), xt + (byte * 8 + j) * kTile);
+        m &= m - 1;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ AVX2 kernels
+
+#if SE_X86
+struct BitmapTables {
+  alignas(32) int32_t perm[256][8];
+  alignas(32) int32_t mask[256][8];
+  BitmapTables() {
+    for (int b = 0; b < 256; ++b) {
+      int rank = 0;
+      for (int j = 0; j < 8; ++j) {
+        const bool set = (b >> j) & 1;
+        perm[b][j] = set ? rank++ : 0;
+        mask[b][j] = set ? -1 : 0;
+      }
+    }
+  }
+};
+const BitmapTables kTables;
+
+template <int VD>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const void* values, int64_t i) {
+  if constexpr (VD == SE_F32) {
+    return _mm256_loadu_ps(static_cast<const float*>(values) + i);
+  } else if constexpr (VD == SE_F16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + i)));
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+template <int VD>
+__attribute__((target("avx2,fma,f16c"))) float dot_csr_avx2(const se_experts* e, int64_t b, int64_t end,
+                                                             const float* x) {
+  const uint16_t* cols = static_cast<const uint16_t*>(e->indices);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = b;
+  for (; j + 8 <= end; j += 8) {
+    const __m256i c = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cols + j)));
+    acc = _mm256_fmadd_ps(load8<VD>(e->values, j), _mm256_i32gather_ps(x, c, 4), acc);
+  }
+  float s = hsum(acc);
+  for (; j < end; ++j) s += load_value<VD>(e->values, j) * x[cols[j]];
+  return s;
+}
+
+template <int VD>
+__attribute__((target("avx2,fma,f16c"))) float dot_bitmap_avx2(const se_experts* e, const uint8_t* bits,
+                                                                int64_t nbytes, int64_t p, const float* x) {
+  __m256 acc = _mm256_setzero_ps();
+  const int64_t full = e->in_features / 8;  // bytes whose 8 columns all exist
+  const int64_t safe_end = e->nnz - 8;      // an 8-value load from p stays inside values
+  int64_t byte = 0;
+  for (; byte < full; ++byte) {
+    const unsigned m = bits[byte];
+    if (!m) continue;
+    if (p > safe_end) break;
+    const __m256 v = _mm256_permutevar8x32_ps(
+        load8<VD>(e->values, p), _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.perm[m])));
+    const __m256 w = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.mask[m]))));
+    acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + byte * 8), acc);
+    p += __builtin_popcount(m);
+  }
+  float s = hsum(acc);
+  for (; byte < nbytes; ++byte) {  // tail columns and the last values of the array
+    unsigned m = bits[byte];
+    while (m) {
+      const int j = __builtin_ctz(m);
+      s += load_value<VD>(e->values, p++) * x[byte * 8 + j];
+      m &= m - 1;
+    }
+  }
+  return s;
+}
+
+template <int VD>
+__attribute__((target("avx2,fma,f16c"))) inline float load_value_avx2(const void* values, int64_t i) {
+  if constexpr (VD == SE_F16) {
+    return _cvtsh_ss(static_cast<const uint16_t*>(values)[i]);
+  } else {
+    return load_value<VD>(values, i);
+  }
+}
+
+// row_block_portable with 8 ymm accumulators (64 tokens) per kept weight
+template <int VD>
+__attribute__((target("avx2,fma,f16c"))) void row_block_avx2(const se_experts* e, const uint8_t* bitmap_row,
+                                                              int64_t c0, int64_t c1, int64_t end, int64_t& pos,
+                                                              const float* xt, float* acc) {
+  static_assert(kTile == 64, "the AVX2 tile holds 8 x 8 tokens");
+  __m256 a[8];
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_loadu_ps(acc + 8 * i);
+  auto add = [&](float v, const float* xr) __attribute__((target("avx2,fma"))) {
+    const __m256 vv = _mm256_set1_ps(v);
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(vv, _mm256_loadu_ps(xr + 8 * i), a[i]);
+  };
+  if (e->format == SE_CSR16) {
+    const uint16_t* cols = static_cast<const uint16_t*>(e->indices);
+    for (; pos < end && cols[pos] < c1; ++pos) add(load_value_avx2<VD>(e->values, pos), xt + cols[pos] * kTile);
+  } else {
+    for (int64_t byte = c0 / 8; byte < (c1 + 7) / 8; ++byte) {
+      unsigned m = bitmap_row[byte];
+      while (m) {
+        const int j = __builtin_ctz(m);
+        add(load_value_avx2<VD>(e->values, pos++), xt + (byte * 8 + j) * kTile);
+        m &= m - 1;
+      }
+    }
+  }
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(acc + 8 * i, a[i]);
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = [] {
+    const char* force = std::getenv("SE_KERNELS_ISA");
+    if (force && std::strcmp(force, "portable") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return ok;
+}
+#else
+bool cpu_has_avx2() { return false; }
+#endif
+
+// ------------------------------------------------------------------ driver
+
+template <int VD>
+void run_groups(const Problem& pb, int threads) {
+  const se_experts* e = pb.e;
+  const int64_t K = e->num_experts, out = e->out_features, in = e->in_features;
+  const bool avx2 = cpu_has_avx2();
+  const uint8_t* bitmap = e->format == SE_BITMAP ? static_cast<const uint8_t*>(e->indices) : nullptr;
+
+  // transposed, zero-padded activations for every group that takes the prefill path
+  std::vector<int64_t> ld(K, 0), xt_off(K, 0);
+  int64_t xt_size = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t n = pb.start[k + 1] - pb.start[k];
+    if (n > kGemvMaxTokens) {
+      ld[k] = (n + kTile - 1) / kTile * kTile;
+      xt_off[k] = xt_size;
+      xt_size += ld[k] * in;
+    }
+  }
+  std::vector<float> xt(static_cast<size_t>(xt_size), 0.f);
+  struct Item { int64_t k, r0, t0; };
+  std::vector<Item> items;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t n = pb.start[k + 1] - pb.start[k];
+    if (n == 0) continue;
+    const int64_t tiles = n > kGemvMaxTokens ? ld[k] / kTile : 1;
+    for (int64_t t = 0; t < tiles; ++t)
+      for (int64_t r0 = 0; r0 < out; r0 += kRowsPerItem) items.push_back({k, r0, t * kTile});
+  }
+
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < K; ++k) {
+      if (!ld[k]) continue;
+      float* dst = xt.data() + xt_off[k];
+      for (int64_t i = pb.start[k]; i < pb.start[k + 1]; ++i) {
+        const float* src = pb.x + static_cast<int64_t>(pb.order[i]) * in;
+        const int64_t t = i - pb.start[k];
+        float* tile = dst + (t / kTile) * in * kTile + t % kTile;  // tile-major: [tile][c][kTile]
+        for (int64_t c = 0; c < in; ++c) tile[c * kTile] = src[c];
+      }
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < static_cast<int64_t>(items.size()); ++it) {
+      const Item item = items[it];
+      const int64_t k = item.k;
+      const int64_t r1 = std::min(out, item.r0 + kRowsPerItem);
+      const int64_t nbytes = (in + 7) / 8;
+      const float* bias = e->bias ? e->bias + k * out : nullptr;
+      if (!ld[k]) {  // decode: sparse dot products
+        for (int64_t i = pb.start[k]; i < pb.start[k + 1]; ++i) {
+          const int64_t tok = pb.order[i];
+          const float* xv = pb.x + tok * in;
+          float* yv = pb.y + tok * out;
+          for (int64_t r = item.r0; r < r1; ++r) {
+            const int64_t b = row_begin(e, k, r);
+            float s;
+            if (e->format == SE_CSR16) {
+#if SE_X86
+              s = avx2 ? dot_csr_avx2<VD>(e, b, row_end(e, k, r), xv) : dot_csr_portable<VD>(e, b, row_end(e, k, r), xv);
+#else
+              s = dot_csr_portable<VD>(e, b, row_end(e, k, r), xv);
+#endif
+            } else {
+              const uint8_t* bits = bitmap + (k * out + r) * nbytes;
+#if SE_X86
+              s = avx2 ? dot_bitmap_avx2<VD>(e, bits, nbytes, b, xv) : dot_bitmap_portable<VD>(e, bits, nbytes, b, xv);
+#else
+              s = dot_bitmap_portable<VD>(e, bits, nbytes, b, xv);
+#endif
+            }
+            yv[r] = bias ? s + bias[r] : s;
+          }
+        }
+        continue;
+      }
+      const float* xtk = xt.data() + xt_off[k] + item.t0 * in;
+      const int64_t n = std::min(kTile, pb.start[k + 1] - pb.start[k] - item.t0);
+      const int32_t* toks = pb.order + pb.start[k] + item.t0;
+      const int64_t rows = r1 - item.r0;
+      alignas(32) float acc[kRowsPerItem][kTile] = {};
+      int64_t pos[kRowsPerItem], ends[kRowsPerItem];
+      for (int64_t i = 0; i < rows; ++i) {
+        pos[i] = row_begin(e, k, item.r0 + i);
+        ends[i] = row_end(e, k, item.r0 + i);
+      }
+      for (int64_t c0 = 0; c0 < in; c0 += kColBlock) {  // the tile's columns stay in L1 across rows
+        const int64_t c1 = std::min(in, c0 + kColBlock);
+        for (int64_t i = 0; i < rows; ++i) {
+          const uint8_t* bits = bitmap ? bitmap + (k * out + item.r0 + i) * nbytes : nullptr;
+#if SE_X86
+          if (avx2)
+            row_block_avx2<VD>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i]);
+          else
+            row_block_portable<VD>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i]);
+#else
+          row_block_portable<VD>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i]);
+#endif
+        }
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        const float bv = bias ? bias[item.r0 + i] : 0.f;
+        for (int64_t t = 0; t < n; ++t) pb.y[static_cast<int64_t>(toks[t]) * out + item.r0 + i] = acc[i][t] + bv;
+      }
+    }
+  }
+}
+
+void fail(char* err, size_t len, const std::string& msg) {
+  if (err && len) std::snprintf(err, len, "%s", msg.c_str());
+}
+
+int resolve_threads(int32_t threads) {
+#if defined(_OPENMP)
+  return threads > 0 ? threads : omp_get_max_threads();
+#else
+  (void)threads;
+  return 1;
+#endif
+}
+
+void to_f32(const void* x, int32_t dtype, int64_t count, std::vector<float>& buf, const float** out) {
+  if (dtype == SE_F32) {
+    *out = static_cast<const float*>(x);
+    return;
+  }
+  buf.resize(static_cast<size_t>(count));
+  const uint16_t* h = static_cast<const uint16_t*>(x);
+  for (int64_t i = 0; i < count; ++i) buf[i] = f16_to_f32(h[i]);
+  *out = buf.data();
+}
+
+void route_f32(const float* x, int64_t tokens, int64_t in, int64_t K, const float* g, const float* b, int32_t* ids,
+               int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < tokens; ++t) {
+    std::vector<float> s(b, b + K);
+    const float* xv = x + t * in;
+    for (int64_t i = 0; i < in; ++i) {
+      const float xi = xv[i];
+      const float* gi = g + i * K;
+      for (int64_t k = 0; k < K; ++k) s[k] += xi * gi[k];
+    }
+    int64_t best = 0;
+    for (int64_t k = 1; k < K; ++k)
+      if (s[k] < s[best]) best = k;
+    ids[t] = static_cast<int32_t>(best);
+  }
+}
+
+}  // namespace se_cpu
+
+using namespace se_cpu;
+
+extern "C" SE_API int se_check_experts(const se_experts* e, char* err, size_t err_len) {
+  try {
+    if (!e) return fail(err, err_len, "experts pointer is null"), 1;
+    if (e->format != SE_BITMAP && e->format != SE_CSR16) return fail(err, err_len, "format must be bitmap or csr16"), 1;
+    if (e->value_dtype < SE_F32 || e->value_dtype > SE_BF16) return fail(err, err_len, "values must be fp32, fp16 or bf16"), 1;
+    if (e->num_experts < 1 || e->out_features < 1 || e->in_features < 1)
+      return fail(err, err_len, "experts, out_features and in_features must be >= 1"), 1;
+    if (e->format == SE_CSR16 && e->in_features > 65536)
+      return fail(err, err_len, "csr16 holds at most 65536 input features"), 1;
+    const int64_t rows = e->num_experts * e->out_features;
+    const int64_t nbytes = (e->in_features + 7) / 8;
+    if (e->nnz < 0 || e->nnz > rows * e->in_features) return fail(err, err_len, "values has more entries than the experts hold"), 1;
+    if (e->format == SE_BITMAP && e->indices_len != rows * nbytes)
+      return fail(err, err_len, "bitmap indices must be [K, out, ceil(in/8)] bytes"), 1;
+    if (e->format == SE_CSR16 && e->indices_len != e->nnz)
+      return fail(err, err_len, "csr16 indices must hold one column per value"), 1;
+    int64_t prev = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = e->row_ptr[r];
+      if (b < prev || b > e->nnz)
+        return fail(err, err_len, "row_ptr entry " + std::to_string(r) + " is out of order or past the values"), 1;
+      if (r == 0 && b != 0) return fail(err, err_len, "row_ptr must start at 0"), 1;
+      prev = b;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = e->row_ptr[r];
+      const int64_t end = r + 1 < rows ? e->row_ptr[r + 1] : e->nnz;
+      if (e->format == SE_CSR16) {
+        const uint16_t* cols = static_cast<const uint16_t*>(e->indices);
+        for (int64_t j = b; j < end; ++j) {
+          if (cols[j] >= e->in_features)
+            return fail(err, err_len, "csr16 column " + std::to_string(cols[j]) + " >= in_features " +
+                                          std::to_string(e->in_features)), 1;
+          if (j > b && cols[j] <= cols[j - 1]) return fail(err, err_len, "csr16 columns of a row must increase"), 1;
+        }
+      } else {
+        const uint8_t* bits = static_cast<const uint8_t*>(e->indices) + r * nbytes;
+        int64_t count = 0;
+        for (int64_t i = 0; i < nbytes; ++i) count += __builtin_popcount(bits[i]);
+        const int tail = static_cast<int>(e->in_features % 8);
+        if (tail && (bits[nbytes - 1] >> tail))
+          return fail(err, err_len, "bitmap marks columns past in_features"), 1;
+        if (count != end - b)
+          return fail(err, err_len, "bitmap row " + std::to_string(r) + " marks " + std::to_string(count) +
+                                        " weights but row_ptr gives " + std::to_string(end - b)), 1;
+      }
+    }
+    return 0;
+  } catch (const std::exception& ex) {
+    return fail(err, err_len, ex.what()), 1;
+  }
+}
+
+extern "C" SE_API int se_route(const void* x, int32_t x_dtype, int64_t tokens, int64_t in_features, int64_t num_experts,
+                               const float* router_weight, const float* router_bias, int32_t* expert_ids,
+                               int32_t threads, char* err, size_t err_len) {
+  try {
+    if (x_dtype != SE_F32 && x_dtype != SE_F16) return fail(err, err_len, "x must be fp32 or fp16"), 1;
+    std::vector<float> buf;
+    const float* x32;
+    to_f32(x, x_dtype, tokens * in_features, buf, &x32);
+    route_f32(x32, tokens, in_features, num_experts, router_weight, router_bias, expert_ids, resolve_threads(threads));
+    return 0;
+  } catch (const std::exception& ex) {
+    return fail(err, err_len, ex.what()), 1;
+  }
+}
+
+extern "C" SE_API int se_routed_sparse_matmul(const se_experts* e, const float* router_weight, const float* router_bias,
+                                              const void* x, int32_t x_dtype, int64_t tokens,
+                                              const int32_t* expert_ids_in, int32_t* expert_ids_out, void* y,
+                                              int32_t threads, char* err, size_t err_len) {
+  try {
+    if (x_dtype != SE_F32 && x_dtype != SE_F16) return fail(err, err_len, "x must be fp32 or fp16"), 1;
+    if (tokens < 0) return fail(err, err_len, "negative token count"), 1;
+    if (tokens == 0) return 0;
+    const int nt = resolve_threads(threads);
+    const int64_t K = e->num_experts, in = e->in_features, out = e->out_features;
+    std::vector<float> xbuf;
+    const float* x32;
+    to_f32(x, x_dtype, tokens * in, xbuf, &x32);
+    std::vector<int32_t> ids_buf;
+    const int32_t* ids = expert_ids_in;
+    if (ids) {
+      for (int64_t t = 0; t < tokens; ++t)
+        if (ids[t] < 0 || ids[t] >= K)
+          return fail(err, err_len, "expert id " + std::to_string(ids[t]) + " at token " + std::to_string(t) +
+                                        " is outside [0, " + std::to_string(K) + ")"), 1;
+    } else {
+      int32_t* dst = expert_ids_out;
+      if (!dst) {
+        ids_buf.resize(static_cast<size_t>(tokens));
+        dst = ids_buf.data();
+      }
+      route_f32(x32, tokens, in, K, router_weight, router_bias, dst, nt);
+      ids = dst;
+    }
+    if (expert_ids_out && expert_ids_out != ids) std::memcpy(expert_ids_out, ids, sizeof(int32_t) * tokens);
+    // counting sort of tokens by expert
+    std::vector<int64_t> start(K + 1, 0);
+    for (int64_t t = 0; t < tokens; ++t) ++start[ids[t] + 1];
+    for (int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
+    std::vector<int32_t> order(static_cast<size_t>(tokens));
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t t = 0; t < tokens; ++t) order[fill[ids[t]]++] = static_cast<int32_t>(t);
+
+    std::vector<float> ybuf;
+    float* y32 = x_dtype == SE_F32 ? static_cast<float*>(y) : (ybuf.resize(static_cast<size_t>(tokens * out)), ybuf.data());
+    Problem pb{e, x32, y32, order.data(), start.data(), (in + 7) / 8};
+    switch (e->value_dtype) {
+      case SE_F32: run_groups<SE_F32>(pb, nt); break;
+      case SE_F16: run_groups<SE_F16>(pb, nt); break;
+      default: run_groups<SE_BF16>(pb, nt); break;
+    }
+    if (x_dtype == SE_F16) {
+      uint16_t* yh = static_cast<uint16_t*>(y);
+      for (int64_t i = 0; i < tokens * out; ++i) yh[i] = f32_to_f16(y32[i]);
+    }
+    return 0;
+  } catch (const std::exception& ex) {
+    return fail(err, err_len, ex.what()), 1;
+  }
+}
+
+extern "C" SE_API const char* se_kernel_isa(void) { return cpu_has_avx2() ? "avx2" : "portable"; }

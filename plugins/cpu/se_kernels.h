@@ -1,0 +1,68 @@
+// se-export CPU kernels: the folded router and the routed sparse matrix product.
+//
+// One C ABI shared by every CPU caller (the ONNX Runtime custom op, the Python/torch binding,
+// the benchmarks) so that they cannot drift. Semantics are those of se::routed_sparse_matmul
+// (DESIGN.md section 3): expert = argmin_k (x G + b)_k in fp32 (ties -> lowest k), then
+// y[t] = W[expert_t] x[t] + bias[expert_t] with fp32 accumulation, y in the dtype of x.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define SE_API __declspec(dllexport)
+#else
+#define SE_API __attribute__((visibility("default")))
+#endif
+
+enum se_dtype { SE_F32 = 0, SE_F16 = 1, SE_BF16 = 2 };
+enum se_format { SE_BITMAP = 0, SE_CSR16 = 1 };
+
+// K experts of shape [out, in] in one packed format (se_export/sparse_format.py):
+//  values  [nnz]                 kept weights, expert-major then row-major (value_dtype)
+//  indices bitmap: uint8 [K, out, ceil(in/8)], bit j (LSB first) of byte b = column 8b+j
+//          csr16:  uint16 [nnz] column of every value (stored as int16 in ONNX/torch)
+//  row_ptr int32 [K*out]         start of every expert row in values (row ends at the next start)
+//  bias    fp32 [K, out] or NULL
+typedef struct se_experts {
+  int32_t format;
+  int32_t value_dtype;
+  int64_t num_experts;
+  int64_t out_features;
+  int64_t in_features;
+  const void* values;
+  int64_t nnz;
+  const void* indices;
+  int64_t indices_len;  // elements of indices
+  const int32_t* row_ptr;
+  const float* bias;
+} se_experts;
+
+// Full structural check (row pointers monotone and in range, csr16 columns < in, bitmap
+// popcounts equal row lengths, no bits past in). O(nnz); callers run it once per weight set.
+// Returns 0 when valid; otherwise writes a one-line reason into err.
+SE_API int se_check_experts(const se_experts* experts, char* err, size_t err_len);
+
+// Routing only: expert_ids[t] = argmin_k (x[t] G + b)_k. x is fp32 or fp16 [tokens, in].
+SE_API int se_route(const void* x, int32_t x_dtype, int64_t tokens, int64_t in_features, int64_t num_experts,
+                    const float* router_weight, const float* router_bias, int32_t* expert_ids, int32_t threads,
+                    char* err, size_t err_len);
+
+// y [tokens, out] = routed sparse product of x [tokens, in] (fp32 or fp16; y has x's dtype).
+// expert_ids_in (may be NULL) skips routing; its ids are range-checked. expert_ids_out (may be
+// NULL) receives the routing used. The experts must have passed se_check_experts.
+// threads <= 0 uses the OpenMP default. Returns 0 on success.
+SE_API int se_routed_sparse_matmul(const se_experts* experts, const float* router_weight, const float* router_bias,
+                                   const void* x, int32_t x_dtype, int64_t tokens, const int32_t* expert_ids_in,
+                                   int32_t* expert_ids_out, void* y, int32_t threads, char* err, size_t err_len);
+
+// "avx2" or "portable": which code path this machine runs; SE_KERNELS_ISA=portable forces it.
+SE_API const char* se_kernel_isa(void);
+
+#ifdef __cplusplus
+}
+#endif
