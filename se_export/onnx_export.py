@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
+import os
 import shutil
 import tempfile
 import time
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from . import onnx_schema
+from .atomic import _umask
 from .checkpoint import expanded_modules
 from .errors import SEError
 from .modules import RoutedSparseLinear, shared_routing
@@ -134,12 +137,19 @@ class PortableRoutedLinear(nn.Module):
 
 def _custom_op_translation():
     """onnxscript translation of ``se::routed_sparse_matmul`` into one ``se.RoutedSparseMatMul`` node."""
+    import numpy as np
+    import onnx
+    from onnxscript import opset18 as op
     from onnxscript.values import Opset
 
     se_opset = Opset(onnx_schema.DOMAIN, onnx_schema.OP_VERSION)
 
     def routed_sparse_matmul(x, router_weight, router_bias, values, indices, row_ptr, bias=None, expert_ids=None,
                              out_features: int = 0, format: str = "bitmap"):
+        if bias is None and expert_ids is not None:
+            # no gap before expert_ids: ONNX Runtime's lite custom-op API cannot skip a middle input,
+            # so "no bias" is an empty tensor (the contract treats a 0-element bias as absent)
+            bias = op.Constant(value=onnx.numpy_helper.from_array(np.zeros(0, np.float32)))
         return se_opset.RoutedSparseMatMul(x, router_weight, router_bias, values, indices, row_ptr, bias, expert_ids,
                                            out_features=out_features, format=format, _outputs=2)
 
@@ -189,9 +199,8 @@ def export_onnx(model: nn.Module, tokenizer, out: Path, *, dtype: str = "fp32", 
         raise SEError(f"unknown --dtype '{dtype}': use fp32 or fp16")
     if not 18 <= opset <= 23:
         raise SEError(f"--opset {opset} is not supported: use 18..23")
-    if out.exists():
-        if not overwrite:
-            raise SEError(f"{out} already exists: pass --overwrite to replace it or choose another --out")
+    if out.exists() and not overwrite:
+        raise SEError(f"{out} already exists: pass --overwrite to replace it or choose another --out")
     onnx_schema.register()
     torch_dtype = DTYPES[dtype]
     model.eval()
@@ -213,8 +222,10 @@ def export_onnx(model: nn.Module, tokenizer, out: Path, *, dtype: str = "fp32", 
     rest += [{0: batch, 2: past}] * (2 * layout.layers)
     shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, tuple(rest))  # matches forward(ids, mask, *rest)
     start = time.perf_counter()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notes
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes a 0700 folder; the export gets normal permissions
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")

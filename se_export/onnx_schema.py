@@ -59,7 +59,7 @@ def schema() -> defs.OpSchema:
             param("values", "V", "kept weights [nnz], expert-major, row-major"),
             param("indices", "I", "bitmap or 16-bit column indices"),
             param("row_ptr", "tensor(int32)", "start of every expert row in values [K*out]"),
-            param("bias", "tensor(float)", "expert bias [K, out]", param_option=optional),
+            param("bias", "tensor(float)", "expert bias [K, out]; a 0-element tensor means none", param_option=optional),
             param("expert_ids", "tensor(int32)", "precomputed routing [...]: skips the router", param_option=optional),
         ],
         outputs=[

@@ -87,6 +87,8 @@ def routed_sparse_matmul(
     if router_weight.shape[0] != in_features:
         raise ValueError(f"router_weight is {tuple(router_weight.shape)} but x has {in_features} features")
     packed = PackedExperts(format, num_experts, out_features, in_features, values, indices, row_ptr)
+    if bias is not None and bias.numel() == 0:  # the ONNX form passes "no bias" as an empty tensor
+        bias = None
     flat = x.reshape(-1, in_features)
     if expert_ids is None:
         ids = route(flat, router_weight, router_bias)

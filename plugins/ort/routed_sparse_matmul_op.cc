@@ -1,0 +1,181 @@
+// ONNX Runtime CPU custom-op library: se::RoutedSparseMatMul v1 (DESIGN.md section 3) with the
+// lite custom-op API. The arithmetic lives in plugins/cpu (se_kernels.h), the same code the
+// PyTorch binding calls. One kernel is registered per (activation, value, index) type
+// combination; all of them share the op name, so ONNX Runtime picks one by the node's types.
+//
+// Load it with SessionOptions.register_custom_ops_library(path); the library exports
+// RegisterCustomOps. Invalid inputs return an ONNX Runtime error status, never crash.
+#define ORT_API_MANUAL_INIT  // the API pointer comes from the host process (RegisterCustomOps)
+#include <onnxruntime_cxx_api.h>
+#include <onnxruntime_lite_custom_op.h>
+
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../cpu/se_kernels.h"
+
+namespace se_ort {
+
+using Ort::Custom::Tensor;
+
+template <typename T>
+constexpr int32_t dtype_code() {
+  if constexpr (std::is_same_v<T, float>) return SE_F32;
+  if constexpr (std::is_same_v<T, Ort::Float16_t>) return SE_F16;
+  return SE_BF16;
+}
+
+inline Ort::Status invalid(const std::string& msg) {
+  return Ort::Status(("RoutedSparseMatMul: " + msg).c_str(), ORT_INVALID_ARGUMENT);
+}
+
+inline std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? "," : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+template <typename TX, typename TV, typename TI>
+struct RoutedSparseMatMulKernel {
+  RoutedSparseMatMulKernel(const OrtApi* /*api*/, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    out_features_ = ki.GetAttribute<int64_t>("out_features");
+    format_ = ki.GetAttribute<std::string>("format");
+  }
+
+  Ort::Status Compute(const Tensor<TX>& x, const Tensor<float>& router_weight, const Tensor<float>& router_bias,
+                      const Tensor<TV>& values, const Tensor<TI>& indices, const Tensor<int32_t>& row_ptr,
+                      std::optional<const Tensor<float>*> bias, std::optional<const Tensor<int32_t>*> expert_ids,
+                      Tensor<TX>& y, std::optional<Tensor<int32_t>*> expert_ids_out) {
+    const int32_t format = format_ == "bitmap" ? SE_BITMAP : format_ == "csr16" ? SE_CSR16 : -1;
+    if (format < 0) return invalid("format attribute must be 'bitmap' or 'csr16', got '" + format_ + "'");
+    if ((format == SE_BITMAP) != std::is_same_v<TI, uint8_t>)
+      return invalid("format '" + format_ + "' needs " + (format == SE_BITMAP ? "uint8" : "int16") + " indices");
+    const auto& xs = x.Shape();
+    if (xs.empty()) return invalid("x must have at least one dimension");
+    const int64_t in = xs.back();
+    const auto& gs = router_weight.Shape();
+    if (gs.size() != 2 || gs[0] != in)
+      return invalid("router_weight is " + shape_str(gs) + " but x has " + std::to_string(in) + " features");
+    const int64_t K = gs[1];
+    if (router_bias.NumberOfElement() != K) return invalid("router_bias must have K = " + std::to_string(K) + " entries");
+    const int64_t out = out_features_;
+    if (out < 1) return invalid("out_features must be >= 1");
+    if (row_ptr.NumberOfElement() != K * out)
+      return invalid("row_ptr must have K*out = " + std::to_string(K * out) + " entries, has " +
+                     std::to_string(row_ptr.NumberOfElement()));
+    const float* bias_data = nullptr;
+    if (bias.has_value() && *bias != nullptr && (*bias)->NumberOfElement() > 0) {
+      if ((*bias)->NumberOfElement() != K * out) return invalid("bias must be [K, out]");
+      bias_data = (*bias)->Data();
+    }
+    int64_t tokens = 1;
+    for (size_t i = 0; i + 1 < xs.size(); ++i) tokens *= xs[i];
+    const int32_t* ids_in = nullptr;
+    if (expert_ids.has_value() && *expert_ids != nullptr) {
+      if ((*expert_ids)->NumberOfElement() != tokens)
+        return invalid("expert_ids must have one entry per token (" + std::to_string(tokens) + ")");
+      ids_in = (*expert_ids)->Data();
+    }
+
+    se_experts e{};
+    e.format = format;
+    e.value_dtype = dtype_code<TV>();
+    e.num_experts = K;
+    e.out_features = out;
+    e.in_features = in;
+    e.values = values.Data();
+    e.nnz = values.NumberOfElement();
+    e.indices = indices.Data();
+    e.indices_len = indices.NumberOfElement();
+    e.row_ptr = row_ptr.Data();
+    e.bias = bias_data;
+    char err[512] = {0};
+    if (!already_checked(e)) {
+      if (se_check_experts(&e, err, sizeof(err))) return invalid(err);
+      remember_checked(e);
+    }
+
+    std::vector<int64_t> ys(xs.begin(), xs.end());
+    ys.back() = out;
+    TX* y_data = y.Allocate(ys);
+    int32_t* ids_out = nullptr;
+    if (expert_ids_out.has_value() && *expert_ids_out != nullptr) {
+      std::vector<int64_t> is(xs.begin(), xs.end() - 1);
+      ids_out = (*expert_ids_out)->Allocate(is);
+    }
+    if (se_routed_sparse_matmul(&e, router_weight.Data(), router_bias.Data(), x.Data(), dtype_code<TX>(), tokens, ids_in,
+                                ids_out, y_data, 0, err, sizeof(err)))
+      return invalid(err);
+    return Ort::Status(nullptr);
+  }
+
+ private:
+  // The structural check is O(nnz); weights are initializers, so check each weight set once.
+  bool already_checked(const se_experts& e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return has_checked_ && std::memcmp(&checked_, &e, sizeof(e)) == 0;
+  }
+  void remember_checked(const se_experts& e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    checked_ = e;
+    has_checked_ = true;
+  }
+
+  int64_t out_features_ = 0;
+  std::string format_;
+  std::mutex mu_;
+  se_experts checked_{};
+  bool has_checked_ = false;
+};
+
+constexpr const char* kDomain = "se";
+constexpr const char* kOpName = "RoutedSparseMatMul";
+constexpr const char* kProvider = "CPUExecutionProvider";
+
+template <typename TX, typename TV, typename TI>
+void add_kernel(std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>& ops) {
+  ops.emplace_back(Ort::Custom::CreateLiteCustomOp<RoutedSparseMatMulKernel<TX, TV, TI>>(kOpName, kProvider, 1));
+}
+
+template <typename TX, typename TV>
+void add_index_types(std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>& ops) {
+  add_kernel<TX, TV, uint8_t>(ops);
+  add_kernel<TX, TV, int16_t>(ops);
+}
+
+template <typename TX>
+void add_value_types(std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>& ops) {
+  add_index_types<TX, float>(ops);
+  add_index_types<TX, Ort::Float16_t>(ops);
+  add_index_types<TX, Ort::BFloat16_t>(ops);
+}
+
+}  // namespace se_ort
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                          const OrtApiBase* api) {
+  Ort::InitApi(api->GetApi(ORT_API_VERSION));
+  // kept alive for the process: sessions reference the domain and its ops
+  static std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>> ops;
+  static Ort::CustomOpDomain domain{se_ort::kDomain};
+  static std::once_flag once;
+  try {
+    std::call_once(once, [] {
+      se_ort::add_value_types<float>(ops);
+      se_ort::add_value_types<Ort::Float16_t>(ops);
+      for (auto& op : ops) domain.Add(op.get());
+    });
+    Ort::UnownedSessionOptions(options).Add(domain);
+  } catch (const Ort::Exception& ex) {
+    return Ort::Status(ex).release();
+  } catch (const std::exception& ex) {
+    return Ort::Status(ex.what(), ORT_FAIL).release();
+  }
+  return nullptr;
+}

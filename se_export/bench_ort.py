@@ -1,0 +1,71 @@
+"""``se-export bench ort``: prefill latency and decode tokens/s of exports in ONNX Runtime (CPU).
+
+All exports run in one process, one after another, on the same prompt, so their numbers compare.
+Decode is timed step by step with the KV cache after a prefill of ``prompt_len`` tokens.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .ort_runtime import OrtCausalLM
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_one(folder: Path, prompt_len: int, decode_tokens: int, repeats: int, threads: int) -> dict:
+    rss0 = _rss_mb()
+    t0 = time.perf_counter()
+    lm = OrtCausalLM(folder, threads=threads)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, lm.manifest["vocab_size"], size=(1, prompt_len))
+    lm.run(ids[:, :8])  # warm-up
+    prefill, decode = [], []
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        logits, past, _ = lm.run(ids)
+        prefill.append(time.perf_counter() - t)
+        token = logits[:, -1].astype(np.float32).argmax(-1)[:, None]
+        t = time.perf_counter()
+        for _ in range(decode_tokens):
+            logits, past, _ = lm.run(token, past)
+            token = logits[:, -1].astype(np.float32).argmax(-1)[:, None]
+        decode.append(decode_tokens / (time.perf_counter() - t))
+    m = lm.manifest
+    return {"onnx_dir": str(folder), "dtype": m["dtype"], "portable": m["portable"],
+            "custom_op_nodes": m.get("custom_op_nodes", 0), "prompt_len": prompt_len, "decode_tokens": decode_tokens,
+            "prefill_ms": statistics.median(prefill) * 1e3, "decode_tokens_per_s": statistics.median(decode),
+            "session_load_s": round(load_s, 2), "rss_growth_mb": round(_rss_mb() - rss0, 1),
+            "model_bytes": sum(p.stat().st_size for p in folder.glob("model.onnx*"))}
+
+
+def bench_ort(folders: list[Path], prompt_len: int = 128, decode_tokens: int = 32, repeats: int = 3,
+              threads: int = 0) -> dict:
+    rows = [bench_one(Path(f), prompt_len, decode_tokens, repeats, threads) for f in folders]
+    base = rows[0]
+    for r in rows:
+        r["decode_speedup_vs_first"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        r["prefill_speedup_vs_first"] = base["prefill_ms"] / r["prefill_ms"]
+    return {"runs": rows, "threads": threads}
+
+
+def format_table(results: dict) -> str:
+    lines = ["| export | custom ops | prefill ms | decode tok/s | decode vs first | prefill vs first | model MB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results["runs"]:
+        lines.append(f"| {r['onnx_dir']} | {r['custom_op_nodes']} | {r['prefill_ms']:.1f} | "
+                     f"{r['decode_tokens_per_s']:.1f} | {r['decode_speedup_vs_first']:.2f}x | "
+                     f"{r['prefill_speedup_vs_first']:.2f}x | {r['model_bytes'] / 1e6:.1f} |")
+    return "\n".join(lines)

@@ -1,0 +1,314 @@
+"""``se-export validate``: an exported graph against the PyTorch model it came from.
+
+Per backend run: logits on fixed prompts (max/mean abs diff, cosine, top-1 agreement) against
+tolerances (fp32: max abs <= 1e-4; fp16: cosine >= 0.999 and top-1 agreement >= 0.99), routing
+agreement per expanded layer (fraction of tokens sent to the same expert), greedy generation with
+the KV cache (token-by-token agreement; fp32 must be identical), a decode step with past against
+the full-sequence run, and perplexity on a few windows both ways. The PyTorch side is the golden
+reference op (decoded experts, torch matmuls), independent of the C++ kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import SEError
+from .onnx_export import MODEL_FILE, read_onnx_manifest
+from .ort_runtime import OrtCausalLM, log_softmax, perplexity_from
+
+PROMPTS = (
+    "The history of the city begins in the twelfth century, when",
+    "In mathematics, a prime number is a natural number greater than one that",
+    "The quick brown fox jumps over the lazy dog. The dog, however,",
+    "Photosynthesis is the process by which green plants",
+)
+TOLERANCES = {"fp32": {"max_abs": 1e-4}, "fp16": {"cosine": 0.999, "top1": 0.99}}
+
+
+@dataclass
+class Report:
+    backend: str
+    onnx_dir: str
+    dtype: str
+    portable: bool
+    checks: dict = field(default_factory=dict)
+    passed: bool = True
+    seconds: float = 0.0
+
+    def check(self, name: str, ok: bool, **details) -> None:
+        self.checks[name] = {"passed": bool(ok), **details}
+        self.passed = self.passed and bool(ok)
+
+
+# ------------------------------------------------------------------ the PyTorch side
+
+
+class TorchCausalLM:
+    """The reference model with the same step API as ``OrtCausalLM`` (fp32, golden op)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model.float().eval()
+
+    @torch.no_grad()
+    def run(self, input_ids: np.ndarray, past=None):
+        from transformers import DynamicCache
+
+        cache = past if past is not None else DynamicCache(config=self.model.config)
+        ids = torch.from_numpy(input_ids.astype(np.int64))
+        start = cache.get_seq_length()
+        pos = torch.arange(start, start + ids.shape[1]).expand(ids.shape[0], -1)
+        out = self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+        return out.logits.float().numpy(), out.past_key_values
+
+    def generate(self, input_ids: np.ndarray, new_tokens: int) -> np.ndarray:
+        logits, past = self.run(input_ids)
+        out = []
+        for _ in range(new_tokens):
+            token = logits[:, -1].argmax(-1)[:, None]
+            out.append(token)
+            logits, past = self.run(token, past)
+        return np.concatenate(out, axis=1)
+
+    def routing(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Expert of every token for every router group (one entry per group)."""
+        from .checkpoint import expanded_modules
+
+        mods = expanded_modules(self.model)
+        for m in mods.values():
+            m.record_routing = True
+        try:
+            self.run(input_ids)
+            out = {}
+            for name, m in mods.items():
+                key = m.router_group or name
+                if key not in out and m.last_expert_ids is not None:
+                    out[key] = m.last_expert_ids.reshape(-1).numpy().astype(np.int64)
+            return out
+        finally:
+            for m in mods.values():
+                m.record_routing = False
+                m.last_expert_ids = None
+
+
+# ------------------------------------------------------------------ routing outputs of the graph
+
+
+def routing_outputs(onnx_path: Path, groups: list[str]) -> tuple[dict[str, str], str | None]:
+    """Map router group -> graph value holding its expert ids; a reason when impossible."""
+    import onnx
+
+    from . import onnx_schema
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    custom = [n for n in graph.node if n.domain == onnx_schema.DOMAIN and n.op_type == onnx_schema.OP_TYPE]
+    mapping: dict[str, str] = {}
+    if custom:
+        for node in custom:
+            values = node.input[3]
+            module = values.removeprefix("model.").removesuffix(".values")
+            if len(node.output) > 1 and node.output[1]:
+                mapping.setdefault(module, node.output[1])
+        return mapping, None
+    argmins = [n for n in graph.node if n.op_type == "ArgMin"]
+    if len(argmins) != len(groups):
+        return {}, f"{len(argmins)} ArgMin nodes for {len(groups)} router groups"
+    return {g: n.output[0] for g, n in zip(groups, argmins, strict=True)}, None
+
+
+def _with_extra_outputs(onnx_path: Path, names: list[str]) -> Path:
+    """A copy of the graph (same folder, same external data) that also outputs ``names``."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    produced = {o: n for n in model.graph.node for o in n.output}
+    for name in names:
+        elem = onnx.TensorProto.INT64 if produced[name].op_type == "ArgMin" else onnx.TensorProto.INT32
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    fd, tmp = tempfile.mkstemp(prefix=".validate-", suffix=".onnx", dir=onnx_path.parent)
+    os.close(fd)
+    onnx.save(model, tmp)
+    return Path(tmp)
+
+
+# ------------------------------------------------------------------ comparisons
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict:
+    ref = ref.astype(np.float64).reshape(-1, ref.shape[-1])
+    got = got.astype(np.float64).reshape(-1, got.shape[-1])
+    diff = np.abs(ref - got)
+    cos = (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1) + 1e-30)
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "cosine_min": float(cos.min()),
+            "top1": float((ref.argmax(-1) == got.argmax(-1)).mean())}
+
+
+def logits_ok(stats: dict, dtype: str) -> bool:
+    tol = TOLERANCES[dtype]
+    if dtype == "fp32":
+        return stats["max_abs"] <= tol["max_abs"]
+    return stats["cosine_min"] >= tol["cosine"] and stats["top1"] >= tol["top1"]
+
+
+def prompt_ids(tokenizer, vocab: int) -> list[np.ndarray]:
+    if tokenizer is None:
+        rng = np.random.default_rng(0)
+        return [rng.integers(0, vocab, size=(1, 12 + 3 * i)) for i in range(len(PROMPTS))]
+    return [np.asarray(tokenizer(p)["input_ids"], np.int64)[None] for p in PROMPTS]
+
+
+def eval_text_windows(tokenizer, windows: int, seqlen: int) -> np.ndarray | None:
+    if tokenizer is None or windows <= 0:
+        return None
+    from .data import eval_windows, load_text, tokenize, wikitext2_path
+
+    text = load_text("wikitext2" if wikitext2_path() else "pydocs")
+    return eval_windows(tokenize(tokenizer, text), seqlen, windows).numpy()
+
+
+def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str | None = None,
+             ppl_windows: int = 4, ppl_seqlen: int = 256, threads: int = 0) -> Report:
+    """Run every check; the report says what passed."""
+    start = time.perf_counter()
+    manifest = read_onnx_manifest(onnx_dir)
+    if backend == "trt":
+        raise SEError("--backend trt needs TensorRT and a CUDA GPU (se-export trt builds the engine); "
+                      "neither is available here: validate with --backend ort")
+    if backend != "ort":
+        raise SEError(f"unknown --backend '{backend}': use ort or trt")
+    from .models import load_model
+    from .modules import decoded_expert_cache
+
+    source = model or manifest.get("source")
+    if not source:
+        raise SEError(f"{onnx_dir} does not record its PyTorch source: pass --model")
+    loaded = load_model(source)
+    torch_lm = TorchCausalLM(loaded.model)
+    tokenizer = _onnx_tokenizer(onnx_dir) or loaded.tokenizer
+    report = Report("ort", str(onnx_dir), manifest["dtype"], manifest["portable"])
+    dtype = manifest["dtype"]
+    prompts = prompt_ids(tokenizer, manifest["vocab_size"])
+
+    from .checkpoint import expanded_modules
+
+    mods = expanded_modules(loaded.model)
+    groups = list(dict.fromkeys(m.router_group or n for n, m in mods.items()))
+    mapping, why_not = routing_outputs(onnx_dir / MODEL_FILE, groups)
+    extra = _with_extra_outputs(onnx_dir / MODEL_FILE, list(mapping.values())) if mapping else None
+    try:
+        ort_lm = OrtCausalLM(onnx_dir, threads=threads, model_file=extra)
+    finally:
+        if extra is not None:
+            extra.unlink(missing_ok=True)
+
+    with decoded_expert_cache(8 << 30):
+        # 1. logits on every prompt, batch 1, and on a batch of 3 equal-length prompts
+        stats = []
+        agree: dict[str, list[float]] = {}
+        for ids in prompts:
+            ref, _ = torch_lm.run(ids)
+            got, _, named = ort_lm.run(ids)
+            stats.append(compare_logits(ref, got))
+            if mapping:
+                torch_ids = torch_lm.routing(ids)
+                for group, value in mapping.items():
+                    if group in torch_ids:
+                        same = float((named[value].reshape(-1).astype(np.int64) == torch_ids[group]).mean())
+                        agree.setdefault(group, []).append(same)
+        width = min(p.shape[1] for p in prompts)
+        batch = np.concatenate([p[:, :width] for p in prompts[:3]])
+        ref, _ = torch_lm.run(batch)
+        got, _, _ = ort_lm.run(batch)
+        stats.append(compare_logits(ref, got))
+        merged = {"max_abs": max(s["max_abs"] for s in stats), "mean_abs": float(np.mean([s["mean_abs"] for s in stats])),
+                  "cosine_min": min(s["cosine_min"] for s in stats), "top1": float(np.mean([s["top1"] for s in stats]))}
+        report.check("logits", logits_ok(merged, dtype), **merged, tolerance=TOLERANCES[dtype],
+                     prompts=len(prompts), batch=int(batch.shape[0]))
+
+        # 2. routing agreement per router group
+        if mods:
+            if mapping:
+                per_group = {g: float(np.mean(v)) for g, v in agree.items()}
+                overall = float(np.mean(list(per_group.values()))) if per_group else 0.0
+                need = 1.0 if dtype == "fp32" else 0.99
+                report.check("routing", overall >= need and len(per_group) == len(groups), agreement=overall,
+                             min_group=min(per_group.values()) if per_group else 0.0, groups=len(per_group),
+                             required=need, per_group=per_group)
+            else:
+                report.checks["routing"] = {"passed": None, "reason": why_not}
+
+        # 3. a decode step with past equals the last position of the full run
+        ids = prompts[1]
+        full, _, _ = ort_lm.run(ids)
+        _, past, _ = ort_lm.run(ids[:, :-1])
+        step, _, _ = ort_lm.run(ids[:, -1:], past)
+        s = compare_logits(full[:, -1:], step)
+        report.check("decode_step", logits_ok(s, dtype), **s)
+
+        # 4. greedy generation with the KV cache
+        if tokens > 0:
+            same, total, first_diff = 0, 0, []
+            for ids in prompts:
+                a = torch_lm.generate(ids, tokens)
+                b = ort_lm.generate(ids, tokens)
+                same += int((a == b).sum())
+                total += a.size
+                mismatch = np.nonzero(a[0] != b[0])[0]
+                first_diff.append(int(mismatch[0]) if mismatch.size else None)
+            rate = same / max(1, total)
+            report.check("generation", rate == 1.0 if dtype == "fp32" else rate >= 0.9, agreement=rate,
+                         tokens_per_prompt=tokens, first_mismatch=first_diff)
+
+        # 5. perplexity both ways
+        windows = eval_text_windows(tokenizer, ppl_windows, ppl_seqlen)
+        if windows is not None and len(windows):
+            t_nll, count = 0.0, 0
+            for w in windows:
+                logits, _ = torch_lm.run(w[None])
+                logp = log_softmax(logits[0, :-1].astype(np.float64))
+                t_nll -= float(logp[np.arange(w.shape[0] - 1), w[1:]].sum())
+                count += w.shape[0] - 1
+            o_nll, _ = ort_lm.nll(windows)
+            p_torch, p_ort = perplexity_from(t_nll, count), perplexity_from(o_nll, count)
+            rel = abs(p_ort - p_torch) / p_torch
+            report.check("perplexity", rel <= (1e-4 if dtype == "fp32" else 1e-2), torch=p_torch, ort=p_ort,
+                         relative_diff=rel, windows=len(windows), seqlen=ppl_seqlen)
+    report.seconds = round(time.perf_counter() - start, 1)
+    return report
+
+
+def _onnx_tokenizer(folder: Path):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception:
+        return None
+
+
+def format_report(report: Report) -> str:
+    lines = [f"validate {report.onnx_dir} ({report.backend}, {report.dtype}{', portable' if report.portable else ''})"]
+    for name, c in report.checks.items():
+        state = "PASS" if c["passed"] else ("n/a" if c["passed"] is None else "FAIL")
+        details = ", ".join(f"{k}={_fmt(v)}" for k, v in c.items() if k not in ("passed", "per_group"))
+        lines.append(f"  {state:4}  {name}: {details}")
+    lines.append(f"  -> {'PASSED' if report.passed else 'FAILED'} in {report.seconds:.1f}s")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if (v == 0 or abs(v) < 1e-2 or abs(v) > 1e4) and not math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def to_json(report: Report) -> str:
+    return json.dumps(report.__dict__, indent=1)

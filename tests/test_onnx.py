@@ -1,0 +1,231 @@
+"""ONNX export (custom op and portable), the ONNX Runtime custom-op library, and validation.
+
+Tiny random Llama and GPT-NeoX models are expanded and exported; ONNX Runtime must reproduce
+PyTorch (the golden reference op) for several batch and sequence shapes, with and without past.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from se_export import ops, onnx_schema
+from se_export.checkpoint import expanded_modules, save_checkpoint
+from se_export.errors import SEError
+from se_export.expand import ExpandConfig, expand_model
+from se_export.modules import decoded_expert_cache
+from se_export.onnx_export import MODEL_FILE, export_onnx
+from se_export.ort_runtime import OrtCausalLM, ort_library
+from se_export.sparse_format import pack_experts
+
+from conftest import build_tiny_model
+from test_cli import run_cli
+
+EXPORTS = ["llama-se-fp32", "llama-se-fp16", "llama-portable", "llama-dense", "neox-se-fp32", "neox-portable"]
+
+
+def _expanded(family: str, tokenizer, seed: int = 0):
+    model = build_tiny_model(family, tokenizer, seed=seed)
+    calib = torch.randint(0, len(tokenizer), (8, 64), generator=torch.Generator().manual_seed(seed))
+    cfg = ExpandConfig(experts=4, sparsity="0.5", min_cluster_tokens=4, pca_factor=0, format="auto")
+    expand_model(model, calib, cfg, show_progress=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tiny_tokenizer):
+    return {"llama-se": _expanded("llama", tiny_tokenizer), "llama-dense": build_tiny_model("llama", tiny_tokenizer),
+            "neox-se": _expanded("gpt_neox", tiny_tokenizer, seed=1)}
+
+
+@pytest.fixture(scope="module")
+def exports(models, tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for name in EXPORTS:
+        family, kind = name.split("-")[0], name.split("-")[1]
+        key = f"{family}-dense" if kind == "dense" else f"{family}-se"
+        dtype = name.split("-")[2] if name.count("-") == 2 else "fp32"
+        model = copy.deepcopy(models[key])
+        export_onnx(model, tiny_tokenizer, root / name, dtype=dtype, portable=kind == "portable", source="test")
+        out[name] = root / name
+    return out
+
+
+def _torch_logits(model, ids: np.ndarray, past_len: int = 0) -> np.ndarray:
+    with torch.no_grad(), decoded_expert_cache(1 << 30):
+        return model(torch.from_numpy(ids)).logits.float().numpy()
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_ort_matches_pytorch_batches_and_lengths(name, exports, models):
+    lm = OrtCausalLM(exports[name])
+    key = "llama-dense" if name == "llama-dense" else f"{name.split('-')[0]}-se"
+    model = models[key]
+    rng = np.random.default_rng(0)
+    for batch, seq in [(1, 1), (1, 9), (3, 6), (3, 17)]:
+        ids = rng.integers(0, model.config.vocab_size, size=(batch, seq))
+        ref = _torch_logits(model, ids)
+        got, present, _ = lm.run(ids)
+        assert present[0].shape == (batch, lm.kv_heads, seq, lm.head_dim)
+        if lm.manifest["dtype"] == "fp32":
+            assert np.abs(got - ref).max() <= 1e-4, (batch, seq)
+        else:
+            g, r = got.astype(np.float64).reshape(-1, ref.shape[-1]), ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+            cos = (g * r).sum(-1) / (np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1))
+            assert cos.min() >= 0.999
+            assert (g.argmax(-1) == r.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("name", ["llama-se-fp32", "neox-se-fp32", "llama-portable"])
+def test_decode_step_with_past_equals_the_full_run(name, exports):
+    lm = OrtCausalLM(exports[name])
+    ids = np.random.default_rng(1).integers(0, lm.manifest["vocab_size"], size=(2, 11))
+    full, _, _ = lm.run(ids)
+    _, past, _ = lm.run(ids[:, :-3])
+    for step in range(3):
+        col = ids.shape[1] - 3 + step
+        logits, past, _ = lm.run(ids[:, col : col + 1], past)
+        assert np.abs(logits[:, 0] - full[:, col]).max() <= 1e-4
+
+
+def test_graph_has_one_node_per_expanded_linear_and_gate_up_share_routing(exports, models):
+    onnx_schema.register()
+    path = exports["llama-se-fp32"] / MODEL_FILE
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    nodes = [n for n in model.graph.node if n.domain == "se" and n.op_type == "RoutedSparseMatMul"]
+    assert len(nodes) == len(expanded_modules(models["llama-se"]))
+    produced = {n.output[1]: n for n in nodes if len(n.output) > 1}
+    shared = [n for n in nodes if len(n.input) > 7 and n.input[7]]
+    assert len(shared) == models["llama-se"].config.num_hidden_layers  # every up_proj reuses its gate's routing
+    for node in shared:
+        assert "gate_proj" in produced[node.input[7]].input[3] and "up_proj" in node.input[3]
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    shapes = {v.name: v.type.tensor_type for v in inferred.graph.value_info}
+    y = shapes[nodes[0].output[0]]
+    assert y.elem_type == TensorProto.FLOAT
+    assert y.shape.dim[-1].dim_value == next(a.i for a in nodes[0].attribute if a.name == "out_features")
+    assert all(n.domain != "se" for n in onnx.load(str(exports["llama-portable"] / MODEL_FILE)).graph.node)
+
+
+def test_validate_cli_on_an_expanded_checkpoint(tmp_path, tiny_tokenizer):
+    model = _expanded("llama", tiny_tokenizer, seed=2)
+    save_checkpoint(model, tiny_tokenizer, tmp_path / "ckpt", {"method": "se"})
+    proc = run_cli("onnx", tmp_path / "ckpt", "--out", tmp_path / "onnx")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("validate", tmp_path / "onnx", "--tokens", "6", "--ppl-windows", "0", "--json")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    report = json.loads(proc.stdout)
+    assert report["passed"] and report["checks"]["routing"]["agreement"] == 1.0
+    assert report["checks"]["generation"]["agreement"] == 1.0
+    proc = run_cli("onnx", tmp_path / "ckpt", "--out", tmp_path / "onnx")
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+
+
+def test_clear_errors_for_foreign_corrupt_or_unloadable_graphs(exports, tmp_path, monkeypatch):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / MODEL_FILE).write_bytes((exports["llama-dense"] / MODEL_FILE).read_bytes())
+    with pytest.raises(SEError, match="not an se-export ONNX folder"):
+        OrtCausalLM(foreign)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for f in exports["llama-se-fp32"].iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    data = (corrupt / MODEL_FILE).read_bytes()
+    (corrupt / MODEL_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(SEError, match="cannot load"):
+        OrtCausalLM(corrupt)
+    monkeypatch.setenv("SE_EXPORT_LIB_DIR", str(tmp_path / "empty"))
+    with pytest.raises(SEError, match="make plugins"):
+        OrtCausalLM(exports["llama-se-fp32"])
+    OrtCausalLM(exports["llama-portable"])  # the portable graph needs no library
+
+
+# ------------------------------------------------------------------ the custom op alone
+
+
+def _tensor(t: torch.Tensor, name: str) -> onnx.TensorProto:
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: pass the raw bits
+        return helper.make_tensor(name, TensorProto.BFLOAT16, list(t.shape), t.view(torch.int16).numpy().tobytes(), raw=True)
+    return numpy_helper.from_array(t.numpy(), name)
+
+
+def _single_node(packed, g, b, bias, with_ids: bool, x_type=TensorProto.FLOAT):
+    inits = [_tensor(t, n) for t, n in
+             [(g, "G"), (b, "b"), (packed.values, "values"), (packed.indices, "indices"), (packed.row_ptr, "row_ptr")]]
+    inputs = ["x", "G", "b", "values", "indices", "row_ptr"]
+    if bias is not None or with_ids:
+        bias_t = bias if bias is not None else torch.zeros(0)
+        inits.append(numpy_helper.from_array(bias_t.numpy(), "bias"))
+        inputs.append("bias")
+    graph_inputs = [helper.make_tensor_value_info("x", x_type, ["T", packed.in_features])]
+    if with_ids:
+        inputs.append("ids")
+        graph_inputs.append(helper.make_tensor_value_info("ids", TensorProto.INT32, ["T"]))
+    node = helper.make_node("RoutedSparseMatMul", inputs, ["y", "ids_out"], domain="se",
+                            out_features=packed.out_features, format=packed.format)
+    outputs = [helper.make_tensor_value_info("y", x_type, ["T", packed.out_features]),
+               helper.make_tensor_value_info("ids_out", TensorProto.INT32, ["T"])]
+    graph = helper.make_graph([node], "one", graph_inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("se", 1)],
+                              ir_version=10)
+    onnx_schema.register()
+    onnx.checker.check_model(model, full_check=True)
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(ort_library()))
+    return ort.InferenceSession(model.SerializeToString(), opts)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 1000), k=st.integers(1, 4), out=st.integers(1, 20), inn=st.integers(1, 40),
+       tokens=st.sampled_from([1, 4, 70]), fmt=st.sampled_from(["bitmap", "csr16"]),
+       vdtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), fp16_x=st.booleans(),
+       with_bias=st.booleans(), with_ids=st.booleans())
+def test_ort_op_matches_the_torch_op(seed, k, out, inn, tokens, fmt, vdtype, fp16_x, with_bias, with_ids):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(k, out, inn, generator=gen) < 0.5
+    packed = pack_experts(torch.randn(k, out, inn, generator=gen) * mask, mask, fmt, vdtype)
+    g, b = torch.randn(inn, k, generator=gen), torch.randn(k, generator=gen)
+    bias = torch.randn(k, out, generator=gen) if with_bias else None
+    x = torch.randn(tokens, inn, generator=gen).to(torch.float16 if fp16_x else torch.float32)
+    ids = torch.randint(0, k, (tokens,), generator=gen, dtype=torch.int32) if with_ids else None
+    sess = _single_node(packed, g, b, bias, with_ids, TensorProto.FLOAT16 if fp16_x else TensorProto.FLOAT)
+    feeds = {"x": x.numpy()} | ({"ids": ids.numpy()} if with_ids else {})
+    y, got_ids = sess.run(None, feeds)
+    ref, ref_ids = ops.routed_sparse_matmul(x, g, b, packed.values, packed.indices, packed.row_ptr, bias, ids, out, fmt)
+    assert np.array_equal(got_ids, ref_ids.numpy())
+    tol = 1e-4 if not fp16_x else 1e-2
+    assert np.allclose(y.astype(np.float32), ref.float().numpy(), rtol=tol, atol=tol)
+
+
+def test_ort_op_reports_invalid_inputs_as_errors():
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(3, 5, 12, generator=gen) < 0.5
+    packed = pack_experts(torch.randn(3, 5, 12, generator=gen) * mask, mask, "csr16", torch.float16)
+    g, b = torch.randn(12, 3), torch.randn(3)
+    sess = _single_node(packed, g, b, None, True)
+    x = np.random.default_rng(0).standard_normal((4, 12)).astype(np.float32)
+    with pytest.raises(Exception, match="outside"):
+        sess.run(None, {"x": x, "ids": np.array([0, 1, 3, 0], np.int32)})
+    with pytest.raises(Exception, match="one entry per token"):
+        sess.run(None, {"x": x, "ids": np.array([0, 1], np.int32)})
+    bad = packed.indices.clone()
+    bad[0] = 12
+    bad_sess = _single_node(type(packed)(**{**packed.__dict__, "indices": bad}), g, b, None, False)
+    with pytest.raises(Exception, match="column"):
+        bad_sess.run(None, {"x": x})
+    short = type(packed)(**{**packed.__dict__, "row_ptr": packed.row_ptr[:-1]})
+    with pytest.raises(Exception, match="row_ptr"):
+        _single_node(short, g, b, None, False).run(None, {"x": x})
+    assert sess.run(None, {"x": x, "ids": np.array([0, 1, 2, 0], np.int32)})[0].shape == (4, 5)  # still usable
