@@ -60,6 +60,16 @@ class KvLayout:
         return [f"{prefix}.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
 
 
+def cache_argument(model: nn.Module) -> str:
+    """transformers >= 5.x names the KV cache ``cache`` (``past_key_values`` before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 class CausalLMWithPast(nn.Module):
     """Flat tensors in and out around a transformers causal LM and its DynamicCache."""
 
@@ -77,11 +87,11 @@ class CausalLMWithPast(nn.Module):
         for i in range(self.layout.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         kwargs = {"position_ids": position_ids} if self.uses_position_ids else {}
+        kwargs[cache_argument(self.model)] = cache
         with shared_routing():
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                             use_cache=True, **kwargs)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
         present = []
-        for layer in out.past_key_values.layers:
+        for layer in returned_cache(out).layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 

@@ -91,7 +91,7 @@ def test_both_code_paths_agree(isa, monkeypatch):
 
 
 def test_out_of_range_inputs_are_rejected_before_the_kernel_runs():
-    packed, weights, x, g, b, bias, _ = make_case(1, 3, 8, 20, 5, 0.5, "csr16", torch.float16, False, "router")
+    packed, _, x, g, b, _, _ = make_case(1, 3, 8, 20, 5, 0.5, "csr16", torch.float16, False, "router")
     bound = kernels.BoundExperts(packed)
     with pytest.raises(SEError, match="outside"):
         bound.matmul(x, g, b, torch.tensor([0, 1, 3, 0, 0], dtype=torch.int32))

@@ -14,11 +14,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import build_tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from test_cli import run_cli
 
-from se_export import ops, onnx_schema
+from se_export import onnx_schema, ops
 from se_export.checkpoint import expanded_modules, save_checkpoint
 from se_export.errors import SEError
 from se_export.expand import ExpandConfig, expand_model
@@ -26,9 +28,6 @@ from se_export.modules import decoded_expert_cache
 from se_export.onnx_export import MODEL_FILE, export_onnx
 from se_export.ort_runtime import OrtCausalLM, ort_library
 from se_export.sparse_format import pack_experts
-
-from conftest import build_tiny_model
-from test_cli import run_cli
 
 EXPORTS = ["llama-se-fp32", "llama-se-fp16", "llama-portable", "llama-dense", "neox-se-fp32", "neox-portable"]
 
@@ -229,3 +228,14 @@ def test_ort_op_reports_invalid_inputs_as_errors():
     with pytest.raises(Exception, match="row_ptr"):
         _single_node(short, g, b, None, False).run(None, {"x": x})
     assert sess.run(None, {"x": x, "ids": np.array([0, 1, 2, 0], np.int32)})[0].shape == (4, 5)  # still usable
+
+
+def test_bench_ort_times_every_export_in_one_run(exports):
+    from se_export.bench_ort import bench_ort, format_table
+
+    result = bench_ort([exports["llama-dense"], exports["llama-se-fp32"]], prompt_len=8, decode_tokens=3, repeats=1)
+    runs = result["runs"]
+    assert [r["custom_op_nodes"] for r in runs] == [0, 9]
+    assert all(r["prefill_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in runs)
+    assert runs[0]["decode_speedup_vs_first"] == 1.0
+    assert "llama-se-fp32" in format_table(result)

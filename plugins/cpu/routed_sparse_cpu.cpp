@@ -148,8 +148,9 @@ float dot_bitmap_portable(const se_experts* e, const uint8_t* bits, int64_t nbyt
 template <int VD>
 void row_block_portable(const se_experts* e, const uint8_t* bitmap_row, int64_t c0, int64_t c1, int64_t end,
                         int64_t& pos, const float* xt, float* acc) {
+  float part[kTile] = {};  // block partial sums, added to the row total at the end
   auto add = [&](float v, const float* xr) {
-    for (int64_t t = 0; t < kTile; ++t) acc[t] += v * xr[t];
+    for (int64_t t = 0; t < kTile; ++t) part[t] += v * xr[t];
   };
   if (e->format == SE_CSR16) {
     const uint16_t* cols = static_cast<const uint16_t*>(e->indices);
@@ -164,6 +165,7 @@ void row_block_portable(const se_experts* e, const uint8_t* bitmap_row, int64_t 
       }
     }
   }
+  for (int64_t t = 0; t < kTile; ++t) acc[t] += part[t];
 }
 
 // ------------------------------------------------------------------ AVX2 kernels
@@ -207,13 +209,19 @@ template <int VD>
 __attribute__((target("avx2,fma,f16c"))) float dot_csr_avx2(const se_experts* e, int64_t b, int64_t end,
                                                              const float* x) {
   const uint16_t* cols = static_cast<const uint16_t*>(e->indices);
-  __m256 acc = _mm256_setzero_ps();
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;  // two chains: latency hiding, shorter sums
   int64_t j = b;
+  for (; j + 16 <= end; j += 16) {
+    const __m256i c0 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cols + j)));
+    const __m256i c1 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cols + j + 8)));
+    acc0 = _mm256_fmadd_ps(load8<VD>(e->values, j), _mm256_i32gather_ps(x, c0, 4), acc0);
+    acc1 = _mm256_fmadd_ps(load8<VD>(e->values, j + 8), _mm256_i32gather_ps(x, c1, 4), acc1);
+  }
   for (; j + 8 <= end; j += 8) {
     const __m256i c = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cols + j)));
-    acc = _mm256_fmadd_ps(load8<VD>(e->values, j), _mm256_i32gather_ps(x, c, 4), acc);
+    acc0 = _mm256_fmadd_ps(load8<VD>(e->values, j), _mm256_i32gather_ps(x, c, 4), acc0);
   }
-  float s = hsum(acc);
+  float s = hsum(_mm256_add_ps(acc0, acc1));
   for (; j < end; ++j) s += load_value<VD>(e->values, j) * x[cols[j]];
   return s;
 }
@@ -221,7 +229,7 @@ __attribute__((target("avx2,fma,f16c"))) float dot_csr_avx2(const se_experts* e,
 template <int VD>
 __attribute__((target("avx2,fma,f16c"))) float dot_bitmap_avx2(const se_experts* e, const uint8_t* bits,
                                                                 int64_t nbytes, int64_t p, const float* x) {
-  __m256 acc = _mm256_setzero_ps();
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // alternate: two dependency chains
   const int64_t full = e->in_features / 8;  // bytes whose 8 columns all exist
   const int64_t safe_end = e->nnz - 8;      // an 8-value load from p stays inside values
   int64_t byte = 0;
@@ -232,10 +240,10 @@ __attribute__((target("avx2,fma,f16c"))) float dot_bitmap_avx2(const se_experts*
     const __m256 v = _mm256_permutevar8x32_ps(
         load8<VD>(e->values, p), _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.perm[m])));
     const __m256 w = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.mask[m]))));
-    acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + byte * 8), acc);
+    acc[byte & 1] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + byte * 8), acc[byte & 1]);
     p += __builtin_popcount(m);
   }
-  float s = hsum(acc);
+  float s = hsum(_mm256_add_ps(acc[0], acc[1]));
   for (; byte < nbytes; ++byte) {  // tail columns and the last values of the array
     unsigned m = bits[byte];
     while (m) {
@@ -263,7 +271,7 @@ __attribute__((target("avx2,fma,f16c"))) void row_block_avx2(const se_experts* e
                                                               const float* xt, float* acc) {
   static_assert(kTile == 64, "the AVX2 tile holds 8 x 8 tokens");
   __m256 a[8];
-  for (int i = 0; i < 8; ++i) a[i] = _mm256_loadu_ps(acc + 8 * i);
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();  // block partial sums: shorter chains
   auto add = [&](float v, const float* xr) __attribute__((target("avx2,fma"))) {
     const __m256 vv = _mm256_set1_ps(v);
     for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(vv, _mm256_loadu_ps(xr + 8 * i), a[i]);
@@ -281,7 +289,7 @@ __attribute__((target("avx2,fma,f16c"))) void row_block_avx2(const se_experts* e
       }
     }
   }
-  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(acc + 8 * i, a[i]);
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(acc + 8 * i, _mm256_add_ps(_mm256_loadu_ps(acc + 8 * i), a[i]));
 }
 
 bool cpu_has_avx2() {

@@ -1,0 +1,140 @@
+"""Routed sparse CPU kernel (plugins/cpu) vs dense torch.matmul, same machine, same run, same threads.
+
+For every weight shape (real LLM MLP shapes and their transposes), batch, sparsity and stored
+value precision, it times the routed sparse layer (both storage formats; the faster one is what
+``--format auto`` should pick) and the dense layer at the same precision, and reports time,
+achieved GB/s, speedup, and the speedup as a fraction of the byte-ratio limit
+(dense bytes / sparse bytes: what a purely memory-bound kernel would gain). Router time (K=16)
+is reported as a share of the layer. Prints a Markdown table and writes JSON.
+
+    .venv/bin/python bench/kernels.py                       # full grid (~10 min on 2 cores)
+    .venv/bin/python bench/kernels.py --shapes 4096x11008 --batches 1 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from se_export import kernels
+from se_export.atomic import atomic_write_text
+from se_export.sparse_format import pack_experts
+from se_export.sparsity import parse_sparsity
+
+SHAPES = ["576x1536", "1536x576", "2048x8192", "8192x2048", "4096x11008", "11008x4096"]  # in x out
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def timeit(fn, min_time: float = 0.3, max_reps: int = 50) -> float:
+    """Median seconds per call after one warm-up; repeats until ``min_time`` or ``max_reps``."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def sparse_mask(out: int, inn: int, sparsity: str, gen: torch.Generator) -> torch.Tensor:
+    spec = parse_sparsity(sparsity)
+    if spec.structured:  # N:M along the input dimension
+        scores = torch.rand(out, inn // spec.group_m, spec.group_m, generator=gen)
+        drop = scores.argsort(-1)[..., : spec.prune_n]
+        return torch.ones_like(scores, dtype=torch.bool).scatter(-1, drop, False).reshape(out, inn)
+    keep = round(out * inn * (1 - spec.fraction))
+    mask = torch.zeros(out * inn, dtype=torch.bool)
+    mask[torch.randperm(out * inn, generator=gen)[:keep]] = True
+    return mask.reshape(out, inn)
+
+
+def bench_shape(inn: int, out: int, batches: list[int], sparsities: list[str], dtypes: list[str], threads: int,
+                router_experts: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    weight32 = torch.randn(out, inn, generator=gen)
+    rows = []
+    for sparsity in sparsities:
+        mask = sparse_mask(out, inn, sparsity, gen)
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            dense_w = weight32.to(dtype)
+            bound = {fmt: kernels.BoundExperts(pack_experts((weight32 * mask)[None], mask[None], fmt, dtype))
+                     for fmt in ("bitmap", "csr16")}
+            g1, b1 = torch.zeros(inn, 1), torch.zeros(1)
+            for batch in batches:
+                x = torch.randn(batch, inn, generator=gen)
+                xd = x.to(dtype)
+                t_dense = timeit(lambda xd=xd, w=dense_w: torch.matmul(xd, w.t()))
+                dense_bytes = out * inn * dense_w.element_size() + batch * (inn + out) * dense_w.element_size()
+                row = {"in": inn, "out": out, "batch": batch, "sparsity": sparsity, "values": dname,
+                       "dense_ms": t_dense * 1e3, "dense_gbps": dense_bytes / t_dense / 1e9}
+                for fmt, bd in bound.items():
+                    t = timeit(lambda x=x, bd=bd, g1=g1, b1=b1: bd.matmul(x, g1, b1, threads=threads))
+                    nbytes = bd.packed.nbytes() + batch * (inn + out) * 4
+                    row[f"{fmt}_ms"] = t * 1e3
+                    row[f"{fmt}_gbps"] = nbytes / t / 1e9
+                    row[f"{fmt}_bytes"] = bd.packed.nbytes()
+                best = min(("bitmap", "csr16"), key=lambda f: row[f"{f}_ms"])
+                row["best_format"] = best
+                row["speedup"] = t_dense / (row[f"{best}_ms"] / 1e3)
+                row["byte_ratio_limit"] = (out * inn * dense_w.element_size()) / row[f"{best}_bytes"]
+                row["fraction_of_limit"] = row["speedup"] / row["byte_ratio_limit"]
+                if router_experts > 1:
+                    g, b = torch.randn(inn, router_experts, generator=gen), torch.randn(router_experts, generator=gen)
+                    t_route = timeit(lambda x=x, g=g, b=b: kernels.route(x, g, b, threads))
+                    row["router_ms"] = t_route * 1e3
+                    row["router_share"] = t_route / (t_route + row[f"{best}_ms"] / 1e3)
+                rows.append(row)
+                print(f"{inn}x{out} b={batch:4d} s={sparsity:4s} {dname}: dense {t_dense * 1e3:8.3f} ms, "
+                      f"bitmap {row['bitmap_ms']:8.3f}, csr16 {row['csr16_ms']:8.3f} -> {row['speedup']:.2f}x "
+                      f"({row['fraction_of_limit']:.0%} of the byte limit {row['byte_ratio_limit']:.2f}x)", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| in x out | batch | sparsity | values | dense ms | bitmap ms | csr16 ms | best | speedup | "
+             "byte limit | % of limit | sparse GB/s | router % |",
+             "|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        best = r["best_format"]
+        lines.append(f"| {r['in']}x{r['out']} | {r['batch']} | {r['sparsity']} | {r['values']} | {r['dense_ms']:.3f} | "
+                     f"{r['bitmap_ms']:.3f} | {r['csr16_ms']:.3f} | {best} | {r['speedup']:.2f}x | "
+                     f"{r['byte_ratio_limit']:.2f}x | {r['fraction_of_limit']:.0%} | {r[f'{best}_gbps']:.1f} | "
+                     f"{100 * r.get('router_share', 0):.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=SHAPES, help="IN x OUT of the weight")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 512])
+    parser.add_argument("--sparsities", nargs="+", default=["0.5", "0.7", "0.9", "2:4"])
+    parser.add_argument("--values", nargs="+", default=["fp32", "fp16"], choices=list(DTYPES))
+    parser.add_argument("--threads", type=int, default=0, help="kernel and torch threads (0: all cores)")
+    parser.add_argument("--router-experts", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/kernels.json"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = args.threads or torch.get_num_threads()
+    rows = []
+    for shape in args.shapes:
+        inn, out = (int(v) for v in shape.lower().split("x"))
+        rows += bench_shape(inn, out, args.batches, args.sparsities, args.values, threads, args.router_experts)
+    table = markdown(rows)
+    print(table)
+    meta = {"isa": kernels.isa(), "threads": threads, "torch": torch.__version__, "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine()}
+    atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {args.out} (isa {meta['isa']}, {threads} threads)")
+
+
+if __name__ == "__main__":
+    main()
