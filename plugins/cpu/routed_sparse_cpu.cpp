@@ -35,6 +35,7 @@ namespace se_cpu {
 
 constexpr int64_t kRowsPerItem = 32;
 constexpr int64_t kTile = 64;       // tokens per register tile in the prefill path
+constexpr int64_t kSmallTile = 8;   // tile for groups of at most 16 tokens (no padding to 64)
 constexpr int64_t kGemvMaxTokens = 2;
 constexpr int64_t kColBlock = 128;  // columns per L1 block of a prefill tile (128 x 64 fp32 = 32 KB)
 
@@ -143,29 +144,29 @@ float dot_bitmap_portable(const se_experts* e, const uint8_t* bits, int64_t nbyt
   return acc;
 }
 
-// Prefill: acc[0..kTile) += v * xt[c * kTile + t] for the row's kept weights with columns in
-// [c0, c1); ``pos`` is the row's cursor into values (advanced), xt the tile-major activations.
-template <int VD>
+// Prefill: acc[0..W) += v * xt[c * W + t] for the row's kept weights with columns in [c0, c1);
+// ``pos`` is the row's cursor into values (advanced), xt the tile-major activations (W tokens).
+template <int VD, int W>
 void row_block_portable(const se_experts* e, const uint8_t* bitmap_row, int64_t c0, int64_t c1, int64_t end,
                         int64_t& pos, const float* xt, float* acc) {
-  float part[kTile] = {};  // block partial sums, added to the row total at the end
+  float part[W] = {};  // block partial sums, added to the row total at the end
   auto add = [&](float v, const float* xr) {
-    for (int64_t t = 0; t < kTile; ++t) part[t] += v * xr[t];
+    for (int64_t t = 0; t < W; ++t) part[t] += v * xr[t];
   };
   if (e->format == SE_CSR16) {
     const uint16_t* cols = static_cast<const uint16_t*>(e->indices);
-    for (; pos < end && cols[pos] < c1; ++pos) add(load_value<VD>(e->values, pos), xt + cols[pos] * kTile);
+    for (; pos < end && cols[pos] < c1; ++pos) add(load_value<VD>(e->values, pos), xt + cols[pos] * W);
   } else {
     for (int64_t byte = c0 / 8; byte < (c1 + 7) / 8; ++byte) {
       unsigned m = bitmap_row[byte];
       while (m) {
         const int j = __builtin_ctz(m);
-        add(load_value<VD>(e->values, pos++), xt + (byte * 8 + j) * kTile);
+        add(load_value<VD>(e->values, pos++), xt + (byte * 8 + j) * W);
         m &= m - 1;
       }
     }
   }
-  for (int64_t t = 0; t < kTile; ++t) acc[t] += part[t];
+  for (int64_t t = 0; t < W; ++t) acc[t] += part[t];
 }
 
 // ------------------------------------------------------------------ AVX2 kernels
@@ -188,7 +189,7 @@ struct BitmapTables {
 const BitmapTables kTables;
 
 template <int VD>
-__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const void* values, int64_t i) {
+__attribute__((target("avx2,fma,f16c,popcnt,bmi"))) inline __m256 load8(const void* values, int64_t i) {
   if constexpr (VD == SE_F32) {
     return _mm256_loadu_ps(static_cast<const float*>(values) + i);
   } else if constexpr (VD == SE_F16) {
@@ -206,7 +207,7 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
 }
 
 template <int VD>
-__attribute__((target("avx2,fma,f16c"))) float dot_csr_avx2(const se_experts* e, int64_t b, int64_t end,
+__attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_csr_avx2(const se_experts* e, int64_t b, int64_t end,
                                                              const float* x) {
   const uint16_t* cols = static_cast<const uint16_t*>(e->indices);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;  // two chains: latency hiding, shorter sums
@@ -227,23 +228,39 @@ __attribute__((target("avx2,fma,f16c"))) float dot_csr_avx2(const se_experts* e,
 }
 
 template <int VD>
-__attribute__((target("avx2,fma,f16c"))) float dot_bitmap_avx2(const se_experts* e, const uint8_t* bits,
-                                                                int64_t nbytes, int64_t p, const float* x) {
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // alternate: two dependency chains
-  const int64_t full = e->in_features / 8;  // bytes whose 8 columns all exist
-  const int64_t safe_end = e->nnz - 8;      // an 8-value load from p stays inside values
+__attribute__((target("avx2,fma,f16c,popcnt,bmi"))) inline __m256 bitmap_byte_avx2(const void* values, int64_t p,
+                                                                                 unsigned m, const float* x) {
+  const __m256 v = _mm256_permutevar8x32_ps(
+      load8<VD>(values, p), _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.perm[m])));
+  const __m256 w = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.mask[m]))));
+  return _mm256_mul_ps(w, _mm256_loadu_ps(x));
+}
+
+// One row of a bitmap expert times x: every mask byte expands up to 8 packed values into their
+// lanes with one permutation (256-entry table), then one FMA with 8 columns of x.
+template <int VD>
+__attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_bitmap_avx2(const se_experts* e, const uint8_t* bits,
+                                                                           int64_t nbytes, int64_t p, int64_t end,
+                                                                           const float* x) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;  // two dependency chains
+  const int64_t full = e->in_features / 8;       // bytes whose 8 columns all exist
   int64_t byte = 0;
-  for (; byte < full; ++byte) {
-    const unsigned m = bits[byte];
-    if (!m) continue;
-    if (p > safe_end) break;
-    const __m256 v = _mm256_permutevar8x32_ps(
-        load8<VD>(e->values, p), _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.perm[m])));
-    const __m256 w = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.mask[m]))));
-    acc[byte & 1] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + byte * 8), acc[byte & 1]);
-    p += __builtin_popcount(m);
+  if (end + 8 <= e->nnz) {  // every 8-value load of this row stays inside values: no checks
+    for (; byte + 2 <= full; byte += 2) {
+      const unsigned m0 = bits[byte], m1 = bits[byte + 1];
+      const int64_t p1 = p + _mm_popcnt_u32(m0);
+      acc0 = _mm256_add_ps(acc0, bitmap_byte_avx2<VD>(e->values, p, m0, x + byte * 8));
+      acc1 = _mm256_add_ps(acc1, bitmap_byte_avx2<VD>(e->values, p1, m1, x + byte * 8 + 8));
+      p = p1 + _mm_popcnt_u32(m1);
+    }
+  } else {
+    for (; byte < full && p + 8 <= e->nnz; ++byte) {
+      const unsigned m = bits[byte];
+      acc0 = _mm256_add_ps(acc0, bitmap_byte_avx2<VD>(e->values, p, m, x + byte * 8));
+      p += _mm_popcnt_u32(m);
+    }
   }
-  float s = hsum(_mm256_add_ps(acc[0], acc[1]));
+  float s = hsum(_mm256_add_ps(acc0, acc1));
   for (; byte < nbytes; ++byte) {  // tail columns and the last values of the array
     unsigned m = bits[byte];
     while (m) {
@@ -256,7 +273,7 @@ __attribute__((target("avx2,fma,f16c"))) float dot_bitmap_avx2(const se_experts*
 }
 
 template <int VD>
-__attribute__((target("avx2,fma,f16c"))) inline float load_value_avx2(const void* values, int64_t i) {
+__attribute__((target("avx2,fma,f16c,popcnt,bmi"))) inline float load_value_avx2(const void* values, int64_t i) {
   if constexpr (VD == SE_F16) {
     return _cvtsh_ss(static_cast<const uint16_t*>(values)[i]);
   } else {
@@ -264,32 +281,33 @@ __attribute__((target("avx2,fma,f16c"))) inline float load_value_avx2(const void
   }
 }
 
-// row_block_portable with 8 ymm accumulators (64 tokens) per kept weight
-template <int VD>
-__attribute__((target("avx2,fma,f16c"))) void row_block_avx2(const se_experts* e, const uint8_t* bitmap_row,
+// row_block_portable with W/8 ymm accumulators (8 or 64 tokens) per kept weight
+template <int VD, int W>
+__attribute__((target("avx2,fma,f16c,popcnt,bmi"))) void row_block_avx2(const se_experts* e, const uint8_t* bitmap_row,
                                                               int64_t c0, int64_t c1, int64_t end, int64_t& pos,
                                                               const float* xt, float* acc) {
-  static_assert(kTile == 64, "the AVX2 tile holds 8 x 8 tokens");
-  __m256 a[8];
-  for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();  // block partial sums: shorter chains
+  static_assert(W % 8 == 0 && W <= 64, "the AVX2 tile holds W/8 vectors of 8 tokens");
+  constexpr int kRegs = W / 8;
+  __m256 a[kRegs];
+  for (int i = 0; i < kRegs; ++i) a[i] = _mm256_setzero_ps();  // block partial sums: shorter chains
   auto add = [&](float v, const float* xr) __attribute__((target("avx2,fma"))) {
     const __m256 vv = _mm256_set1_ps(v);
-    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(vv, _mm256_loadu_ps(xr + 8 * i), a[i]);
+    for (int i = 0; i < kRegs; ++i) a[i] = _mm256_fmadd_ps(vv, _mm256_loadu_ps(xr + 8 * i), a[i]);
   };
   if (e->format == SE_CSR16) {
     const uint16_t* cols = static_cast<const uint16_t*>(e->indices);
-    for (; pos < end && cols[pos] < c1; ++pos) add(load_value_avx2<VD>(e->values, pos), xt + cols[pos] * kTile);
+    for (; pos < end && cols[pos] < c1; ++pos) add(load_value_avx2<VD>(e->values, pos), xt + cols[pos] * W);
   } else {
     for (int64_t byte = c0 / 8; byte < (c1 + 7) / 8; ++byte) {
       unsigned m = bitmap_row[byte];
       while (m) {
         const int j = __builtin_ctz(m);
-        add(load_value_avx2<VD>(e->values, pos++), xt + (byte * 8 + j) * kTile);
+        add(load_value_avx2<VD>(e->values, pos++), xt + (byte * 8 + j) * W);
         m &= m - 1;
       }
     }
   }
-  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(acc + 8 * i, _mm256_add_ps(_mm256_loadu_ps(acc + 8 * i), a[i]));
+  for (int i = 0; i < kRegs; ++i) _mm256_storeu_ps(acc + 8 * i, _mm256_add_ps(_mm256_loadu_ps(acc + 8 * i), a[i]));
 }
 
 bool cpu_has_avx2() {
@@ -297,7 +315,8 @@ bool cpu_has_avx2() {
     const char* force = std::getenv("SE_KERNELS_ISA");
     if (force && std::strcmp(force, "portable") == 0) return false;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+           __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("bmi");
   }();
   return ok;
 }
@@ -315,12 +334,13 @@ void run_groups(const Problem& pb, int threads) {
   const uint8_t* bitmap = e->format == SE_BITMAP ? static_cast<const uint8_t*>(e->indices) : nullptr;
 
   // transposed, zero-padded activations for every group that takes the prefill path
-  std::vector<int64_t> ld(K, 0), xt_off(K, 0);
+  std::vector<int64_t> ld(K, 0), xt_off(K, 0), width(K, kTile);
   int64_t xt_size = 0;
   for (int64_t k = 0; k < K; ++k) {
     const int64_t n = pb.start[k + 1] - pb.start[k];
     if (n > kGemvMaxTokens) {
-      ld[k] = (n + kTile - 1) / kTile * kTile;
+      width[k] = n <= 2 * kSmallTile ? kSmallTile : kTile;
+      ld[k] = (n + width[k] - 1) / width[k] * width[k];
       xt_off[k] = xt_size;
       xt_size += ld[k] * in;
     }
@@ -331,9 +351,9 @@ void run_groups(const Problem& pb, int threads) {
   for (int64_t k = 0; k < K; ++k) {
     const int64_t n = pb.start[k + 1] - pb.start[k];
     if (n == 0) continue;
-    const int64_t tiles = n > kGemvMaxTokens ? ld[k] / kTile : 1;
+    const int64_t tiles = n > kGemvMaxTokens ? ld[k] / width[k] : 1;
     for (int64_t t = 0; t < tiles; ++t)
-      for (int64_t r0 = 0; r0 < out; r0 += kRowsPerItem) items.push_back({k, r0, t * kTile});
+      for (int64_t r0 = 0; r0 < out; r0 += kRowsPerItem) items.push_back({k, r0, t * width[k]});
   }
 
 #pragma omp parallel num_threads(threads)
@@ -345,8 +365,9 @@ void run_groups(const Problem& pb, int threads) {
       for (int64_t i = pb.start[k]; i < pb.start[k + 1]; ++i) {
         const float* src = pb.x + static_cast<int64_t>(pb.order[i]) * in;
         const int64_t t = i - pb.start[k];
-        float* tile = dst + (t / kTile) * in * kTile + t % kTile;  // tile-major: [tile][c][kTile]
-        for (int64_t c = 0; c < in; ++c) tile[c * kTile] = src[c];
+        const int64_t w = width[k];
+        float* tile = dst + (t / w) * in * w + t % w;  // tile-major: [tile][c][w]
+        for (int64_t c = 0; c < in; ++c) tile[c * w] = src[c];
       }
     }
 #pragma omp for schedule(dynamic, 1)
@@ -373,7 +394,8 @@ void run_groups(const Problem& pb, int threads) {
             } else {
               const uint8_t* bits = bitmap + (k * out + r) * nbytes;
 #if SE_X86
-              s = avx2 ? dot_bitmap_avx2<VD>(e, bits, nbytes, b, xv) : dot_bitmap_portable<VD>(e, bits, nbytes, b, xv);
+              s = avx2 ? dot_bitmap_avx2<VD>(e, bits, nbytes, b, row_end(e, k, r), xv)
+                       : dot_bitmap_portable<VD>(e, bits, nbytes, b, xv);
 #else
               s = dot_bitmap_portable<VD>(e, bits, nbytes, b, xv);
 #endif
@@ -384,7 +406,8 @@ void run_groups(const Problem& pb, int threads) {
         continue;
       }
       const float* xtk = xt.data() + xt_off[k] + item.t0 * in;
-      const int64_t n = std::min(kTile, pb.start[k + 1] - pb.start[k] - item.t0);
+      const int64_t w = width[k];
+      const int64_t n = std::min(w, pb.start[k + 1] - pb.start[k] - item.t0);
       const int32_t* toks = pb.order + pb.start[k] + item.t0;
       const int64_t rows = r1 - item.r0;
       alignas(32) float acc[kRowsPerItem][kTile] = {};
@@ -398,13 +421,18 @@ void run_groups(const Problem& pb, int threads) {
         for (int64_t i = 0; i < rows; ++i) {
           const uint8_t* bits = bitmap ? bitmap + (k * out + item.r0 + i) * nbytes : nullptr;
 #if SE_X86
-          if (avx2)
-            row_block_avx2<VD>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i]);
-          else
-            row_block_portable<VD>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i]);
-#else
-          row_block_portable<VD>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i]);
+          if (avx2) {
+            if (w == kTile)
+              row_block_avx2<VD, kTile>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i]);
+            else
+              row_block_avx2<VD, kSmallTile>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i]);
+            continue;
+          }
 #endif
+          if (w == kTile)
+            row_block_portable<VD, kTile>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i]);
+          else
+            row_block_portable<VD, kSmallTile>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i]);
         }
       }
       for (int64_t i = 0; i < rows; ++i) {
