@@ -128,13 +128,35 @@ def router_summary(layers: list[dict]) -> dict:
             "outliers_excluded_mean": sum(r["outliers_excluded"] for r in routers) / len(routers)}
 
 
-def run_config(cfg: Config, args, eval_setup: dict, key: str) -> dict:
+def config_of_checkpoint(path: Path) -> tuple[Config, dict]:
+    """The grid configuration an ``se-export expand`` checkpoint was made with (and its manifest)."""
+    from se_export.checkpoint import read_manifest
+
+    m = read_manifest(path)
+    calib = m.get("calibration", {})
+    if calib.get("source") != "wiki" or m.get("allocation", "uniform") != "uniform":
+        raise SystemExit(f"{path}: not calibrated like the grid (wiki text, uniform K)")
+    return Config(m["method"], str(m["sparsity"]), int(m["experts"]), int(m["pca_factor"]), bool(m["true_sequential"]),
+                  int(calib["samples"]), int(calib["seqlen"]), int(calib["seed"])), m
+
+
+def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path | None = None) -> dict:
     start = time.perf_counter()
-    loaded = load_model(args.model)
+    loaded = load_model(str(checkpoint) if checkpoint else args.model)
     model = loaded.model
-    linears = mlp_linears(model)
+    linears = None if checkpoint else mlp_linears(model)
     report: dict = {"config": asdict(cfg), "label": cfg.label, "key": key, "eval": eval_setup}
-    if cfg.method != "dense":
+    if checkpoint is not None:  # expanded earlier by `se-export expand` with the same settings
+        from se_export.checkpoint import read_manifest
+
+        manifest = read_manifest(checkpoint)
+        exp = json.loads((checkpoint / "expand_report.json").read_text())
+        report["expand_seconds"] = manifest.get("expansion", {}).get("seconds")
+        report["router"] = router_summary(exp["layers"])
+        errors = [e for rep in exp["layers"] for g in rep["groups"] for e in g["reconstruction_error"]]
+        report["reconstruction_error_mean"] = sum(errors) / len(errors)
+        report["from_checkpoint"] = str(checkpoint)
+    elif cfg.method != "dense":
         text = load_text("wiki")
         calib = calibration_windows(tokenize(loaded.tokenizer, text), cfg.calib_samples, cfg.seqlen, cfg.seed)
         ecfg = ExpandConfig(method=cfg.method, experts=cfg.experts, sparsity=cfg.sparsity,
@@ -147,6 +169,8 @@ def run_config(cfg: Config, args, eval_setup: dict, key: str) -> dict:
         report["router"] = router_summary(result.layers)
         errors = [e for rep in result.layers for g in rep["groups"] for e in g["reconstruction_error"]]
         report["reconstruction_error_mean"] = sum(errors) / len(errors)
+    if checkpoint is not None:
+        linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, RoutedSparseLinear)}
     report.update(mlp_accounting(model, linears))
     with decoded_expert_cache(8 << 30):
         for name, windows in (("wikitext2", args.eval_windows), ("pydocs", args.ood_windows)):
@@ -270,13 +294,23 @@ def main() -> None:
     parser.add_argument("--ood-windows", type=int, default=16, help="out-of-domain windows (0: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--report", action="store_true", help="only rebuild table, JSON and plots")
+    parser.add_argument("--from-checkpoint", type=Path, action="append", default=[],
+                        help="evaluate an existing se-export expand checkpoint as its grid point")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     eval_setup = {"model": args.model, "wikitext2_windows": args.eval_windows, "pydocs_windows": args.ood_windows,
                   "seqlen": 512, "calibration": "wiki"}
-    if not args.report:
+    for ckpt in args.from_checkpoint:
+        cfg, _ = config_of_checkpoint(ckpt)
+        key = cache_key(cfg, eval_setup)
+        if not (CACHE / f"{key}.json").exists():
+            print(f"{cfg.label} <- {ckpt}", flush=True)
+            report = run_config(cfg, args, eval_setup, key, checkpoint=ckpt)
+            atomic_write_text(CACHE / f"{key}.json", json.dumps(report, indent=1))
+            print(f"    wikitext2 ppl {report['wikitext2']['perplexity']:.2f}, pydocs {report['pydocs']['perplexity']:.2f}")
+    if not args.report and not args.from_checkpoint:
         grid = []
         for name in args.grid or ["main"]:
             grid += main_grid() if name == "main" else ablation_grid()

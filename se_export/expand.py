@@ -182,7 +182,17 @@ def expand_group(
     in_features = weight.shape[1]
     report: dict = {"linears": list(names), "tokens": int(x.shape[0])}
 
+    timing: dict[str, float] = {}
+    tick = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        timing[name] = round(timing.get(name, 0.0) + now - tick, 4)
+        tick = now
+
     gram = (x.t() @ x).double()  # shared by the router's PCA and the Hessians
+    lap("gram")
     if cfg.method == "se":
         router, labels, rrep = fit_router(
             x, cfg.experts_for(layer_index), pca_factor=cfg.pca_factor, seed=_group_seed(cfg.seed, layer_index, group_index),
@@ -193,10 +203,12 @@ def expand_group(
         labels = None
         router_weight, router_bias = torch.zeros(in_features, 1), torch.zeros(1)
     num_experts = router_weight.shape[1]
+    lap("router")
 
     acc = HessianAccumulator(in_features, num_experts)
     acc.add(x, labels, total=gram)
     hessians = acc.hessians()
+    lap("hessians")
     if cfg.method in ("se", "sparsegpt"):
         result = sparsegpt_prune(weight, hessians, spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
                                  row_segments=bounds)
@@ -211,6 +223,7 @@ def expand_group(
             masks = [baselines.magnitude_mask(weight[a:b], spec) for a, b in bounds]
         keep = torch.cat(masks).unsqueeze(0)
         pruned = weight.unsqueeze(0) * keep
+    lap("prune")
     report["cluster_sizes"] = acc.counts.tolist()
     report["reconstruction_error"] = reconstruction_error(weight, pruned, hessians)
 
@@ -224,6 +237,8 @@ def expand_group(
     report["format"] = {n: m.format for n, m in modules.items()}
     report["sparsity"] = {n: 1.0 - m.values.numel() / (m.num_experts * m.out_features * m.in_features)
                           for n, m in modules.items()}
+    lap("pack")
+    report["timing"] = timing
     report["seconds"] = round(time.perf_counter() - start, 3)
     return modules, report
 

@@ -43,9 +43,13 @@ class OrtCausalLM:
         self.manifest = read_onnx_manifest(self.folder)
         path = model_file or self.folder / MODEL_FILE
         needs_op = self.manifest.get("custom_op_nodes", 0) > 0
+        # A portable graph decodes the experts from initializers; constant folding would store K dense
+        # experts per linear (5 GB for the default model at K=16, OOM for large ones): keep it lazy.
+        lazy = self.manifest.get("portable") and self.manifest.get("expanded_linears", 0) > 0
         try:
             self.session = ort.InferenceSession(str(path), session_options(threads, needs_op),
-                                                providers=["CPUExecutionProvider"])
+                                                providers=["CPUExecutionProvider"],
+                                                disabled_optimizers=["ConstantFolding"] if lazy else None)
         except SEError:
             raise
         except Exception as exc:  # ONNX Runtime raises its own exception types
