@@ -175,13 +175,16 @@ void row_block_portable(const se_experts* e, const uint8_t* bitmap_row, int64_t 
 struct BitmapTables {
   alignas(32) int32_t perm[256][8];
   alignas(32) int32_t mask[256][8];
+  alignas(8) uint8_t cols[256][8];  // positions of the set bits, compacted (branch-free decoding)
   BitmapTables() {
     for (int b = 0; b < 256; ++b) {
       int rank = 0;
       for (int j = 0; j < 8; ++j) {
         const bool set = (b >> j) & 1;
-        perm[b][j] = set ? rank++ : 0;
+        cols[b][j] = 0;
+        perm[b][j] = set ? rank : 0;
         mask[b][j] = set ? -1 : 0;
+        if (set) cols[b][rank++] = static_cast<uint8_t>(j);
       }
     }
   }
@@ -297,15 +300,19 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) void row_block_avx2(const se
   if (e->format == SE_CSR16) {
     const uint16_t* cols = static_cast<const uint16_t*>(e->indices);
     for (; pos < end && cols[pos] < c1; ++pos) add(load_value_avx2<VD>(e->values, pos), xt + cols[pos] * W);
-  } else {
+  } else {  // decode the block's columns without branches (table + popcount), then a linear loop
+    alignas(16) uint16_t cols[kColBlock + 8];
+    int64_t n = 0;
     for (int64_t byte = c0 / 8; byte < (c1 + 7) / 8; ++byte) {
-      unsigned m = bitmap_row[byte];
-      while (m) {
-        const int j = __builtin_ctz(m);
-        add(load_value_avx2<VD>(e->values, pos++), xt + (byte * 8 + j) * W);
-        m &= m - 1;
-      }
+      const unsigned m = bitmap_row[byte];
+      const __m128i idx = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kTables.cols[m])));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(cols + n),
+                       _mm_add_epi16(idx, _mm_set1_epi16(static_cast<int16_t>(byte * 8 - c0))));
+      n += _mm_popcnt_u32(m);
     }
+    const float* xb = xt + c0 * W;
+    for (int64_t j = 0; j < n; ++j) add(load_value_avx2<VD>(e->values, pos + j), xb + cols[j] * W);
+    pos += n;
   }
   for (int i = 0; i < kRegs; ++i) _mm256_storeu_ps(acc + 8 * i, _mm256_add_ps(_mm256_loadu_ps(acc + 8 * i), a[i]));
 }
@@ -410,7 +417,8 @@ void run_groups(const Problem& pb, int threads) {
       const int64_t n = std::min(w, pb.start[k + 1] - pb.start[k] - item.t0);
       const int32_t* toks = pb.order + pb.start[k] + item.t0;
       const int64_t rows = r1 - item.r0;
-      alignas(32) float acc[kRowsPerItem][kTile] = {};
+      alignas(32) float acc[kRowsPerItem][kTile];
+      for (int64_t i = 0; i < rows; ++i) std::fill(acc[i], acc[i] + w, 0.f);
       int64_t pos[kRowsPerItem], ends[kRowsPerItem];
       for (int64_t i = 0; i < rows; ++i) {
         pos[i] = row_begin(e, k, item.r0 + i);
@@ -471,7 +479,10 @@ void route_f32(const float* x, int64_t tokens, int64_t in, int64_t K, const floa
                int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t t = 0; t < tokens; ++t) {
-    std::vector<float> s(b, b + K);
+    float stack_scores[64];  // no allocation per token for the usual K <= 64
+    std::vector<float> heap_scores(K > 64 ? K : 0);
+    float* s = K > 64 ? heap_scores.data() : stack_scores;
+    std::copy(b, b + K, s);
     const float* xv = x + t * in;
     for (int64_t i = 0; i < in; ++i) {
       const float xi = xv[i];
