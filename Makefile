@@ -4,6 +4,7 @@ PY      := .venv/bin/python
 SE      := .venv/bin/se-export
 STAMP   := .venv/.installed
 DEMO    := out/demo-ckpt
+DEMO_ONNX := out/demo-onnx
 DEMO_ARGS ?= --experts 16 --sparsity 0.5
 EVAL_ARGS ?= --text wikitext2 --max-windows 64
 
@@ -35,6 +36,9 @@ demo: setup
 	 else $(SE) expand default --out $(DEMO) $(DEMO_ARGS) $$([ -d $(DEMO)/.se-partial ] && echo --resume); fi
 	$(SE) eval default $(EVAL_ARGS)
 	$(SE) eval $(DEMO) $(EVAL_ARGS)
+	@if [ -f $(DEMO_ONNX)/se_onnx.json ]; then echo "$(DEMO_ONNX) exists: skipping export"; \
+	 else $(SE) onnx $(DEMO) --out $(DEMO_ONNX); fi
+	$(SE) validate $(DEMO_ONNX) --tokens 32
 
 lint: setup
 	$(PY) -m ruff check .
