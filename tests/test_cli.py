@@ -66,6 +66,9 @@ def test_refuses_to_overwrite_a_checkpoint(expanded, tiny_model_dir, calib_file)
       "--experts", "16"], "larger than the 8 calibration tokens"),
     (["expand", "{model}", "--out", "{tmp}/o", "--calib", "{tmp}/none.txt"], "not found"),
     (["eval", "{tmp}", "--text", "{calib}"], "without config.json"),
+    (["onnx", "{model}", "--out", "{tmp}/x", "--dtype", "fp8"], "unknown --dtype"),
+    (["validate", "{tmp}"], "not an se-export ONNX folder"),
+    (["validate", "{tmp}/nowhere"], "is not a folder"),
 ])
 def test_bad_input_gives_one_line_error(args, needle, tmp_path, tiny_llama_dir, calib_file):
     filled = [a.format(tmp=tmp_path, model=tiny_llama_dir, calib=calib_file) for a in args]
