@@ -258,14 +258,11 @@ def onnx_cmd(
 ) -> None:
     """Export a generation-ready ONNX graph (past/present KV cache, dynamic batch/sequence/past)."""
     from .models import load_model
-    from .onnx_export import export_onnx
+    from .onnx_export import check_export_args, export_onnx
 
     if out.exists() and not overwrite:
         raise SEError(f"{out} already exists: pass --overwrite to replace it or choose another --out")
-    if dtype not in ("fp32", "fp16"):
-        raise SEError(f"unknown --dtype '{dtype}': use fp32 or fp16")
-    if not 18 <= opset <= 23:
-        raise SEError(f"--opset {opset} is not supported: use 18..23")
+    check_export_args(dtype, opset)
     loaded = load_model(model)
     with err.status(f"exporting {model} to ONNX ({dtype}{', portable' if portable else ''})"):
         manifest = export_onnx(loaded.model, loaded.tokenizer, out, dtype=dtype, opset=opset, portable=portable,

@@ -202,13 +202,18 @@ def uses_position_ids(model: nn.Module) -> bool:
     return "position_ids" in inspect.signature(model.forward).parameters
 
 
-def export_onnx(model: nn.Module, tokenizer, out: Path, *, dtype: str = "fp32", opset: int = 18,
-                portable: bool = False, source: str = "", overwrite: bool = False, quiet: bool = False) -> dict:
-    """Export ``model`` to ``out/model.onnx`` (+ manifest, config, tokenizer); written atomically."""
+def check_export_args(dtype: str, opset: int) -> None:
+    """Refuse bad --dtype/--opset before any model is loaded."""
     if dtype not in DTYPES:
         raise SEError(f"unknown --dtype '{dtype}': use fp32 or fp16")
     if not 18 <= opset <= 23:
         raise SEError(f"--opset {opset} is not supported: use 18..23")
+
+
+def export_onnx(model: nn.Module, tokenizer, out: Path, *, dtype: str = "fp32", opset: int = 18,
+                portable: bool = False, source: str = "", overwrite: bool = False, quiet: bool = False) -> dict:
+    """Export ``model`` to ``out/model.onnx`` (+ manifest, config, tokenizer); written atomically."""
+    check_export_args(dtype, opset)
     if out.exists() and not overwrite:
         raise SEError(f"{out} already exists: pass --overwrite to replace it or choose another --out")
     onnx_schema.register()
@@ -252,13 +257,12 @@ def export_onnx(model: nn.Module, tokenizer, out: Path, *, dtype: str = "fp32", 
             "format": "se-onnx", "version": 1, "source": source, "dtype": dtype, "opset": opset,
             "portable": portable, "external_data": external,
             "op": {"domain": onnx_schema.DOMAIN, "type": onnx_schema.OP_TYPE, "version": onnx_schema.OP_VERSION},
-            "expanded_linears": expanded, "custom_op_nodes": 0 if portable else expanded,
+            "expanded_linears": expanded, "custom_op_nodes": count_custom_nodes(tmp / MODEL_FILE),
             "inputs": input_names, "outputs": output_names, "uses_position_ids": with_pos,
             "num_layers": layout.layers, "num_kv_heads": layout.kv_heads, "head_dim": layout.head_dim,
             "vocab_size": model.config.vocab_size, "model_type": model.config.model_type,
             "export_seconds": round(time.perf_counter() - start, 1),
         }
-        manifest["custom_op_nodes"] = count_custom_nodes(tmp / MODEL_FILE)
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
