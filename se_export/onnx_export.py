@@ -99,9 +99,10 @@ class CausalLMWithPast(nn.Module):
 class PortableRoutedLinear(nn.Module):
     """``RoutedSparseLinear`` in standard ops only, for runtimes without our custom op.
 
-    Experts are stored as a bitmap plus packed values (csr16 is converted) and decoded in the
-    graph: bit unpacking, ``cumsum`` over the mask to index ``values``, ``where``. Every expert
-    is applied to every token and the routed one selected; correct everywhere, K times the work.
+    Experts are stored as a bitmap plus packed values (csr16 is converted). Each token gathers only
+    its routed expert's bitmap rows and row starts, unpacks the bits, and a ``cumsum`` along the
+    row indexes ``values``: ``tokens x out x in`` work per call (decode: one expert's worth), never
+    the K dense experts, and nothing a constant folder could precompute into dense copies.
     """
 
     def __init__(self, src: RoutedSparseLinear) -> None:
@@ -113,18 +114,20 @@ class PortableRoutedLinear(nn.Module):
         self.register_buffer("router_weight", src.router_weight)
         self.register_buffer("router_bias", src.router_bias)
         self.register_buffer("bitmap", mask_to_bitmap(mask))
+        self.register_buffer("row_start", packed.row_ptr.to(torch.int32).reshape(self.num_experts, self.out_features))
         # one trailing zero so the gather below never indexes an empty tensor
         self.register_buffer("values", torch.cat([packed.values, packed.values.new_zeros(1)]))
         self.register_buffer("bias", None if src.bias is None else src.bias.float())
 
-    def dense_experts(self) -> torch.Tensor:
-        k, out, inn = self.num_experts, self.out_features, self.in_features
+    def routed_weights(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[tokens, out, in]``: each token's routed expert, decoded from its packed rows."""
         powers = torch.tensor([1 << j for j in range(8)], dtype=torch.int32)  # LSB first
-        bits = torch.remainder(torch.div(self.bitmap.to(torch.int32).unsqueeze(-1), powers, rounding_mode="floor"), 2)
-        mask = bits.reshape(k, out, -1)[:, :, :inn].reshape(-1) > 0
-        position = torch.clamp(torch.cumsum(mask.to(torch.int64), 0) - 1, min=0)
-        dense = torch.where(mask, self.values.to(torch.float32)[position], 0.0)
-        return dense.reshape(k * out, inn)
+        rows = self.bitmap[ids].to(torch.int32)  # [T, out, nb]
+        bits = torch.remainder(torch.div(rows.unsqueeze(-1), powers, rounding_mode="floor"), 2)
+        mask = bits.reshape(ids.shape[0], self.out_features, -1)[:, :, : self.in_features]
+        position = self.row_start[ids].unsqueeze(-1) + torch.cumsum(mask, dim=-1, dtype=torch.int32) - 1
+        picked = self.values[torch.clamp(position, min=0).to(torch.int64)].to(torch.float32)  # cast after the gather
+        return torch.where(mask > 0, picked, 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .modules import _SHARED_ROUTING
@@ -137,9 +140,7 @@ class PortableRoutedLinear(nn.Module):
             ids = torch.argmin(flat @ self.router_weight + self.router_bias, dim=-1)
             if _SHARED_ROUTING is not None and self.router_group:
                 _SHARED_ROUTING[self.router_group] = (x, ids)
-        y_all = (flat @ self.dense_experts().t()).reshape(-1, self.num_experts, self.out_features)
-        index = ids.reshape(-1, 1, 1).expand(-1, 1, self.out_features)
-        y = torch.gather(y_all, 1, index).squeeze(1)
+        y = torch.matmul(self.routed_weights(ids), flat.unsqueeze(-1)).squeeze(-1)
         if self.bias is not None:
             y = y + self.bias[ids]
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

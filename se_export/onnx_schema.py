@@ -51,7 +51,8 @@ def schema() -> defs.OpSchema:
         "Route each token of x to its nearest-centroid expert (argmin of x G + b, fp32) and multiply "
         "it by that expert's packed sparse weight. Formats: 'bitmap' (uint8 [K,out,ceil(in/8)] "
         "LSB-first) or 'csr16' (uint16 columns stored as int16 [nnz]); row_ptr holds int32 start "
-        "offsets of every expert row into values.",
+        "offsets of every expert row into values. csr16 columns may also be given as uint8 little-endian "
+        "byte pairs (the TensorRT form).",
         inputs=[
             param("x", "T", "activations [..., in]"),
             param("router_weight", "tensor(float)", "folded router G [in, K]"),
@@ -69,7 +70,7 @@ def schema() -> defs.OpSchema:
         type_constraints=[
             ("T", ["tensor(float)", "tensor(float16)"], "activations"),
             ("V", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "stored values"),
-            ("I", ["tensor(uint8)", "tensor(int16)"], "bitmap bytes or csr16 columns"),
+            ("I", ["tensor(uint8)", "tensor(int16)", "tensor(int32)"], "bitmap bytes, csr16 columns, or int32 words"),
         ],
         attributes=[
             defs.OpSchema.Attribute("out_features", defs.OpSchema.AttrType.INT, "rows of every expert"),

@@ -35,7 +35,35 @@ def session_options(threads: int = 0, custom_ops: bool = True):
     return opts
 
 
-class OrtCausalLM:
+class StepModel:
+    """Greedy generation and perplexity on top of a backend's one-step ``run`` (ORT, TensorRT)."""
+
+    def run(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None,
+            attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def generate(self, input_ids: np.ndarray, new_tokens: int) -> np.ndarray:
+        """Greedy decoding with the KV cache (prefill once, then one token per step)."""
+        logits, past, _ = self.run(input_ids)
+        out = []
+        for _ in range(new_tokens):
+            token = logits[:, -1].astype(np.float32).argmax(-1)[:, None]
+            out.append(token)
+            logits, past, _ = self.run(token, past)
+        return np.concatenate(out, axis=1) if out else np.zeros((input_ids.shape[0], 0), np.int64)
+
+    def nll(self, windows: np.ndarray) -> tuple[float, int]:
+        """Summed next-token NLL and token count over ``windows [W, L]`` (each its own context)."""
+        total, count = 0.0, 0
+        for window in windows:
+            logits, _, _ = self.run(window[None])
+            logp = log_softmax(logits[0, :-1].astype(np.float64))
+            total -= float(logp[np.arange(window.shape[0] - 1), window[1:]].sum())
+            count += window.shape[0] - 1
+        return total, count
+
+
+class OrtCausalLM(StepModel):
     """An exported causal LM in ONNX Runtime (CPU), with the Optimum-style past/present I/O."""
 
     def __init__(self, folder: Path, threads: int = 0, model_file: Path | None = None) -> None:
@@ -46,7 +74,7 @@ class OrtCausalLM:
         path = model_file or self.folder / MODEL_FILE
         needs_op = self.manifest.get("custom_op_nodes", 0) > 0
         # A portable graph decodes the experts from initializers; constant folding would store K dense
-        # experts per linear (5 GB for the default model at K=16, OOM for large ones): keep it lazy.
+        # experts per linear with older lowerings; ours decodes per token, and folding gains nothing there.
         lazy = self.manifest.get("portable") and self.manifest.get("expanded_linears", 0) > 0
         try:
             self.session = ort.InferenceSession(str(path), session_options(threads, needs_op),
@@ -84,26 +112,6 @@ class OrtCausalLM:
         named = dict(zip(self.output_names, outs, strict=True))
         present = [named[f"present.{i}.{kind}"] for i in range(self.layers) for kind in ("key", "value")]
         return named["logits"], present, named
-
-    def generate(self, input_ids: np.ndarray, new_tokens: int) -> np.ndarray:
-        """Greedy decoding with the KV cache (prefill once, then one token per step)."""
-        logits, past, _ = self.run(input_ids)
-        out = []
-        for _ in range(new_tokens):
-            token = logits[:, -1].astype(np.float32).argmax(-1)[:, None]
-            out.append(token)
-            logits, past, _ = self.run(token, past)
-        return np.concatenate(out, axis=1) if out else np.zeros((input_ids.shape[0], 0), np.int64)
-
-    def nll(self, windows: np.ndarray) -> tuple[float, int]:
-        """Summed next-token NLL and token count over ``windows [W, L]`` (each its own context)."""
-        total, count = 0.0, 0
-        for window in windows:
-            logits, _, _ = self.run(window[None])
-            logp = log_softmax(logits[0, :-1].astype(np.float64))
-            total -= float(logp[np.arange(window.shape[0] - 1), window[1:]].sum())
-            count += window.shape[0] - 1
-        return total, count
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

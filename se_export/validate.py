@@ -185,15 +185,21 @@ def eval_text_windows(tokenizer, windows: int, seqlen: int) -> np.ndarray | None
 
 
 def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str | None = None,
-             ppl_windows: int = 4, ppl_seqlen: int = 256, threads: int = 0) -> Report:
+             ppl_windows: int = 4, ppl_seqlen: int = 256, threads: int = 0, engine: Path | None = None,
+             plugin: Path | None = None) -> Report:
     """Run every check; the report says what passed."""
     start = time.perf_counter()
     manifest = read_onnx_manifest(onnx_dir)
-    if backend == "trt":
-        raise SEError("--backend trt needs TensorRT and a CUDA GPU (se-export trt builds the engine); "
-                      "neither is available here: validate with --backend ort")
-    if backend != "ort":
+    if backend not in ("ort", "trt"):
         raise SEError(f"unknown --backend '{backend}': use ort or trt")
+    if backend == "trt":  # fail fast, before loading the PyTorch model
+        from .trt_build import DEFAULT_ENGINE, import_tensorrt, require_gpu
+
+        import_tensorrt()
+        require_gpu()
+        engine = engine or onnx_dir / DEFAULT_ENGINE
+        if not engine.is_file():
+            raise SEError(f"no engine at {engine}: build it with se-export trt {onnx_dir} (or pass --engine)")
     from .models import load_model
     from .modules import decoded_expert_cache
 
@@ -203,21 +209,31 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
     loaded = load_model(source)
     torch_lm = TorchCausalLM(loaded.model)
     tokenizer = _onnx_tokenizer(onnx_dir) or loaded.tokenizer
-    report = Report("ort", str(onnx_dir), manifest["dtype"], manifest["portable"])
-    dtype = manifest["dtype"]
+    if backend == "trt":
+        from .trt_runtime import TrtCausalLM
+
+        backend_lm = TrtCausalLM(onnx_dir, engine, plugin)
+        dtype = "fp16" if backend_lm.fp16 else manifest["dtype"]  # an fp16 engine of an fp32 graph
+    else:
+        dtype = manifest["dtype"]
+    report = Report(backend, str(onnx_dir), dtype, manifest["portable"])
     prompts = prompt_ids(tokenizer, manifest["vocab_size"])
 
     from .checkpoint import expanded_modules
 
     mods = expanded_modules(loaded.model)
     groups = list(dict.fromkeys(m.router_group or n for n, m in mods.items()))
-    mapping, why_not = routing_outputs(onnx_dir / MODEL_FILE, groups)
-    extra = _with_extra_outputs(onnx_dir / MODEL_FILE, list(mapping.values())) if mapping else None
-    try:
-        ort_lm = OrtCausalLM(onnx_dir, threads=threads, model_file=extra)
-    finally:
-        if extra is not None:
-            extra.unlink(missing_ok=True)
+    if backend == "trt":
+        mapping, why_not = {}, "the TensorRT engine keeps expert_ids internal (routing is compared in ort)"
+        ort_lm = backend_lm
+    else:
+        mapping, why_not = routing_outputs(onnx_dir / MODEL_FILE, groups)
+        extra = _with_extra_outputs(onnx_dir / MODEL_FILE, list(mapping.values())) if mapping else None
+        try:
+            ort_lm = OrtCausalLM(onnx_dir, threads=threads, model_file=extra)
+        finally:
+            if extra is not None:
+                extra.unlink(missing_ok=True)
 
     with decoded_expert_cache(8 << 30):
         # 1. logits on every prompt, batch 1, and on a batch of 3 equal-length prompts
@@ -296,7 +312,7 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
             o_nll, _ = ort_lm.nll(windows)
             p_torch, p_ort = perplexity_from(t_nll, count), perplexity_from(o_nll, count)
             rel = abs(p_ort - p_torch) / p_torch
-            report.check("perplexity", rel <= (1e-4 if dtype == "fp32" else 1e-2), torch=p_torch, ort=p_ort,
+            report.check("perplexity", rel <= (1e-4 if dtype == "fp32" else 1e-2), torch=p_torch, **{backend: p_ort},
                          relative_diff=rel, windows=len(windows), seqlen=ppl_seqlen)
     report.seconds = round(time.perf_counter() - start, 1)
     return report

@@ -160,7 +160,8 @@ def _tensor(t: torch.Tensor, name: str) -> onnx.TensorProto:
     return numpy_helper.from_array(t.numpy(), name)
 
 
-def _single_node(packed, g, b, bias, with_ids: bool, x_type=TensorProto.FLOAT):
+def single_node_model(packed, g, b, bias, with_ids: bool, x_type=TensorProto.FLOAT) -> onnx.ModelProto:
+    """One RoutedSparseMatMul node with its weights as initializers (checked by onnx.checker)."""
     inits = [_tensor(t, n) for t, n in
              [(g, "G"), (b, "b"), (packed.values, "values"), (packed.indices, "indices"), (packed.row_ptr, "row_ptr")]]
     inputs = ["x", "G", "b", "values", "indices", "row_ptr"]
@@ -181,9 +182,17 @@ def _single_node(packed, g, b, bias, with_ids: bool, x_type=TensorProto.FLOAT):
                               ir_version=10)
     onnx_schema.register()
     onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def ort_session(model: onnx.ModelProto) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.register_custom_ops_library(str(ort_library()))
     return ort.InferenceSession(model.SerializeToString(), opts)
+
+
+def _single_node(packed, g, b, bias, with_ids: bool, x_type=TensorProto.FLOAT):
+    return ort_session(single_node_model(packed, g, b, bias, with_ids, x_type))
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -54,8 +54,12 @@ struct RoutedSparseMatMulKernel {
                       Tensor<TX>& y, std::optional<Tensor<int32_t>*> expert_ids_out) {
     const int32_t format = format_ == "bitmap" ? SE_BITMAP : format_ == "csr16" ? SE_CSR16 : -1;
     if (format < 0) return invalid("format attribute must be 'bitmap' or 'csr16', got '" + format_ + "'");
-    if ((format == SE_BITMAP) != std::is_same_v<TI, uint8_t>)
-      return invalid("format '" + format_ + "' needs " + (format == SE_BITMAP ? "uint8" : "int16") + " indices");
+    // Indices are bitmap bytes (uint8) or csr16 columns (int16), or either packed little-endian
+    // into int32 words, zero-padded to a whole word: the TensorRT form (se_export.trt_onnx), as
+    // TensorRT has no 16-bit integers and takes int32 constants everywhere.
+    constexpr bool words = std::is_same_v<TI, int32_t>;
+    if (format == SE_BITMAP && std::is_same_v<TI, int16_t>) return invalid("format 'bitmap' needs uint8 or int32 indices");
+    if (format == SE_CSR16 && std::is_same_v<TI, uint8_t>) return invalid("format 'csr16' needs int16 or int32 indices");
     const auto& xs = x.Shape();
     if (xs.empty()) return invalid("x must have at least one dimension");
     const int64_t in = xs.back();
@@ -93,6 +97,13 @@ struct RoutedSparseMatMulKernel {
     e.nnz = values.NumberOfElement();
     e.indices = indices.Data();
     e.indices_len = indices.NumberOfElement();
+    if (words) {  // the packed bytes it must cover; the zero padding after them is ignored
+      const int64_t bytes = format == SE_BITMAP ? K * out * ((in + 7) / 8) : 2 * e.nnz;
+      if (indices.NumberOfElement() != (bytes + 3) / 4)
+        return invalid("int32-word indices must hold " + std::to_string((bytes + 3) / 4) + " words, have " +
+                       std::to_string(indices.NumberOfElement()));
+      e.indices_len = format == SE_BITMAP ? bytes : e.nnz;
+    }
     e.row_ptr = row_ptr.Data();
     e.bias = bias_data;
     char err[512] = {0};
@@ -147,6 +158,7 @@ template <typename TX, typename TV>
 void add_index_types(std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>& ops) {
   add_kernel<TX, TV, uint8_t>(ops);
   add_kernel<TX, TV, int16_t>(ops);
+  add_kernel<TX, TV, int32_t>(ops);
 }
 
 template <typename TX>

@@ -1,0 +1,94 @@
+// Indexing helpers shared by the CUDA kernels (device) and their CPU references and tests (host).
+//
+// Everything that decides *which* weight meets *which* activation lives here, so CI (no GPU) runs
+// the exact indexing code the kernels run: bitmap words, row extents, lane value offsets and the
+// expert tile plan of the grouped (prefill) path.
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define SE_HD __host__ __device__ __forceinline__
+#else
+#define SE_HD inline
+#endif
+
+namespace se_index {
+
+constexpr int kWarp = 32;
+constexpr int kTileTokens = 32;   // tokens per grouped tile (one per lane)
+
+// Bytes of one bitmap row of `in` columns (LSB-first bits, DESIGN.md section 3).
+SE_HD int64_t bitmap_row_bytes(int64_t in) { return (in + 7) / 8; }
+
+// 32-bit words needed to cover one row.
+SE_HD int64_t bitmap_row_words(int64_t in) { return (in + 31) / 32; }
+
+// Word w (columns 32w..32w+31) of a bitmap row; bytes past the row's end read as zero, so rows
+// whose byte length is not a multiple of 4 (in % 32 != 0) are safe and never read a neighbour.
+SE_HD uint32_t bitmap_word(const uint8_t* row, int64_t w, int64_t row_bytes) {
+  uint32_t word = 0;
+  const int64_t b0 = 4 * w;
+  for (int j = 0; j < 4; ++j) {
+    if (b0 + j < row_bytes) word |= static_cast<uint32_t>(row[b0 + j]) << (8 * j);
+  }
+  return word;
+}
+
+SE_HD int popcount32(uint32_t v) {
+#if defined(__CUDA_ARCH__)
+  return __popc(v);
+#else
+  return __builtin_popcount(v);
+#endif
+}
+
+// Index of the lowest set bit (v != 0).
+SE_HD int lowest_bit(uint32_t v) {
+#if defined(__CUDA_ARCH__)
+  return __ffs(static_cast<int>(v)) - 1;
+#else
+  return __builtin_ctz(v);
+#endif
+}
+
+// Row `row` of the flattened [K*out] rows spans values [row_ptr[row], row_end).
+SE_HD int64_t row_end(const int32_t* row_ptr, int64_t row, int64_t rows, int64_t nnz) {
+  return row + 1 < rows ? static_cast<int64_t>(row_ptr[row + 1]) : nnz;
+}
+
+// Exclusive prefix of per-lane counts: where lane `lane`'s first value sits relative to the
+// warp's base (the device code computes the same with an inclusive shuffle scan).
+SE_HD int lane_offset(const int* counts, int lane) {
+  int sum = 0;
+  for (int j = 0; j < lane; ++j) sum += counts[j];
+  return sum;
+}
+
+// Upper bound on grouped tiles for `tokens` tokens over `experts` experts (sizes the grid and
+// the tile table before the per-expert counts are known on the host).
+SE_HD int64_t max_tiles(int64_t tokens, int64_t experts) {
+  return (tokens + kTileTokens - 1) / kTileTokens + experts;
+}
+
+// Plan of the grouped path: offsets[e] = first slot of expert e in the permutation (exclusive
+// scan of counts, offsets[K] = total), and one tile (expert, first slot, tokens) per <= 32 tokens
+// of each expert. Returns the number of tiles written to tiles[3*i..3*i+2].
+SE_HD int64_t plan_tiles(const int32_t* counts, int64_t experts, int32_t* offsets, int32_t* tiles) {
+  int64_t n = 0;
+  int32_t total = 0;
+  for (int64_t e = 0; e < experts; ++e) {
+    offsets[e] = total;
+    for (int32_t s = 0; s < counts[e]; s += kTileTokens) {
+      tiles[3 * n] = static_cast<int32_t>(e);
+      tiles[3 * n + 1] = total + s;
+      tiles[3 * n + 2] = counts[e] - s < kTileTokens ? counts[e] - s : kTileTokens;
+      ++n;
+    }
+    total += counts[e];
+  }
+  offsets[experts] = total;
+  return n;
+}
+
+}  // namespace se_index
