@@ -120,14 +120,18 @@ class PortableRoutedLinear(nn.Module):
         self.register_buffer("bias", None if src.bias is None else src.bias.float())
 
     def routed_weights(self, ids: torch.Tensor) -> torch.Tensor:
-        """``[tokens, out, in]``: each token's routed expert, decoded from its packed rows."""
-        powers = torch.tensor([1 << j for j in range(8)], dtype=torch.int32)  # LSB first
-        rows = self.bitmap[ids].to(torch.int32)  # [T, out, nb]
-        bits = torch.remainder(torch.div(rows.unsqueeze(-1), powers, rounding_mode="floor"), 2)
+        """``[tokens, out, in]``: each token's routed expert, decoded from its packed rows.
+
+        Narrow types keep the transient memory at ~15 bytes per decoded weight: bool bits, int32
+        running counts and gather indices, the gathered values in their stored precision."""
+        powers = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)  # LSB first
+        rows = self.bitmap[ids]  # [T, out, nb] uint8
+        bits = torch.bitwise_and(rows.unsqueeze(-1), powers) != 0
         mask = bits.reshape(ids.shape[0], self.out_features, -1)[:, :, : self.in_features]
-        position = self.row_start[ids].unsqueeze(-1) + torch.cumsum(mask, dim=-1, dtype=torch.int32) - 1
-        picked = self.values[torch.clamp(position, min=0).to(torch.int64)].to(torch.float32)  # cast after the gather
-        return torch.where(mask > 0, picked, 0.0)
+        position = self.row_start[ids].unsqueeze(-1) + torch.cumsum(mask.to(torch.int32), dim=-1, dtype=torch.int32) - 1
+        index = torch.clamp(position, min=0).reshape(-1)  # int32: ONNX Gather takes it (GatherND would not)
+        picked = torch.index_select(self.values, 0, index).reshape(position.shape)  # stored precision
+        return torch.where(mask, picked.to(torch.float32), 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .modules import _SHARED_ROUTING

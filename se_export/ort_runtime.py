@@ -73,11 +73,15 @@ class OrtCausalLM(StepModel):
         self.manifest = read_onnx_manifest(self.folder)
         path = model_file or self.folder / MODEL_FILE
         needs_op = self.manifest.get("custom_op_nodes", 0) > 0
-        # A portable graph decodes the experts from initializers; constant folding would store K dense
-        # experts per linear with older lowerings; ours decodes per token, and folding gains nothing there.
+        # A portable graph decodes each token's expert from initializers: tokens x out x in transient
+        # memory per linear. Without the arena it is returned after every node (the arena would keep
+        # the peak of the largest call); constant folding has nothing worth precomputing there.
         lazy = self.manifest.get("portable") and self.manifest.get("expanded_linears", 0) > 0
+        opts = session_options(threads, needs_op)
+        if lazy:
+            opts.enable_cpu_mem_arena = False
         try:
-            self.session = ort.InferenceSession(str(path), session_options(threads, needs_op),
+            self.session = ort.InferenceSession(str(path), opts,
                                                 providers=["CPUExecutionProvider"],
                                                 disabled_optimizers=["ConstantFolding"] if lazy else None)
         except SEError:
