@@ -15,7 +15,7 @@ NATIVE_SRC := $(shell find plugins cpp_runtime -type f \( -name '*.cpp' -o -name
                 -o -name 'CMakeLists.txt' -o -name '*.cmake' \))
 CMAKE_ARGS := -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$(CURDIR)/$(PY)
 
-.PHONY: setup plugins demo test lint clean
+.PHONY: setup plugins check-aarch64 demo test lint clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv .venv
@@ -40,6 +40,20 @@ $(PLUGINS): $(NATIVE_SRC) | $(STAMP)
 
 plugins: $(PLUGINS)
 
+# Jetson's CPU is aarch64: compile the CPU kernels, the CUDA kernels' CPU reference, the ONNX
+# Runtime op, the runtime's helpers and the C++ tests for it with zig (PyPI ziglang), -Werror.
+# Compiled, not linked or run (no aarch64 machine or emulator here); OpenMP is off (zig ships no
+# omp.h), which the code supports.
+AARCH64 := $(PY) -m ziglang c++ -target aarch64-linux-gnu -std=c++17 -O2 -Wall -Wextra -Werror -c
+AARCH64_SRC := plugins/cpu/routed_sparse_cpu.cpp plugins/cuda/routed_sparse_cuda_reference.cpp \
+               plugins/tests/test_se_kernels.cpp plugins/tests/test_cuda_reference.cpp cpp_runtime/src/options.cpp
+check-aarch64: $(PLUGINS)
+	@mkdir -p build/aarch64
+	@for f in $(AARCH64_SRC); do $(AARCH64) -Icpp_runtime/include $$f -o build/aarch64/$$(basename $$f).o || exit 1; done
+	$(AARCH64) -isystem $(CMAKE_BUILD)/_deps/onnxruntime-headers plugins/ort/routed_sparse_matmul_op.cc \
+	    -o build/aarch64/routed_sparse_matmul_op.o
+	@echo "aarch64 build check passed (build/aarch64)"
+
 setup: $(STAMP) $(PLUGINS)
 
 demo: setup
@@ -54,7 +68,7 @@ demo: setup
 lint: setup
 	$(PY) -m ruff check .
 
-test: lint
+test: lint check-aarch64
 	$(PY) -m pytest -q
 
 clean:

@@ -288,10 +288,10 @@ bool cpu_has_avx2() { return false; }
 // ------------------------------------------------------------------ driver
 
 template <int VD>
-void run_groups(const Problem& pb, int threads) {
+void run_groups(const Problem& pb, [[maybe_unused]] int threads) {  // unused without OpenMP
   const se_experts* e = pb.e;
   const int64_t K = e->num_experts, out = e->out_features, in = e->in_features;
-  const bool avx2 = cpu_has_avx2();
+  [[maybe_unused]] const bool avx2 = cpu_has_avx2();  // unused off x86
   const uint8_t* bitmap = e->format == SE_BITMAP ? static_cast<const uint8_t*>(e->indices) : nullptr;
 
   // transposed, zero-padded activations for every group that takes the prefill path
@@ -430,7 +430,7 @@ void to_f32(const void* x, int32_t dtype, int64_t count, std::vector<float>& buf
 }
 
 void route_f32(const float* x, int64_t tokens, int64_t in, int64_t K, const float* g, const float* b, int32_t* ids,
-               int threads) {
+               [[maybe_unused]] int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t t = 0; t < tokens; ++t) {
     float stack_scores[64];  // no allocation per token for the usual K <= 64
