@@ -13,7 +13,9 @@ CMAKE_BUILD := build/cmake
 RUNTIME_BUILD := build/cpp_runtime
 NATIVE_SRC := $(shell find plugins cpp_runtime -type f \( -name '*.cpp' -o -name '*.cc' -o -name '*.cu' -o -name '*.h' \
                 -o -name 'CMakeLists.txt' -o -name '*.cmake' \))
-CMAKE_ARGS := -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$(CURDIR)/$(PY)
+# CUDA architectures of the kernels and plugin (sm_87 = Jetson Orin, sm_90 = H100); CI builds 87;90
+CUDA_ARCHS ?= 80;86;87;89;90
+CMAKE_ARGS := -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$(CURDIR)/$(PY) "-DSE_CUDA_ARCHITECTURES=$(CUDA_ARCHS)"
 
 .PHONY: setup plugins check-aarch64 demo test lint clean
 
