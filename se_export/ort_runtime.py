@@ -36,7 +36,34 @@ def session_options(threads: int = 0, custom_ops: bool = True):
 
 
 class StepModel:
-    """Greedy generation and perplexity on top of a backend's one-step ``run`` (ORT, TensorRT)."""
+    """Greedy generation and perplexity on top of a backend's one-step ``run`` (ORT, TensorRT).
+
+    Subclasses set ``manifest``, ``layers``, ``kv_heads``, ``head_dim`` and ``float_type``."""
+
+    manifest: dict
+    layers: int
+    kv_heads: int
+    head_dim: int
+    float_type: type = np.float32
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.float_type) for _ in range(2 * self.layers)]
+
+    def feeds(self, input_ids: np.ndarray, past: list[np.ndarray] | None,
+              attention_mask: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The graph's inputs for one step, by name (Optimum past/present convention)."""
+        batch, seq = input_ids.shape
+        past = past if past is not None else self.empty_past(batch)
+        past_len = past[0].shape[2] if past else 0
+        if attention_mask is None:
+            attention_mask = np.ones((batch, past_len + seq), np.int64)
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        if self.manifest.get("uses_position_ids"):
+            feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq), (batch, seq)).astype(np.int64)
+        for i in range(self.layers):
+            feeds[f"past_key_values.{i}.key"] = past[2 * i]
+            feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
+        return feeds
 
     def run(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None,
             attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
@@ -95,24 +122,10 @@ class OrtCausalLM(StepModel):
         self.head_dim = self.manifest["head_dim"]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.float_type) for _ in range(2 * self.layers)]
-
     def run(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None,
             attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
         """One step: ``(logits, present, extra outputs by name)``."""
-        batch, seq = input_ids.shape
-        past = past if past is not None else self.empty_past(batch)
-        past_len = past[0].shape[2]
-        if attention_mask is None:
-            attention_mask = np.ones((batch, past_len + seq), np.int64)
-        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
-        if self.manifest.get("uses_position_ids"):
-            feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq), (batch, seq)).astype(np.int64)
-        for i in range(self.layers):
-            feeds[f"past_key_values.{i}.key"] = past[2 * i]
-            feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
-        outs = self.session.run(None, feeds)
+        outs = self.session.run(None, self.feeds(input_ids, past, attention_mask))
         named = dict(zip(self.output_names, outs, strict=True))
         present = [named[f"present.{i}.{kind}"] for i in range(self.layers) for kind in ("key", "value")]
         return named["logits"], present, named

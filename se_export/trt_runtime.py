@@ -45,7 +45,6 @@ class TrtCausalLM(StepModel):
         self.layers = self.manifest["num_layers"]
         self.kv_heads = self.manifest["num_kv_heads"]
         self.head_dim = self.manifest["head_dim"]
-        self.kv_dtype = self._torch_dtype("past_key_values.0.key") if self.layers else torch.float32
         self.fp16 = bool(self.info.get("fp16")) or self.manifest["dtype"] == "fp16"
 
     def _torch_dtype(self, name: str):
@@ -71,20 +70,9 @@ class TrtCausalLM(StepModel):
 
     def run(self, input_ids, past=None, attention_mask=None):
         torch, trt = self.torch, self.trt
-        batch, seq = input_ids.shape
-        past_len = past[0].shape[2] if past else 0
-        if attention_mask is None:
-            attention_mask = np.ones((batch, past_len + seq), np.int64)
-        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
-        if self.manifest.get("uses_position_ids"):
-            feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq), (batch, seq)).astype(np.int64)
-        device = {name: torch.from_numpy(np.ascontiguousarray(v)).cuda().to(self._torch_dtype(name))
-                  for name, v in feeds.items()}
-        for i in range(self.layers):
-            for j, kind in enumerate(("key", "value")):
-                name = f"past_key_values.{i}.{kind}"
-                value = past[2 * i + j] if past else np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
-                device[name] = torch.as_tensor(np.ascontiguousarray(value)).cuda().to(self.kv_dtype).contiguous()
+        seq, past_len = input_ids.shape[1], past[0].shape[2] if past else 0
+        device = {name: torch.from_numpy(np.ascontiguousarray(v)).cuda().to(self._torch_dtype(name)).contiguous()
+                  for name, v in self.feeds(input_ids, past, attention_mask).items()}
         ctx = self._context(seq, past_len)
         for name, tensor in device.items():
             ctx.set_input_shape(name, tuple(tensor.shape))

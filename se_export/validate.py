@@ -192,14 +192,13 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
     manifest = read_onnx_manifest(onnx_dir)
     if backend not in ("ort", "trt"):
         raise SEError(f"unknown --backend '{backend}': use ort or trt")
-    if backend == "trt":  # fail fast, before loading the PyTorch model
-        from .trt_build import DEFAULT_ENGINE, import_tensorrt, require_gpu
+    dtype = manifest["dtype"]
+    if backend == "trt":  # loads first: no TensorRT, GPU or engine fails fast, before the PyTorch model
+        from .trt_build import DEFAULT_ENGINE
+        from .trt_runtime import TrtCausalLM
 
-        import_tensorrt()
-        require_gpu()
-        engine = engine or onnx_dir / DEFAULT_ENGINE
-        if not engine.is_file():
-            raise SEError(f"no engine at {engine}: build it with se-export trt {onnx_dir} (or pass --engine)")
+        backend_lm = TrtCausalLM(onnx_dir, engine or onnx_dir / DEFAULT_ENGINE, plugin)
+        dtype = "fp16" if backend_lm.fp16 else dtype  # an fp16 engine of an fp32 graph
     from .models import load_model
     from .modules import decoded_expert_cache
 
@@ -209,13 +208,6 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
     loaded = load_model(source)
     torch_lm = TorchCausalLM(loaded.model)
     tokenizer = _onnx_tokenizer(onnx_dir) or loaded.tokenizer
-    if backend == "trt":
-        from .trt_runtime import TrtCausalLM
-
-        backend_lm = TrtCausalLM(onnx_dir, engine, plugin)
-        dtype = "fp16" if backend_lm.fp16 else manifest["dtype"]  # an fp16 engine of an fp32 graph
-    else:
-        dtype = manifest["dtype"]
     report = Report(backend, str(onnx_dir), dtype, manifest["portable"])
     prompts = prompt_ids(tokenizer, manifest["vocab_size"])
 
@@ -225,12 +217,11 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
     groups = list(dict.fromkeys(m.router_group or n for n, m in mods.items()))
     if backend == "trt":
         mapping, why_not = {}, "the TensorRT engine keeps expert_ids internal (routing is compared in ort)"
-        ort_lm = backend_lm
     else:
         mapping, why_not = routing_outputs(onnx_dir / MODEL_FILE, groups)
         extra = _with_extra_outputs(onnx_dir / MODEL_FILE, list(mapping.values())) if mapping else None
         try:
-            ort_lm = OrtCausalLM(onnx_dir, threads=threads, model_file=extra)
+            backend_lm = OrtCausalLM(onnx_dir, threads=threads, model_file=extra)
         finally:
             if extra is not None:
                 extra.unlink(missing_ok=True)
@@ -241,7 +232,7 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
         agree: dict[str, list[float]] = {}
         for ids in prompts:
             ref, _ = torch_lm.run(ids)
-            got, _, named = ort_lm.run(ids)
+            got, _, named = backend_lm.run(ids)
             stats.append(compare_logits(ref, got))
             if mapping:
                 torch_ids = torch_lm.routing(ids)
@@ -252,7 +243,7 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
         width = min(p.shape[1] for p in prompts)
         batch = np.concatenate([p[:, :width] for p in prompts[:3]])
         ref, _ = torch_lm.run(batch)
-        got, _, _ = ort_lm.run(batch)
+        got, _, _ = backend_lm.run(batch)
         stats.append(compare_logits(ref, got))
         merged = {"max_abs": max(s["max_abs"] for s in stats), "mean_abs": float(np.mean([s["mean_abs"] for s in stats])),
                   "cosine": min(s["cosine"] for s in stats), "cosine_min": min(s["cosine_min"] for s in stats),
@@ -276,9 +267,9 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
 
         # 3. a decode step with past equals the last position of the full run
         ids = prompts[1]
-        full, _, _ = ort_lm.run(ids)
-        _, past, _ = ort_lm.run(ids[:, :-1])
-        step, _, _ = ort_lm.run(ids[:, -1:], past)
+        full, _, _ = backend_lm.run(ids)
+        _, past, _ = backend_lm.run(ids[:, :-1])
+        step, _, _ = backend_lm.run(ids[:, -1:], past)
         s = compare_logits(full[:, -1:], step)
         report.check("decode_step", logits_ok(s, dtype), **s)
 
@@ -287,7 +278,7 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
             same, total, first_diff = 0, 0, []
             for ids in prompts:
                 a = torch_lm.generate(ids, tokens)
-                b = ort_lm.generate(ids, tokens)
+                b = backend_lm.generate(ids, tokens)
                 same += int((a == b).sum())
                 total += a.size
                 mismatch = np.nonzero(a[0] != b[0])[0]
@@ -309,10 +300,10 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
                 logp = log_softmax(logits[0, :-1].astype(np.float64))
                 t_nll -= float(logp[np.arange(w.shape[0] - 1), w[1:]].sum())
                 count += w.shape[0] - 1
-            o_nll, _ = ort_lm.nll(windows)
-            p_torch, p_ort = perplexity_from(t_nll, count), perplexity_from(o_nll, count)
-            rel = abs(p_ort - p_torch) / p_torch
-            report.check("perplexity", rel <= (1e-4 if dtype == "fp32" else 1e-2), torch=p_torch, **{backend: p_ort},
+            b_nll, _ = backend_lm.nll(windows)
+            p_torch, p_backend = perplexity_from(t_nll, count), perplexity_from(b_nll, count)
+            rel = abs(p_backend - p_torch) / p_torch
+            report.check("perplexity", rel <= (1e-4 if dtype == "fp32" else 1e-2), torch=p_torch, **{backend: p_backend},
                          relative_diff=rel, windows=len(windows), seqlen=ppl_seqlen)
     report.seconds = round(time.perf_counter() - start, 1)
     return report

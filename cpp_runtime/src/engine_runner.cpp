@@ -156,18 +156,18 @@ int64_t EngineRunner::step(std::vector<int64_t> const& ids, int64_t past_len, in
   IExecutionContext* ctx = context_for(seq, past_len);
   std::vector<int64_t> mask(static_cast<size_t>(past_len + seq), 1), positions(static_cast<size_t>(seq));
   for (int64_t i = 0; i < seq; ++i) positions[i] = past_len + i;
-  const auto upload = [&](void* dst, std::vector<int64_t> const& v) {
-    const auto bytes = encode_ids(v, mIdType);
-    SE_CUDA(cudaMemcpyAsync(dst, bytes.data(), bytes.size(), cudaMemcpyHostToDevice, mStream));
-    SE_CUDA(cudaStreamSynchronize(mStream));  // host vector dies at scope end
+  // staging copies stay alive in mHostInputs until the step's final synchronize
+  const auto upload = [&](int slot, void* dst, std::vector<int64_t> const& v) {
+    mHostInputs[slot] = encode_ids(v, mIdType);
+    SE_CUDA(cudaMemcpyAsync(dst, mHostInputs[slot].data(), mHostInputs[slot].size(), cudaMemcpyHostToDevice, mStream));
   };
-  upload(mIds, ids);
-  upload(mMask, mask);
+  upload(0, mIds, ids);
+  upload(1, mMask, mask);
   bool ok = ctx->setInputShape("input_ids", dims_of({1, seq})) && ctx->setTensorAddress("input_ids", mIds) &&
             ctx->setInputShape("attention_mask", dims_of({1, past_len + seq})) &&
             ctx->setTensorAddress("attention_mask", mMask);
   if (mHasPositionIds) {
-    upload(mPositions, positions);
+    upload(2, mPositions, positions);
     ok = ok && ctx->setInputShape("position_ids", dims_of({1, seq})) &&
          ctx->setTensorAddress("position_ids", mPositions);
   }

@@ -59,6 +59,7 @@ class EngineRunner {
   nvinfer1::DataType mKvType = nvinfer1::DataType::kFLOAT;
   int64_t mVocab = 0, mCapacity = 0;
   void *mIds = nullptr, *mMask = nullptr, *mPositions = nullptr, *mLogits = nullptr;
+  std::vector<unsigned char> mHostInputs[3];  // ids, mask, positions in the engine's id type
 };
 
 }  // namespace se_runtime
