@@ -255,7 +255,7 @@ int cuda_failed(char* err, size_t len, const char* where) {  // checks the last 
 }
 
 template <typename TX, typename TV, int FMT>
-int run_product(const Experts& e, const TX* x, int64_t tokens, const int32_t* ids, TX* y, bool gemv,
+int run_product(const Experts& e, const TX* x, int64_t tokens, const int32_t* ids, bool ids_given, TX* y, bool gemv,
                 const Workspace& ws, cudaStream_t stream, char* err, size_t err_len) {
   if (gemv) {
     const dim3 grid(static_cast<unsigned>((e.out + kWarpsPerBlock - 1) / kWarpsPerBlock), static_cast<unsigned>(tokens));
@@ -272,9 +272,11 @@ int run_product(const Experts& e, const TX* x, int64_t tokens, const int32_t* id
   if (cuda_failed(err, err_len, "plan_kernel")) return 1;
   scatter_kernel<<<blocks, kBlock, 0, stream>>>(ids, tokens, e.num_experts, ws.cursor, ws.perm);
   if (cuda_failed(err, err_len, "scatter_kernel")) return 1;
-  zero_invalid_kernel<<<static_cast<unsigned>(tokens), 128, 0, stream>>>(ids, tokens, e.num_experts, e.out, y,
-                                                                          static_cast<int>(sizeof(TX)));
-  if (cuda_failed(err, err_len, "zero_invalid_kernel")) return 1;
+  if (ids_given) {  // only caller-given ids can be out of range; the router's never are
+    zero_invalid_kernel<<<static_cast<unsigned>(tokens), 128, 0, stream>>>(ids, tokens, e.num_experts, e.out, y,
+                                                                            static_cast<int>(sizeof(TX)));
+    if (cuda_failed(err, err_len, "zero_invalid_kernel")) return 1;
+  }
   const dim3 grid(static_cast<unsigned>((e.out + kRowsPerBlock - 1) / kRowsPerBlock),
                   static_cast<unsigned>(se_index::max_tiles(tokens, e.num_experts)));
   grouped_kernel<TX, TV, FMT><<<grid, kBlock, 0, stream>>>(e, x, ws.perm, ws.tiles, ws.num_tiles, y);
@@ -282,21 +284,24 @@ int run_product(const Experts& e, const TX* x, int64_t tokens, const int32_t* id
 }
 
 template <typename TX, typename TV>
-int dispatch_format(const se_experts& s, const Experts& e, const TX* x, int64_t tokens, const int32_t* ids, TX* y,
-                    bool gemv, const Workspace& ws, cudaStream_t stream, char* err, size_t err_len) {
-  return s.format == SE_BITMAP ? run_product<TX, TV, SE_BITMAP>(e, x, tokens, ids, y, gemv, ws, stream, err, err_len)
-                               : run_product<TX, TV, SE_CSR16>(e, x, tokens, ids, y, gemv, ws, stream, err, err_len);
+int dispatch_format(const se_experts& s, const Experts& e, const TX* x, int64_t tokens, const int32_t* ids,
+                    bool ids_given, TX* y, bool gemv, const Workspace& ws, cudaStream_t stream, char* err,
+                    size_t err_len) {
+  return s.format == SE_BITMAP
+             ? run_product<TX, TV, SE_BITMAP>(e, x, tokens, ids, ids_given, y, gemv, ws, stream, err, err_len)
+             : run_product<TX, TV, SE_CSR16>(e, x, tokens, ids, ids_given, y, gemv, ws, stream, err, err_len);
 }
 
 template <typename TX>
-int dispatch_values(const se_experts& s, const Experts& e, const void* x, int64_t tokens, const int32_t* ids, void* y,
-                    bool gemv, const Workspace& ws, cudaStream_t stream, char* err, size_t err_len) {
+int dispatch_values(const se_experts& s, const Experts& e, const void* x, int64_t tokens, const int32_t* ids,
+                    bool ids_given, void* y, bool gemv, const Workspace& ws, cudaStream_t stream, char* err,
+                    size_t err_len) {
   const TX* xt = static_cast<const TX*>(x);
   TX* yt = static_cast<TX*>(y);
   switch (s.value_dtype) {
-    case SE_F32: return dispatch_format<TX, float>(s, e, xt, tokens, ids, yt, gemv, ws, stream, err, err_len);
-    case SE_F16: return dispatch_format<TX, __half>(s, e, xt, tokens, ids, yt, gemv, ws, stream, err, err_len);
-    default: return dispatch_format<TX, __nv_bfloat16>(s, e, xt, tokens, ids, yt, gemv, ws, stream, err, err_len);
+    case SE_F32: return dispatch_format<TX, float>(s, e, xt, tokens, ids, ids_given, yt, gemv, ws, stream, err, err_len);
+    case SE_F16: return dispatch_format<TX, __half>(s, e, xt, tokens, ids, ids_given, yt, gemv, ws, stream, err, err_len);
+    default: return dispatch_format<TX, __nv_bfloat16>(s, e, xt, tokens, ids, ids_given, yt, gemv, ws, stream, err, err_len);
   }
 }
 
@@ -363,6 +368,7 @@ extern "C" SE_API int se_cuda_routed_sparse_matmul(const se_experts* s, const fl
       return 1;
   }
   const Experts e{s->values, s->indices, s->row_ptr, s->bias, s->num_experts, s->out_features, s->in_features, s->nnz};
-  return x_dtype == SE_F32 ? dispatch_values<float>(*s, e, x, tokens, ids, y, gemv, ws, stream, err, err_len)
-                           : dispatch_values<__half>(*s, e, x, tokens, ids, y, gemv, ws, stream, err, err_len);
+  const bool given = ids_in != nullptr;
+  return x_dtype == SE_F32 ? dispatch_values<float>(*s, e, x, tokens, ids, given, y, gemv, ws, stream, err, err_len)
+                           : dispatch_values<__half>(*s, e, x, tokens, ids, given, y, gemv, ws, stream, err, err_len);
 }
