@@ -5,7 +5,8 @@
 //  * 1-2 tokens in a group (decode): one sparse dot product per (token, row);
 //  * more tokens (prefill): the group's activations are transposed to [in, tokens] so every kept
 //    weight is broadcast once and multiplied into a tile of up to 32 tokens (vector FMAs).
-// Work items (expert group x block of rows) are spread over OpenMP threads. On x86 an AVX2/FMA/F16C
+// Work items (expert group x block of rows) are spread over an OpenMP team or the host's thread
+// pool (se_routed_sparse_matmul_on: ONNX Runtime's intra-op pool); small problems run serially. On x86 an AVX2/FMA/F16C
 // path is chosen at run time (bitmaps are expanded with a 256-entry permutation table, csr16 uses
 // gathers); every other machine (aarch64 included) runs the portable path, which the compiler
 // vectorizes over the token tile.
@@ -66,6 +67,31 @@ struct Problem {
   const int32_t* order;   // tokens sorted by expert
   const int64_t* start;   // [K+1] group offsets into order
   int64_t row_bytes;      // bitmap bytes per row
+};
+
+// Where parallel loops run: an OpenMP team, the host's pool (se_parallel_for), or the calling
+// thread. Problems below kSerialWork multiply-adds run serially: a fork/join costs more.
+constexpr int64_t kSerialWork = 1 << 16;
+
+struct Executor {
+  se_parallel_for host = nullptr;
+  void* pool = nullptr;
+  int threads = 1;  // OpenMP team size when there is no host pool
+
+  Executor serial_if(bool small) const { return small ? Executor{nullptr, nullptr, 1} : *this; }
+
+  template <class F>
+  void for_each(int64_t n, F& body) const {
+    if (n <= 1 || (!host && threads <= 1)) {
+      for (int64_t i = 0; i < n; ++i) body(i);
+    } else if (host) {
+      host(pool, static_cast<size_t>(n), [](void* ctx, size_t i) { (*static_cast<F*>(ctx))(static_cast<int64_t>(i)); },
+           &body);
+    } else {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+      for (int64_t i = 0; i < n; ++i) body(i);
+    }
+  }
 };
 
 inline int64_t row_begin(const se_experts* e, int64_t k, int64_t r) { return e->row_ptr[k * e->out_features + r]; }
@@ -184,13 +210,15 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_csr_avx2(const se_
   return s;
 }
 
+// acc + (8 packed values from p expanded to the set bits of m) * x[0..8)
 template <int VD>
 __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) inline __m256 bitmap_byte_avx2(const void* values, int64_t p,
-                                                                                 unsigned m, const float* x) {
+                                                                                 unsigned m, const float* x,
+                                                                                 __m256 acc) {
   const __m256 v = _mm256_permutevar8x32_ps(
       load8<VD>(values, p), _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.perm[m])));
   const __m256 w = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.mask[m]))));
-  return _mm256_mul_ps(w, _mm256_loadu_ps(x));
+  return _mm256_fmadd_ps(w, _mm256_loadu_ps(x), acc);
 }
 
 // One row of a bitmap expert times x: every mask byte expands up to 8 packed values into their
@@ -206,16 +234,15 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_bitmap_avx2(const 
     for (; byte + 2 <= full; byte += 2) {
       const unsigned m0 = bits[byte], m1 = bits[byte + 1];
       const int64_t p1 = p + _mm_popcnt_u32(m0);
-      acc0 = _mm256_add_ps(acc0, bitmap_byte_avx2<VD>(e->values, p, m0, x + byte * 8));
-      acc1 = _mm256_add_ps(acc1, bitmap_byte_avx2<VD>(e->values, p1, m1, x + byte * 8 + 8));
+      acc0 = bitmap_byte_avx2<VD>(e->values, p, m0, x + byte * 8, acc0);
+      acc1 = bitmap_byte_avx2<VD>(e->values, p1, m1, x + byte * 8 + 8, acc1);
       p = p1 + _mm_popcnt_u32(m1);
     }
-  } else {
-    for (; byte < full && p + 8 <= e->nnz; ++byte) {
-      const unsigned m = bits[byte];
-      acc0 = _mm256_add_ps(acc0, bitmap_byte_avx2<VD>(e->values, p, m, x + byte * 8));
-      p += _mm_popcnt_u32(m);
-    }
+  }
+  for (; byte < full && p + 8 <= e->nnz; ++byte) {
+    const unsigned m = bits[byte];
+    acc0 = bitmap_byte_avx2<VD>(e->values, p, m, x + byte * 8, acc0);
+    p += _mm_popcnt_u32(m);
   }
   float s = hsum(_mm256_add_ps(acc0, acc1));
   for (; byte < nbytes; ++byte) {  // tail columns and the last values of the array
@@ -288,7 +315,7 @@ bool cpu_has_avx2() { return false; }
 // ------------------------------------------------------------------ driver
 
 template <int VD>
-void run_groups(const Problem& pb, [[maybe_unused]] int threads) {  // unused without OpenMP
+void run_groups(const Problem& pb, const Executor& exec) {
   const se_experts* e = pb.e;
   const int64_t K = e->num_experts, out = e->out_features, in = e->in_features;
   [[maybe_unused]] const bool avx2 = cpu_has_avx2();  // unused off x86
@@ -317,11 +344,8 @@ void run_groups(const Problem& pb, [[maybe_unused]] int threads) {  // unused wi
       for (int64_t r0 = 0; r0 < out; r0 += kRowsPerItem) items.push_back({k, r0, t * width[k]});
   }
 
-#pragma omp parallel num_threads(threads)
-  {
-#pragma omp for schedule(static)
-    for (int64_t k = 0; k < K; ++k) {
-      if (!ld[k]) continue;
+  auto transpose = [&](int64_t k) {
+    if (!ld[k]) return;
       float* dst = xt.data() + xt_off[k];
       for (int64_t i = pb.start[k]; i < pb.start[k + 1]; ++i) {
         const float* src = pb.x + static_cast<int64_t>(pb.order[i]) * in;
@@ -330,9 +354,8 @@ void run_groups(const Problem& pb, [[maybe_unused]] int threads) {  // unused wi
         float* tile = dst + (t / w) * in * w + t % w;  // tile-major: [tile][c][w]
         for (int64_t c = 0; c < in; ++c) tile[c * w] = src[c];
       }
-    }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < static_cast<int64_t>(items.size()); ++it) {
+  };
+  auto run_item = [&](int64_t it) {
       const Item item = items[it];
       const int64_t k = item.k;
       const int64_t r1 = std::min(out, item.r0 + kRowsPerItem);
@@ -364,7 +387,7 @@ void run_groups(const Problem& pb, [[maybe_unused]] int threads) {  // unused wi
             yv[r] = bias ? s + bias[r] : s;
           }
         }
-        continue;
+        return;
       }
       const float* xtk = xt.data() + xt_off[k] + item.t0 * in;
       const int64_t w = width[k];
@@ -401,8 +424,9 @@ void run_groups(const Problem& pb, [[maybe_unused]] int threads) {  // unused wi
         const float bv = bias ? bias[item.r0 + i] : 0.f;
         for (int64_t t = 0; t < n; ++t) pb.y[static_cast<int64_t>(toks[t]) * out + item.r0 + i] = acc[i][t] + bv;
       }
-    }
-  }
+  };
+  if (xt_size) exec.for_each(K, transpose);
+  exec.for_each(static_cast<int64_t>(items.size()), run_item);
 }
 
 void fail(char* err, size_t len, const std::string& msg) {
@@ -430,9 +454,8 @@ void to_f32(const void* x, int32_t dtype, int64_t count, std::vector<float>& buf
 }
 
 void route_f32(const float* x, int64_t tokens, int64_t in, int64_t K, const float* g, const float* b, int32_t* ids,
-               [[maybe_unused]] int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t t = 0; t < tokens; ++t) {
+               const Executor& exec) {
+  auto route_token = [&](int64_t t) {
     float stack_scores[64];  // no allocation per token for the usual K <= 64
     std::vector<float> heap_scores(K > 64 ? K : 0);
     float* s = K > 64 ? heap_scores.data() : stack_scores;
@@ -447,7 +470,8 @@ void route_f32(const float* x, int64_t tokens, int64_t in, int64_t K, const floa
     for (int64_t k = 1; k < K; ++k)
       if (s[k] < s[best]) best = k;
     ids[t] = static_cast<int32_t>(best);
-  }
+  };
+  exec.serial_if(tokens * in * K < kSerialWork).for_each(tokens, route_token);
 }
 
 }  // namespace se_cpu
@@ -507,6 +531,63 @@ extern "C" SE_API int se_check_experts(const se_experts* e, char* err, size_t er
   }
 }
 
+namespace se_cpu {
+
+Executor openmp(int32_t threads) { return Executor{nullptr, nullptr, resolve_threads(threads)}; }
+
+int routed_sparse_matmul(const se_experts* e, const float* router_weight, const float* router_bias, const void* x,
+                         int32_t x_dtype, int64_t tokens, const int32_t* expert_ids_in, int32_t* expert_ids_out,
+                         void* y, const Executor& exec, char* err, size_t err_len) {
+  if (x_dtype != SE_F32 && x_dtype != SE_F16) return fail(err, err_len, "x must be fp32 or fp16"), 1;
+  if (tokens < 0) return fail(err, err_len, "negative token count"), 1;
+  if (tokens == 0) return 0;
+  const int64_t K = e->num_experts, in = e->in_features, out = e->out_features;
+  std::vector<float> xbuf;
+  const float* x32;
+  to_f32(x, x_dtype, tokens * in, xbuf, &x32);
+  std::vector<int32_t> ids_buf;
+  const int32_t* ids = expert_ids_in;
+  if (ids) {
+    for (int64_t t = 0; t < tokens; ++t)
+      if (ids[t] < 0 || ids[t] >= K)
+        return fail(err, err_len, "expert id " + std::to_string(ids[t]) + " at token " + std::to_string(t) +
+                                      " is outside [0, " + std::to_string(K) + ")"), 1;
+  } else {
+    int32_t* dst = expert_ids_out;
+    if (!dst) {
+      ids_buf.resize(static_cast<size_t>(tokens));
+      dst = ids_buf.data();
+    }
+    route_f32(x32, tokens, in, K, router_weight, router_bias, dst, exec);
+    ids = dst;
+  }
+  if (expert_ids_out && expert_ids_out != ids) std::memcpy(expert_ids_out, ids, sizeof(int32_t) * tokens);
+  // counting sort of tokens by expert
+  std::vector<int64_t> start(K + 1, 0);
+  for (int64_t t = 0; t < tokens; ++t) ++start[ids[t] + 1];
+  for (int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
+  std::vector<int32_t> order(static_cast<size_t>(tokens));
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t t = 0; t < tokens; ++t) order[fill[ids[t]]++] = static_cast<int32_t>(t);
+
+  std::vector<float> ybuf;
+  float* y32 = x_dtype == SE_F32 ? static_cast<float*>(y) : (ybuf.resize(static_cast<size_t>(tokens * out)), ybuf.data());
+  Problem pb{e, x32, y32, order.data(), start.data(), (in + 7) / 8};
+  const Executor run = exec.serial_if(tokens * (e->nnz / K) < kSerialWork);
+  switch (e->value_dtype) {
+    case SE_F32: run_groups<SE_F32>(pb, run); break;
+    case SE_F16: run_groups<SE_F16>(pb, run); break;
+    default: run_groups<SE_BF16>(pb, run); break;
+  }
+  if (x_dtype == SE_F16) {
+    uint16_t* yh = static_cast<uint16_t*>(y);
+    for (int64_t i = 0; i < tokens * out; ++i) yh[i] = f32_to_f16(y32[i]);
+  }
+  return 0;
+}
+
+}  // namespace se_cpu
+
 extern "C" SE_API int se_route(const void* x, int32_t x_dtype, int64_t tokens, int64_t in_features, int64_t num_experts,
                                const float* router_weight, const float* router_bias, int32_t* expert_ids,
                                int32_t threads, char* err, size_t err_len) {
@@ -515,7 +596,7 @@ extern "C" SE_API int se_route(const void* x, int32_t x_dtype, int64_t tokens, i
     std::vector<float> buf;
     const float* x32;
     to_f32(x, x_dtype, tokens * in_features, buf, &x32);
-    route_f32(x32, tokens, in_features, num_experts, router_weight, router_bias, expert_ids, resolve_threads(threads));
+    route_f32(x32, tokens, in_features, num_experts, router_weight, router_bias, expert_ids, openmp(threads));
     return 0;
   } catch (const std::exception& ex) {
     return fail(err, err_len, ex.what()), 1;
@@ -527,52 +608,21 @@ extern "C" SE_API int se_routed_sparse_matmul(const se_experts* e, const float* 
                                               const int32_t* expert_ids_in, int32_t* expert_ids_out, void* y,
                                               int32_t threads, char* err, size_t err_len) {
   try {
-    if (x_dtype != SE_F32 && x_dtype != SE_F16) return fail(err, err_len, "x must be fp32 or fp16"), 1;
-    if (tokens < 0) return fail(err, err_len, "negative token count"), 1;
-    if (tokens == 0) return 0;
-    const int nt = resolve_threads(threads);
-    const int64_t K = e->num_experts, in = e->in_features, out = e->out_features;
-    std::vector<float> xbuf;
-    const float* x32;
-    to_f32(x, x_dtype, tokens * in, xbuf, &x32);
-    std::vector<int32_t> ids_buf;
-    const int32_t* ids = expert_ids_in;
-    if (ids) {
-      for (int64_t t = 0; t < tokens; ++t)
-        if (ids[t] < 0 || ids[t] >= K)
-          return fail(err, err_len, "expert id " + std::to_string(ids[t]) + " at token " + std::to_string(t) +
-                                        " is outside [0, " + std::to_string(K) + ")"), 1;
-    } else {
-      int32_t* dst = expert_ids_out;
-      if (!dst) {
-        ids_buf.resize(static_cast<size_t>(tokens));
-        dst = ids_buf.data();
-      }
-      route_f32(x32, tokens, in, K, router_weight, router_bias, dst, nt);
-      ids = dst;
-    }
-    if (expert_ids_out && expert_ids_out != ids) std::memcpy(expert_ids_out, ids, sizeof(int32_t) * tokens);
-    // counting sort of tokens by expert
-    std::vector<int64_t> start(K + 1, 0);
-    for (int64_t t = 0; t < tokens; ++t) ++start[ids[t] + 1];
-    for (int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
-    std::vector<int32_t> order(static_cast<size_t>(tokens));
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t t = 0; t < tokens; ++t) order[fill[ids[t]]++] = static_cast<int32_t>(t);
+    return routed_sparse_matmul(e, router_weight, router_bias, x, x_dtype, tokens, expert_ids_in, expert_ids_out, y,
+                                openmp(threads), err, err_len);
+  } catch (const std::exception& ex) {
+    return fail(err, err_len, ex.what()), 1;
+  }
+}
 
-    std::vector<float> ybuf;
-    float* y32 = x_dtype == SE_F32 ? static_cast<float*>(y) : (ybuf.resize(static_cast<size_t>(tokens * out)), ybuf.data());
-    Problem pb{e, x32, y32, order.data(), start.data(), (in + 7) / 8};
-    switch (e->value_dtype) {
-      case SE_F32: run_groups<SE_F32>(pb, nt); break;
-      case SE_F16: run_groups<SE_F16>(pb, nt); break;
-      default: run_groups<SE_BF16>(pb, nt); break;
-    }
-    if (x_dtype == SE_F16) {
-      uint16_t* yh = static_cast<uint16_t*>(y);
-      for (int64_t i = 0; i < tokens * out; ++i) yh[i] = f32_to_f16(y32[i]);
-    }
-    return 0;
+extern "C" SE_API int se_routed_sparse_matmul_on(const se_experts* e, const float* router_weight,
+                                                 const float* router_bias, const void* x, int32_t x_dtype,
+                                                 int64_t tokens, const int32_t* expert_ids_in, int32_t* expert_ids_out,
+                                                 void* y, se_parallel_for parallel_for, void* pool, char* err,
+                                                 size_t err_len) {
+  try {
+    return routed_sparse_matmul(e, router_weight, router_bias, x, x_dtype, tokens, expert_ids_in, expert_ids_out, y,
+                                Executor{parallel_for, pool, 1}, err, err_len);
   } catch (const std::exception& ex) {
     return fail(err, err_len, ex.what()), 1;
   }

@@ -60,6 +60,19 @@ SE_API int se_routed_sparse_matmul(const se_experts* experts, const float* route
                                    const void* x, int32_t x_dtype, int64_t tokens, const int32_t* expert_ids_in,
                                    int32_t* expert_ids_out, void* y, int32_t threads, char* err, size_t err_len);
 
+// A host's thread pool: runs body(ctx, i) for every i in [0, count), possibly in parallel, and
+// returns when all have finished. Lets a host (ONNX Runtime's intra-op pool) run the kernel on its
+// own threads instead of a second OpenMP team that would fight it for the cores.
+typedef void (*se_parallel_for)(void* pool, size_t count, void (*body)(void* ctx, size_t i), void* ctx);
+
+// se_routed_sparse_matmul on the caller's pool (parallel_for(pool, ...)); NULL parallel_for runs
+// on the calling thread only. Small problems (a decode step of a small layer) run serially
+// either way: a fork/join costs more than they do.
+SE_API int se_routed_sparse_matmul_on(const se_experts* experts, const float* router_weight, const float* router_bias,
+                                      const void* x, int32_t x_dtype, int64_t tokens, const int32_t* expert_ids_in,
+                                      int32_t* expert_ids_out, void* y, se_parallel_for parallel_for, void* pool,
+                                      char* err, size_t err_len);
+
 // "avx2" or "portable": which code path this machine runs; SE_KERNELS_ISA=portable forces it.
 SE_API const char* se_kernel_isa(void);
 

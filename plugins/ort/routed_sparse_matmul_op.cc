@@ -40,6 +40,16 @@ inline std::string shape_str(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
+// The kernel's parallel loops run on ONNX Runtime's intra-op pool (no second thread team
+// competing for the session's cores); if the pool refuses, the loop runs on this thread.
+void ort_parallel_for(void* context, size_t count, void (*body)(void*, size_t), void* ctx) {
+  OrtStatus* status =
+      Ort::GetApi().KernelContext_ParallelFor(static_cast<const OrtKernelContext*>(context), body, count, 0, ctx);
+  if (status == nullptr) return;
+  Ort::GetApi().ReleaseStatus(status);
+  for (size_t i = 0; i < count; ++i) body(ctx, i);
+}
+
 template <typename TX, typename TV, typename TI>
 struct RoutedSparseMatMulKernel {
   RoutedSparseMatMulKernel(const OrtApi* /*api*/, const OrtKernelInfo* info) {
@@ -48,7 +58,7 @@ struct RoutedSparseMatMulKernel {
     format_ = ki.GetAttribute<std::string>("format");
   }
 
-  Ort::Status Compute(const Tensor<TX>& x, const Tensor<float>& router_weight, const Tensor<float>& router_bias,
+  Ort::Status Compute(OrtKernelContext* context, const Tensor<TX>& x, const Tensor<float>& router_weight, const Tensor<float>& router_bias,
                       const Tensor<TV>& values, const Tensor<TI>& indices, const Tensor<int32_t>& row_ptr,
                       std::optional<const Tensor<float>*> bias, std::optional<const Tensor<int32_t>*> expert_ids,
                       Tensor<TX>& y, std::optional<Tensor<int32_t>*> expert_ids_out) {
@@ -120,8 +130,8 @@ struct RoutedSparseMatMulKernel {
       std::vector<int64_t> is(xs.begin(), xs.end() - 1);
       ids_out = (*expert_ids_out)->Allocate(is);
     }
-    if (se_routed_sparse_matmul(&e, router_weight.Data(), router_bias.Data(), x.Data(), dtype_code<TX>(), tokens, ids_in,
-                                ids_out, y_data, 0, err, sizeof(err)))
+    if (se_routed_sparse_matmul_on(&e, router_weight.Data(), router_bias.Data(), x.Data(), dtype_code<TX>(), tokens,
+                                   ids_in, ids_out, y_data, ort_parallel_for, context, err, sizeof(err)))
       return invalid(err);
     return Ort::Status(nullptr);
   }

@@ -1,10 +1,13 @@
 // C++ check of se_routed_sparse_matmul against a float64 reference built from a dense copy of
 // the experts (random_experts.h), for both formats, fp32/fp16/bf16 values, several token counts (decode and
-// prefill paths), in_features not a multiple of 8, plus rejection of corrupt inputs.
+// prefill paths), in_features not a multiple of 8, plus rejection of corrupt inputs. The host-pool
+// entry (se_routed_sparse_matmul_on: ONNX Runtime's pool) must give bit-identical results.
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "../cpu/se_kernels.h"
@@ -13,6 +16,19 @@
 namespace {
 
 using se_test::Case;
+
+std::atomic<int> pool_calls{0};
+
+// A stand-in host pool: three threads take interleaved indices (another order than OpenMP's).
+void thread_pool(void* /*pool*/, size_t count, void (*body)(void*, size_t), void* ctx) {
+  ++pool_calls;
+  std::vector<std::thread> workers;
+  for (size_t w = 0; w < 3; ++w)
+    workers.emplace_back([=] {
+      for (size_t i = w; i < count; i += 3) body(ctx, i);
+    });
+  for (auto& t : workers) t.join();
+}
 
 int run_case(const Case& c, std::mt19937& rng) {
   se_test::RandomExperts re(c, rng);
@@ -34,6 +50,14 @@ int run_case(const Case& c, std::mt19937& rng) {
     return 1;
   }
   int failures = 0;
+  for (se_parallel_for pool : {static_cast<se_parallel_for>(thread_pool), static_cast<se_parallel_for>(nullptr)}) {
+    std::vector<float> y_pool(y.size());
+    std::vector<int32_t> ids_pool(c.tokens);
+    if (se_routed_sparse_matmul_on(&e, G.data(), b.data(), x.data(), SE_F32, c.tokens, nullptr, ids_pool.data(),
+                                   y_pool.data(), pool, nullptr, err, sizeof(err)) ||
+        std::memcmp(y_pool.data(), y.data(), y.size() * sizeof(float)) != 0 || ids_pool != ids)
+      ++failures;
+  }
   for (int64_t t = 0; t < c.tokens; ++t) {
     const int64_t k = ids[t];
     if (!re.routing_ok(t, k)) ++failures;
@@ -72,6 +96,10 @@ int main() {
           failed += run_case({format, dtype, 3, 37, 45, tokens, density}, rng);
           ++total;
         }
+  if (pool_calls == 0) {  // the larger cases must have reached the host pool, not run serially
+    std::printf("FAIL: se_routed_sparse_matmul_on never used the host pool\n");
+    ++failed;
+  }
   std::printf("%d/%d cases passed (isa: %s)\n", total - failed, total, se_kernel_isa());
   return failed ? 1 : 0;
 }
