@@ -9,7 +9,12 @@ configuration; a re-run reuses finished configurations and resumes an interrupte
 from ``out/quality/<key>`` (per-layer partial state). ``--report`` only rebuilds the summary
 JSON, the Markdown table and the plots from the cache.
 
-    .venv/bin/python bench/quality.py --grid main --grid ablation --eval-windows 40
+Expanded grid points are kept as se-export checkpoints under ``out/quality/ckpt/<config key>``,
+so the final evaluation on all WikiText-2 windows (``--eval-windows 0``) does not expand again.
+Every window's NLL is stored, which gives paired bootstrap intervals for SE vs SparseGPT.
+
+    .venv/bin/python bench/quality.py --grid main --grid ablation          # first 40 windows
+    .venv/bin/python bench/quality.py --eval-windows 0 --only "@ 0.9"      # all 589 windows
     .venv/bin/python bench/quality.py --report
 """
 
@@ -27,6 +32,7 @@ from pathlib import Path
 import torch
 
 from se_export.atomic import atomic_write_text
+from se_export.checkpoint import is_checkpoint
 from se_export.data import calibration_windows, eval_windows, load_text, tokenize
 from se_export.evaluate import perplexity
 from se_export.expand import PARTIAL_DIR, ExpandConfig, expand_model, prepare_workdir
@@ -37,6 +43,8 @@ RESULTS = Path("bench/results")
 CACHE = RESULTS / "quality"
 WORK = Path("out/quality")
 SPARSITIES = ("0.7", "0.9", "0.5", "2:4")  # order = priority when the grid is cut short
+SUBSET_WINDOWS = 40  # WikiText-2 windows while iterating over the grid; the final table uses all
+EVAL_BATCH = 4  # windows per forward pass (more tokens per expert; same perplexity up to rounding)
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,13 @@ def ablation_grid() -> list[Config]:
 def cache_key(cfg: Config, eval_setup: dict) -> str:
     blob = json.dumps({"config": asdict(cfg), "eval": eval_setup}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def checkpoint_dir(cfg: Config, model: str) -> Path:
+    """Where a grid point's expanded model is kept, keyed by what changes the weights only, so
+    another evaluation setting (all windows) re-evaluates it without expanding again."""
+    blob = json.dumps({"config": asdict(cfg), "model": model}, sort_keys=True)
+    return WORK / "ckpt" / hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def mlp_accounting(model: torch.nn.Module, dense_linears: dict[str, tuple[int, int]]) -> dict:
@@ -164,6 +179,7 @@ def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path |
         work = WORK / key
         workdir = prepare_workdir(work, key, resume=(work / PARTIAL_DIR).is_dir())
         result = expand_model(model, calib, ecfg, workdir=workdir, show_progress=not args.quiet)
+        keep_checkpoint(cfg, args.model, loaded, result, work)
         report["expand_seconds"] = result.seconds
         report["resumed_layers"] = result.resumed_layers
         report["router"] = router_summary(result.layers)
@@ -175,12 +191,27 @@ def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path |
     with decoded_expert_cache(8 << 30):
         for name, windows in (("wikitext2", args.eval_windows), ("pydocs", args.ood_windows)):
             ids = tokenize(loaded.tokenizer, load_text(name))
-            report[name] = perplexity(model, eval_windows(ids, 512, windows or None), show_progress=not args.quiet)
+            report[name] = perplexity(model, eval_windows(ids, 512, windows or None), show_progress=not args.quiet,
+                                      batch=EVAL_BATCH)
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    if (WORK / key).exists():
-        shutil.rmtree(WORK / key)
     return report
+
+
+def keep_checkpoint(cfg: Config, model_name: str, loaded, result, work: Path) -> None:
+    """Save the expanded grid point as an se-export checkpoint (then drop its resumable state)."""
+    from se_export.checkpoint import save_checkpoint
+
+    out = checkpoint_dir(cfg, model_name)
+    info = {"base_model": loaded.source, "method": cfg.method, "experts": cfg.experts, "sparsity": cfg.sparsity,
+            "allocation": "uniform", "pca_factor": cfg.pca_factor, "true_sequential": cfg.true_sequential,
+            "value_dtype": "fp16", "calibration": {"source": "wiki", "samples": cfg.calib_samples,
+                                                   "seqlen": cfg.seqlen, "seed": cfg.seed},
+            "expansion": {"seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
+                          "resumed_layers": result.resumed_layers}}
+    save_checkpoint(loaded.model, loaded.tokenizer, out, info)
+    atomic_write_text(out / "expand_report.json", json.dumps({**info, "layers": result.layers}, indent=1))
+    shutil.rmtree(work, ignore_errors=True)  # the finished expansion's per-layer resumable state
 
 
 def load_results(eval_setup: dict | None = None) -> list[dict]:
@@ -271,17 +302,79 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_report(eval_setup: dict) -> None:
-    rows = load_results(eval_setup)
-    if not rows:
+def eval_setup_for(model: str, wikitext2_windows: int, pydocs_windows: int) -> dict:
+    return {"model": model, "wikitext2_windows": wikitext2_windows, "pydocs_windows": pydocs_windows,
+            "seqlen": 512, "calibration": "wiki"}
+
+
+def paired_ratio_ci(nll_a: list[float], nll_b: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of ppl(a) / ppl(b) over windows resampled in pairs (same text)."""
+    import numpy as np
+
+    a, b = np.asarray(nll_a), np.asarray(nll_b)
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    ratios = np.exp(a[idx].mean(axis=1) - b[idx].mean(axis=1))
+    return float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975))
+
+
+def claim_check(rows: list[dict]) -> dict:
+    """The paper's claim on these rows: SE (K=16) vs SparseGPT at every sparsity, with a paired CI."""
+    def find(method: str, experts: int, sparsity: str) -> dict | None:
+        return next((r for r in rows if r["label"].count("(") == 0 and r["config"]["method"] == method
+                     and r["config"]["experts"] == experts and r["config"]["sparsity"] == sparsity), None)
+
+    out: dict = {"rows": []}
+    for sp in ("0.5", "0.7", "0.9", "2:4"):
+        se, sg = find("se", 16, sp), find("sparsegpt", 1, sp)
+        if not (se and sg):
+            continue
+        row = {"sparsity": sp, "sparsegpt": sg["wikitext2"]["perplexity"], "se16": se["wikitext2"]["perplexity"]}
+        row["ratio"] = row["se16"] / row["sparsegpt"]
+        row["relative_gap"] = 1 - row["ratio"]
+        a, b = se["wikitext2"].get("window_nll"), sg["wikitext2"].get("window_nll")
+        if a and b and len(a) == len(b):
+            row["ratio_ci95"] = paired_ratio_ci(a, b)
+        out["rows"].append(row)
+    by = {r["sparsity"]: r for r in out["rows"]}
+    for sp in ("0.7", "0.9"):
+        if sp in by:
+            out[f"se16_better_at_{sp}"] = by[sp]["ratio"] < 1
+    if "0.9" in by and "0.5" in by:
+        out["gap_at_0.9_larger_than_at_0.5"] = by["0.9"]["relative_gap"] > by["0.5"]["relative_gap"]
+    return out
+
+
+def claim_table(claim: dict) -> str:
+    lines = ["| sparsity | SparseGPT ppl | SE K=16 ppl | SE / SparseGPT | 95% CI (paired bootstrap) | relative gap |",
+             "|---|---:|---:|---:|---|---:|"]
+    for r in claim["rows"]:
+        ci = r.get("ratio_ci95")
+        lines.append(f"| {r['sparsity']} | {r['sparsegpt']:.2f} | {r['se16']:.2f} | {r['ratio']:.3f} | "
+                     f"{f'{ci[0]:.3f} - {ci[1]:.3f}' if ci else '-'} | {r['relative_gap']:.1%} |")
+    verdicts = [f"{k}: {'yes' if v else 'no'}" for k, v in claim.items() if k != "rows"]
+    return "\n".join(lines) + ("\n\n" + "; ".join(verdicts) if verdicts else "")
+
+
+def write_report(model: str, subset: tuple[int, int]) -> None:
+    """quality.json / quality.md: the grid on the window subset, the all-windows table, the claim."""
+    grid_rows = load_results(eval_setup_for(model, *subset))
+    full_rows = load_results(eval_setup_for(model, 0, subset[1]))
+    if not grid_rows and not full_rows:
         print("no cached results for this evaluation setting")
         return
-    summary = {"eval": eval_setup, "results": rows}
+    claims = {"subset": claim_check(grid_rows), "all_windows": claim_check(full_rows)}
+    summary = {"subset": {"eval": eval_setup_for(model, *subset), "results": grid_rows},
+               "all_windows": {"eval": eval_setup_for(model, 0, subset[1]), "results": full_rows}, "claim": claims}
     atomic_write_text(RESULTS / "quality.json", json.dumps(summary, indent=1))
-    table = markdown_table(rows)
-    atomic_write_text(RESULTS / "quality.md", table + "\n")
-    print(table)
-    for p in plots(rows, Path("docs")):
+    parts = [f"### Grid: first {subset[0]} WikiText-2 windows, {subset[1]} out-of-domain windows", "",
+             markdown_table(grid_rows) if grid_rows else "(none yet)", "",
+             "### All WikiText-2 windows", "", markdown_table(full_rows) if full_rows else "(none yet)", "",
+             "### The paper's claim (all windows)", "", claim_table(claims["all_windows"]), "",
+             f"### The paper's claim (first {subset[0]} windows)", "", claim_table(claims["subset"])]
+    text = "\n".join(parts) + "\n"
+    atomic_write_text(RESULTS / "quality.md", text)
+    print(text)
+    for p in plots(grid_rows, Path("docs")):
         print(f"wrote {p}")
 
 
@@ -290,7 +383,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--grid", action="append", choices=("main", "ablation"), default=None)
     parser.add_argument("--only", default=None, help="run only configurations whose label contains this")
-    parser.add_argument("--eval-windows", type=int, default=40, help="WikiText-2 windows (0: all)")
+    parser.add_argument("--eval-windows", type=int, default=SUBSET_WINDOWS, help="WikiText-2 windows (0: all)")
     parser.add_argument("--ood-windows", type=int, default=16, help="out-of-domain windows (0: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--report", action="store_true", help="only rebuild table, JSON and plots")
@@ -300,8 +393,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    eval_setup = {"model": args.model, "wikitext2_windows": args.eval_windows, "pydocs_windows": args.ood_windows,
-                  "seqlen": 512, "calibration": "wiki"}
+    eval_setup = eval_setup_for(args.model, args.eval_windows, args.ood_windows)
     for ckpt in args.from_checkpoint:
         cfg, _ = config_of_checkpoint(ckpt)
         key = cache_key(cfg, eval_setup)
@@ -321,12 +413,13 @@ def main() -> None:
             path = CACHE / f"{key}.json"
             if path.exists():
                 continue
-            print(f"[{i + 1}/{len(grid)}] {cfg.label}", flush=True)
-            report = run_config(cfg, args, eval_setup, key)
+            kept = checkpoint_dir(cfg, args.model)
+            print(f"[{i + 1}/{len(grid)}] {cfg.label}" + (f" <- {kept}" if is_checkpoint(kept) else ""), flush=True)
+            report = run_config(cfg, args, eval_setup, key, checkpoint=kept if is_checkpoint(kept) else None)
             atomic_write_text(path, json.dumps(report, indent=1))
             print(f"    wikitext2 ppl {report['wikitext2']['perplexity']:.2f}, pydocs {report['pydocs']['perplexity']:.2f}, "
                   f"{report['seconds']:.0f}s", flush=True)
-    write_report(eval_setup)
+    write_report(args.model, (SUBSET_WINDOWS, args.ood_windows))
 
 
 if __name__ == "__main__":

@@ -140,7 +140,8 @@ def evaluate(
     max_windows: Annotated[int | None, typer.Option(help="evaluate only the first N windows")] = None,
     allow_calibration_text: Annotated[bool, typer.Option(help="allow evaluating on the calibration text")] = False,
     cache_gb: Annotated[float, typer.Option(help="GB of decoded experts kept between windows (0: none)")] = 8.0,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    batch: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (with every window's NLL)")] = False,
 ) -> None:
     """Perplexity on non-overlapping windows (the standard protocol)."""
     from .checkpoint import is_checkpoint, read_manifest
@@ -158,7 +159,7 @@ def evaluate(
     loaded = load_model(model)
     windows = eval_windows(tokenize(loaded.tokenizer, body), seqlen, max_windows)
     with decoded_expert_cache(int(cache_gb * (1 << 30))):
-        result = perplexity(loaded.model, windows, show_progress=not as_json)
+        result = perplexity(loaded.model, windows, show_progress=not as_json, batch=batch)
     result = {"model": model, "text": body.name, **result}
     if as_json:
         print(json.dumps(result))

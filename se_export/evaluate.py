@@ -12,21 +12,24 @@ from .progress import progress_bar
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, show_progress: bool = True) -> dict:
-    """Mean next-token NLL of ``windows [W, L]`` and its exp; each window is its own context."""
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, show_progress: bool = True, batch: int = 1) -> dict:
+    """Mean next-token NLL of ``windows [W, L]`` and its exp; each window is its own context.
+
+    ``batch`` windows run per forward pass (more tokens per expert for expanded models, the same
+    result up to float rounding). ``window_nll`` keeps every window's mean NLL, so a prefix subset
+    or a paired comparison of two models can be computed later without re-running."""
     model.eval()
-    total_nll = 0.0
-    total_tokens = 0
+    per_window: list[float] = []
     start = time.perf_counter()
     with progress_bar(show_progress) as bar:
         task = bar.add_task("perplexity", total=windows.shape[0])
-        for window in windows:
-            logits = model(window.unsqueeze(0), use_cache=False).logits[0, :-1].float()
-            nll = F.cross_entropy(logits, window[1:], reduction="sum")
-            total_nll += float(nll)
-            total_tokens += window.numel() - 1
-            bar.update(task, advance=1, description=f"perplexity {math.exp(total_nll / total_tokens):.2f}")
-    mean = total_nll / max(1, total_tokens)
+        for chunk in windows.split(max(1, batch)):
+            logits = model(chunk, use_cache=False).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none").mean(dim=1)
+            per_window += [float(v) for v in nll]
+            bar.update(task, advance=chunk.shape[0],
+                       description=f"perplexity {math.exp(sum(per_window) / len(per_window)):.2f}")
+    mean = sum(per_window) / max(1, len(per_window))  # equal-length windows: mean over windows = over tokens
     return {"perplexity": math.exp(mean), "nll": mean, "windows": int(windows.shape[0]),
-            "seqlen": int(windows.shape[1]), "tokens": total_tokens,
-            "seconds": round(time.perf_counter() - start, 2)}
+            "seqlen": int(windows.shape[1]), "tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
+            "seconds": round(time.perf_counter() - start, 2), "window_nll": per_window}
