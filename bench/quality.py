@@ -236,8 +236,15 @@ def markdown_table(rows: list[dict]) -> str:
         rel = f"{ppl / dense['wikitext2']['perplexity']:.2f}x" if dense else "-"
         lines.append(f"| {r['label']} | {ppl:.2f} | {rel} | {r['pydocs']['perplexity']:.2f} | "
                      f"{r['active_weights_per_token'] / 1e6:.2f} M ({r['active_fraction']:.0%}) | "
-                     f"{r['stored_mlp_bytes'] / 1e6:.1f} | {largest_cluster(r)} | {r.get('expand_seconds') or 0:.0f} |")
+                     f"{r['stored_mlp_bytes'] / 1e6:.1f} | {largest_cluster(r)} | {expand_time(r)} |")
     return "\n".join(lines)
+
+
+def expand_time(row: dict) -> str:
+    """Expansion seconds; a resumed expansion only timed the layers it did in its last run."""
+    seconds = row.get("expand_seconds") or 0
+    resumed = row.get("resumed_layers") or 0
+    return f"{seconds:.0f}" + (f" ({resumed} layers resumed)" if resumed else "")
 
 
 def largest_cluster(row: dict) -> str:

@@ -69,6 +69,20 @@ def shared_routing() -> Iterator[None]:
         _SHARED_ROUTING = previous
 
 
+def shared_expert_ids(router_group: str, x: torch.Tensor) -> torch.Tensor | None:
+    """Routing computed for this very input by another linear of the group (``shared_routing``)."""
+    if _SHARED_ROUTING is None or not router_group:
+        return None
+    hit = _SHARED_ROUTING.get(router_group)
+    return hit[1] if hit is not None and hit[0] is x else None
+
+
+def remember_expert_ids(router_group: str, x: torch.Tensor, ids: torch.Tensor) -> None:
+    """Offer this input's routing to the next linear of the group (inside ``shared_routing``)."""
+    if _SHARED_ROUTING is not None and router_group:
+        _SHARED_ROUTING[router_group] = (x, ids)
+
+
 @contextlib.contextmanager
 def decoded_expert_cache(max_bytes: int) -> Iterator[None]:
     """Within the block, keep up to ``max_bytes`` of decoded experts between forward calls."""
@@ -158,15 +172,10 @@ class RoutedSparseLinear(nn.Module):
         return bound[1]
 
     def shared_expert_ids(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Routing computed for this input by another layer of the group (see ``shared_routing``)."""
-        if _SHARED_ROUTING is None or not self.router_group:
-            return None
-        hit = _SHARED_ROUTING.get(self.router_group)
-        return hit[1] if hit is not None and hit[0] is x else None
+        return shared_expert_ids(self.router_group, x)
 
     def remember_expert_ids(self, x: torch.Tensor, ids: torch.Tensor) -> None:
-        if _SHARED_ROUTING is not None and self.router_group:
-            _SHARED_ROUTING[self.router_group] = (x, ids)
+        remember_expert_ids(self.router_group, x, ids)
 
     def meta(self) -> dict:
         """What a checkpoint manifest records to rebuild this module (tensors go separately)."""

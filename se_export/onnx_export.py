@@ -134,16 +134,15 @@ class PortableRoutedLinear(nn.Module):
         return torch.where(mask, picked.to(torch.float32), 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .modules import _SHARED_ROUTING
+        from .modules import remember_expert_ids, shared_expert_ids
 
         flat = x.reshape(-1, self.in_features).to(torch.float32)
-        hit = None if _SHARED_ROUTING is None else _SHARED_ROUTING.get(self.router_group)
-        if hit is not None and hit[0] is x:
-            ids = hit[1].reshape(-1).to(torch.int64)
+        given = shared_expert_ids(self.router_group, x)
+        if given is not None:
+            ids = given.reshape(-1).to(torch.int64)
         else:
             ids = torch.argmin(flat @ self.router_weight + self.router_bias, dim=-1)
-            if _SHARED_ROUTING is not None and self.router_group:
-                _SHARED_ROUTING[self.router_group] = (x, ids)
+            remember_expert_ids(self.router_group, x, ids)
         y = torch.matmul(self.routed_weights(ids), flat.unsqueeze(-1)).squeeze(-1)
         if self.bias is not None:
             y = y + self.bias[ids]
