@@ -9,7 +9,8 @@ so every backend can find a row without a prefix scan. They differ in how column
 * ``csr16``: ``indices`` is int16 ``[nnz]`` holding unsigned 16-bit column numbers. Costs
   16 bits per kept weight: cheaper at very high sparsity.
 
-``auto`` picks whichever stores fewer bytes. A kept weight whose value happens to be zero stays
+``auto`` picks the format the CPU kernel runs faster (csr16 at most 20% dense, else the smaller
+one; see ``choose_format``). A kept weight whose value happens to be zero stays
 stored: the pattern is the mask, not the values, so sparsity counts are exact.
 """
 
@@ -112,10 +113,22 @@ def packed_nbytes(fmt: str, k: int, out: int, inn: int, nnz: int, value_bytes: i
     raise SEError(f"unknown sparse format '{fmt}': expected auto or one of {FORMATS}")
 
 
+CSR16_MAX_DENSITY = 0.2  # at or below: csr16 even where the bitmap is smaller (see choose_format)
+
+
 def choose_format(k: int, out: int, inn: int, nnz: int, value_bytes: int) -> str:
-    """The format with the fewest bytes; csr16 only where column numbers fit 16 bits."""
-    options = ["bitmap"] + (["csr16"] if inn <= 65536 else [])
-    return min(options, key=lambda f: packed_nbytes(f, k, out, inn, nnz, value_bytes))
+    """``--format auto``: the format the CPU kernel runs faster, by measurement.
+
+    bench/kernels.py (dense and both formats timed in turn; BENCHMARKS.md, CPU kernels): at 90%
+    sparsity csr16 decodes a batch-1 row 2.2-2.8x faster than the bitmap (4096x11008: 2.2 vs 4.8 ms
+    at fp16, 2.2 vs 6.1 ms at fp32) for ~23% more bytes, so experts at most 20% dense take csr16;
+    denser ones take the smaller format (the bitmap at 50%, 2:4 and fp16 70%; at fp32 70% the two
+    run within 7% and the bitmap is 26% smaller). csr16 needs in_features <= 65536."""
+    if inn > 65536:
+        return "bitmap"
+    if nnz <= CSR16_MAX_DENSITY * k * out * inn:
+        return "csr16"
+    return min(("bitmap", "csr16"), key=lambda f: packed_nbytes(f, k, out, inn, nnz, value_bytes))
 
 
 def pack_experts(

@@ -41,12 +41,19 @@ def test_bitmap_bit_order_is_lsb_first():
     assert torch.equal(bitmap_to_mask(bits, 10), mask)
 
 
-def test_auto_picks_csr16_only_when_it_is_smaller():
+def test_auto_picks_the_measured_faster_format():
     weight = torch.randn(2, 64, 256)
     dense_ish = pack_experts(weight, torch.rand(2, 64, 256) < 0.5, "auto")
+    sparse = pack_experts(weight, torch.rand(2, 64, 256) < 0.15, "auto")
     very_sparse = pack_experts(weight, torch.rand(2, 64, 256) < 0.03, "auto")
     assert dense_ish.format == "bitmap"
+    # 15% dense: the bitmap is smaller (2 + 1/(8 x 0.15) bytes per kept weight vs 4) but slower
+    assert packed_nbytes("bitmap", 2, 64, 256, sparse.nnz, 2) < packed_nbytes("csr16", 2, 64, 256, sparse.nnz, 2)
+    assert sparse.format == "csr16"
     assert very_sparse.format == "csr16"
+    wide = torch.zeros(1, 1, 70000, dtype=torch.bool)  # columns beyond 16 bits: bitmap whatever the density
+    wide[0, 0, :10] = True
+    assert pack_experts(torch.ones(1, 1, 70000), wide, "auto").format == "bitmap"
     # at fp16 and 50% density the bitmap costs 2 + 2/8... bytes per kept weight plus row pointers
     per_kept = (dense_ish.nbytes() - 2 * 64 * 4) / dense_ish.nnz
     assert per_kept == pytest.approx(2 + 256 / 8 / (dense_ish.nnz / 128), rel=1e-6)
