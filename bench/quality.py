@@ -101,14 +101,19 @@ def checkpoint_dir(cfg: Config, model: str) -> Path:
 
 
 def mlp_accounting(model: torch.nn.Module, dense_linears: dict[str, tuple[int, int]]) -> dict:
-    """Active MLP weights per token (chosen expert's kept weights + router) and stored bytes."""
+    """Active MLP weights per token (chosen expert's kept weights + router) and stored bytes
+    (the smaller of the two formats, so every grid point is priced the same way)."""
+    from se_export.sparse_format import packed_nbytes
+
     active, stored, router_bytes = 0.0, 0, 0
     for name, (out_f, in_f) in dense_linears.items():
         module = model.get_submodule(name)
         if isinstance(module, RoutedSparseLinear):
             k = module.num_experts
             active += module.values.numel() / k + (in_f * k if k > 1 else 0)
-            stored += module.packed().nbytes()
+            # the compact storage's price whatever format --format auto chose for speed
+            stored += min(packed_nbytes(f, k, module.out_features, module.in_features, module.values.numel(),
+                                        module.values.element_size()) for f in ("bitmap", "csr16"))
             router_bytes += (module.router_weight.numel() + module.router_bias.numel()) * 4 if k > 1 else 0
         else:
             active += out_f * in_f
