@@ -172,6 +172,7 @@ def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path |
         manifest = read_manifest(checkpoint)
         exp = json.loads((checkpoint / "expand_report.json").read_text())
         report["expand_seconds"] = manifest.get("expansion", {}).get("seconds")
+        report["resumed_layers"] = manifest.get("expansion", {}).get("resumed_layers", 0)
         report["router"] = router_summary(exp["layers"])
         errors = [e for rep in exp["layers"] for g in rep["groups"] for e in g["reconstruction_error"]]
         report["reconstruction_error_mean"] = sum(errors) / len(errors)
