@@ -6,10 +6,11 @@
 //  * more tokens (prefill): the group's activations are transposed to [in, tokens] so every kept
 //    weight is broadcast once and multiplied into a tile of up to 32 tokens (vector FMAs).
 // Work items (expert group x block of rows) are spread over an OpenMP team or the host's thread
-// pool (se_routed_sparse_matmul_on: ONNX Runtime's intra-op pool); small problems run serially. On x86 an AVX2/FMA/F16C
-// path is chosen at run time (bitmaps are expanded with a 256-entry permutation table, csr16 uses
-// gathers); every other machine (aarch64 included) runs the portable path, which the compiler
-// vectorizes over the token tile.
+// pool (se_routed_sparse_matmul_on: ONNX Runtime's intra-op pool); small problems run serially.
+// On x86 an AVX2/FMA/F16C path is chosen at run time (bitmap bytes expand 8 values with a
+// 256-entry table: a permutation for fp32 values, a pshufb for 16-bit ones; csr16 uses gathers);
+// every other machine (aarch64 included) runs the portable path, which the compiler vectorizes
+// over the token tile.
 #include "se_kernels.h"
 #include "se_half.h"
 
