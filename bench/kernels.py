@@ -46,8 +46,9 @@ def time_rounds(fns: dict, min_time: float = 0.3, max_rounds: int = 50) -> dict[
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
-    while (len(times[next(iter(fns))]) < 5
-           or (time.perf_counter() - start < min_time * len(fns) and len(times[next(iter(fns))]) < max_rounds)):
+    rounds = 0
+    while rounds < 5 or (time.perf_counter() - start < min_time * len(fns) and rounds < max_rounds):
+        rounds += 1
         for name, fn in fns.items():
             t = time.perf_counter()
             fn()
