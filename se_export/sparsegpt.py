@@ -164,11 +164,12 @@ def sparsegpt_prune(
 def reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, hessians: torch.Tensor) -> list[float]:
     """Relative output error ``||X (W_k - W)^T||^2 / ||X W^T||^2`` per expert, from ``X^T X``.
 
-    Uses the (undamped) Hessians, so no activations have to be kept.
+    Uses the (undamped) Hessians, so no activations have to be kept. The denominator is
+    ``<H_k, W^T W>`` (one ``[in, in]`` Gram for all experts instead of one product per expert).
     """
-    dense = dense.float().expand_as(pruned)
+    dense = dense.float()
     h = hessians.float()
     diff = pruned.float() - dense
     num = ((diff @ h) * diff).sum((1, 2)).double()
-    den = ((dense @ h) * dense).sum((1, 2)).double()
+    den = (h * (dense.t() @ dense)).sum((1, 2)).double()
     return (num / den.clamp(min=1e-30)).tolist()
