@@ -22,20 +22,25 @@ class MlpAdapter:
     linears in one group read the same input and share one router. ``mlp`` is the module whose
     input is the first group's input (None if the layer has no such module, as in OPT), which
     lets later groups be calibrated by re-running only the MLP. ``conv1d`` marks GPT-2's
-    transposed Conv1D weights.
+    transposed Conv1D weights. ``residual`` names the module whose input is the residual stream
+    the MLP output is added to (layer output = that input + MLP output, nothing after it), so
+    the expansion can build the next layer's input from captured activations instead of running
+    the layer again; None where the layer does more (post-MLP norms, parallel or scaled residuals).
     """
 
     layers: str
     groups: tuple[tuple[str, ...], ...]
     mlp: str | None = "mlp"
     conv1d: bool = False
+    residual: str | None = None
 
 
 _GATED = MlpAdapter("model.layers", (("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)))
+_GATED_PRE_NORM = MlpAdapter("model.layers", _GATED.groups, residual="post_attention_layernorm")
 
 ADAPTERS: dict[str, MlpAdapter] = {
-    **{t: _GATED for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                           "olmo", "olmo2", "granite", "smollm3", "cohere", "helium")},
+    **{t: _GATED_PRE_NORM for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "smollm3")},
+    **{t: _GATED for t in ("gemma2", "gemma3_text", "olmo", "olmo2", "granite", "cohere", "helium")},
     "gpt_neox": MlpAdapter("gpt_neox.layers", (("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",))),
     "opt": MlpAdapter("model.decoder.layers", (("fc1",), ("fc2",)), mlp=None),
     "gpt2": MlpAdapter("transformer.h", (("mlp.c_fc",), ("mlp.c_proj",)), conv1d=True),

@@ -8,7 +8,10 @@ For each decoder layer, only that layer's calibration activations are live:
    expert with SparseGPT (batched over experts), install ``RoutedSparseLinear`` modules;
 3. the next group's input is produced by the *expanded* previous group ("true sequential",
    default) or by the dense one (``true_sequential=False``, what the official code does);
-4. run the expanded layer to produce the next layer's inputs.
+4. produce the next layer's inputs: where the adapter names the residual stream the MLP adds
+   to, from captured activations (residual + expanded MLP on the captured MLP input, reusing
+   the last group's calibration input in true-sequential mode; checked against a full layer
+   pass on the first chunk), otherwise by running the expanded layer again.
 
 After every layer its modules and report are written to ``<out>/.se-partial`` (atomically), so
 an interrupted run resumes from the last finished layer with an identical result.
@@ -22,6 +25,7 @@ import hashlib
 import json
 import resource
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -154,6 +158,44 @@ def capture_input(target: nn.Module, run: Callable[[], object]) -> torch.Tensor:
     if not grabbed:
         raise RuntimeError(f"{type(target).__name__} was not called; the architecture adapter is wrong")
     return grabbed[0]
+
+
+def capture_inputs(targets: list[nn.Module], run: Callable[[], object]) -> list[torch.Tensor]:
+    """Inputs of every module in ``targets`` (flattened to [tokens, features]) while ``run()``
+    executes; stops at the last target, which must be called last."""
+    grabbed: dict[int, torch.Tensor] = {}
+
+    def hook(i: int):
+        def grab(_module, args):
+            grabbed[i] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if i == len(targets) - 1:
+                raise _Stop
+        return grab
+
+    handles = [t.register_forward_pre_hook(hook(i)) for i, t in enumerate(targets)]
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(grabbed) < len(targets):
+        missing = [type(targets[i]).__name__ for i in range(len(targets)) if i not in grabbed]
+        raise RuntimeError(f"{', '.join(missing)} not called before the MLP; the architecture adapter is wrong")
+    return [grabbed[i] for i in range(len(targets))]
+
+
+@dataclass
+class LayerCapture:
+    """Activations of one layer kept for building the next layer's input without a layer pass."""
+
+    residual: torch.Tensor  # [tokens, hidden]: what the MLP output is added to
+    mlp_input: torch.Tensor  # [tokens, in]: the first group's input
+    last_input: torch.Tensor | None = None  # [tokens, in]: the expanded last group's input
+
+
+_REUSE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}  # relative to the output's largest value
 
 
 def _group_seed(seed: int, layer: int, group: int) -> int:
@@ -315,6 +357,7 @@ def expand_model(
     result = ExpandResult()
 
     states, kwargs_list = capture_decoder_inputs(model, layers, calib, cfg.batch_size)
+    reuse = adapter.residual is not None and adapter.mlp is not None and len(adapter.groups[-1]) == 1
     with progress_bar(show_progress) as bar:
         task = bar.add_task("expanding", total=last + 1)
         for index in range(last + 1):
@@ -323,20 +366,25 @@ def expand_model(
             bar.update(task, description=f"layer {index}/{last}")
             if index in selected:
                 loaded = _load_partial_layer(workdir, index, prefix) if workdir else None
+                capture = None
                 if loaded is not None:
                     modules, report = loaded
                     for name, module in modules.items():
                         set_submodule(layer, name, module)
                     result.resumed_layers += 1
                 else:
-                    report = _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter, bar)
+                    report, capture = _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter, bar)
                     modules = {n: layer.get_submodule(n) for g in adapter.groups for n in g}
                     if workdir:
                         _save_partial_layer(workdir, index, prefix, modules, report)
                 result.layers.append(report)
             if index < last:
                 with decoded_expert_cache(_LAYER_CACHE_BYTES):
-                    states = [layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs_list, strict=True)]
+                    if index in selected and reuse:
+                        states, reuse = next_layer_states(layer, adapter, states, kwargs_list, capture)
+                    else:
+                        states = [layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs_list, strict=True)]
+                capture = None
             gc.collect()
             bar.update(task, advance=1)
             if stop_after_layer is not None and index >= stop_after_layer and index < last:
@@ -346,7 +394,48 @@ def expand_model(
     return result
 
 
-def _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter: MlpAdapter, bar) -> dict:
+def _capture_mlp_input(layer, adapter: MlpAdapter, states, kwargs_list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first group's input and (where the adapter names it) the residual the MLP adds to,
+    from one run of the layer up to the MLP."""
+    first_linear = layer.get_submodule(adapter.groups[0][0])
+    if adapter.residual is None:
+        return torch.cat([capture_input(first_linear, lambda h=h, kw=kw: layer(h, **kw))
+                          for h, kw in zip(states, kwargs_list, strict=True)]), None
+    targets = [layer.get_submodule(adapter.residual), first_linear]
+    parts = [capture_inputs(targets, lambda h=h, kw=kw: layer(h, **kw)) for h, kw in zip(states, kwargs_list, strict=True)]
+    return torch.cat([p[1] for p in parts]), torch.cat([p[0] for p in parts])
+
+
+def next_layer_states(layer, adapter: MlpAdapter, states: list[torch.Tensor], kwargs_list: list[dict],
+                      capture: LayerCapture | None) -> tuple[list[torch.Tensor], bool]:
+    """The expanded layer's outputs (the next layer's inputs) as residual + expanded MLP, without
+    running attention again; returns ``(states, ok)``. The first chunk is checked against a full
+    layer pass: if the adapter's residual claim does not hold, the full pass is used (ok=False)."""
+    if capture is None:  # a resumed layer: capture exactly what an uninterrupted run keeps
+        mlp_input, residual = _capture_mlp_input(layer, adapter, states, kwargs_list)
+        capture = LayerCapture(residual, mlp_input)
+    last = layer.get_submodule(adapter.groups[-1][0])
+    act = capture.last_input
+    if act is None:
+        act = _group_input(layer, adapter, len(adapter.groups) - 1, capture.mlp_input, None)
+    mlp_out = torch.cat([last(c) for c in act.split(8192)])
+    flat = capture.residual + mlp_out
+    out, row = [], 0
+    for h in states:
+        n = h.numel() // h.shape[-1]
+        out.append(flat[row:row + n].reshape(h.shape).to(h.dtype))
+        row += n
+    reference = layer_output(layer(states[0], **kwargs_list[0]))
+    tolerance = _REUSE_TOLERANCE.get(reference.dtype, 2e-2) * reference.abs().max().clamp_min(1.0)
+    if (out[0] - reference).abs().max() <= tolerance:
+        return out, True
+    warnings.warn(f"{type(layer).__name__}: residual + MLP differs from the layer's output; the adapter's "
+                  f"'residual' entry is wrong for this model, running full layer passes instead", stacklevel=2)
+    return [layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs_list, strict=True)], False
+
+
+def _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter: MlpAdapter,
+                  bar) -> tuple[dict, LayerCapture | None]:
     layer_start = time.perf_counter()
     groups = adapter.groups
 
@@ -355,8 +444,8 @@ def _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter:
                  for h, kw in zip(states, kwargs_list, strict=True)]
         return torch.cat(parts)
 
-    first_linear = layer.get_submodule(groups[0][0])
-    inputs = {0: run_layer_to(first_linear)}
+    first_input, residual = _capture_mlp_input(layer, adapter, states, kwargs_list)
+    inputs = {0: first_input}
     if not cfg.true_sequential:  # every group calibrated on the dense layer's activations
         for g in range(1, len(groups)):
             inputs[g] = _group_input(layer, adapter, g, inputs[0], run_layer_to)
@@ -366,13 +455,15 @@ def _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter:
             with decoded_expert_cache(_LAYER_CACHE_BYTES):
                 inputs[g] = _group_input(layer, adapter, g, inputs[0], run_layer_to)
         modules, report = expand_group(layer, index, g, names, inputs[g], cfg, spec, adapter, prefix)
+        last_input = inputs[g] if g == len(groups) - 1 and cfg.true_sequential else None
         if g:
             del inputs[g]
         for name, module in modules.items():
             set_submodule(layer, name, module)
         reports.append(report)
+    capture = None if residual is None else LayerCapture(residual, inputs[0], last_input)
     return {"layer": index, "groups": reports, "true_sequential": cfg.true_sequential,
-            "seconds": round(time.perf_counter() - layer_start, 3)}
+            "seconds": round(time.perf_counter() - layer_start, 3)}, capture
 
 
 def _group_input(layer, adapter: MlpAdapter, g: int, first_input: torch.Tensor, run_layer_to) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,8 @@ from conftest import build_tiny_model
 from safetensors.torch import load_file
 
 import se_export
+import se_export.expand as expand_mod
+from se_export.adapters import ADAPTERS
 from se_export.checkpoint import MANIFEST, WEIGHTS, save_checkpoint
 from se_export.data import Text, calibration_windows, tokenize
 from se_export.errors import SEError
@@ -163,3 +166,43 @@ def test_zero_sparsity_expansion_reproduces_the_dense_model(family, tiny_tokeniz
     dense = build_tiny_model(family, tiny_tokenizer)(x).logits
     model, _ = _expand(family, tiny_tokenizer, calib, sparsity="0", value_dtype="fp32", experts=2)
     assert torch.allclose(model(x).logits, dense, atol=1e-4)
+
+
+@pytest.mark.parametrize(("family", "true_sequential"), [("llama", True), ("llama", False), ("qwen2", True),
+                                                         ("mistral", True), ("gemma", True)])
+def test_next_layer_inputs_from_captures_equal_a_full_layer_pass(family, true_sequential, tiny_tokenizer, calib,
+                                                                 monkeypatch):
+    """Where the adapter names the residual, the next layer's inputs are residual + expanded MLP:
+    every chunk must equal what running the expanded layer gives, for kept and recomputed captures."""
+    checked = []
+    original = expand_mod.next_layer_states
+
+    def compare(layer, adapter, states, kwargs_list, capture):
+        out, ok = original(layer, adapter, states, kwargs_list, capture)
+        full = [expand_mod.layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs_list, strict=True)]
+        assert ok
+        for a, b in zip(out, full, strict=True):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+        # a resumed layer recomputes the captures: same bits as the kept ones
+        again, _ = original(layer, adapter, states, kwargs_list, None)
+        assert all(torch.equal(a, b) for a, b in zip(out, again, strict=True))
+        checked.append(capture is not None)
+        return out, ok
+
+    monkeypatch.setattr(expand_mod, "next_layer_states", compare)
+    model, _ = _expand(family, tiny_tokenizer, calib, true_sequential=true_sequential)
+    assert checked and all(checked)
+    assert len(checked) == model.config.num_hidden_layers - 1
+
+
+def test_wrong_residual_entry_falls_back_to_layer_passes(tiny_tokenizer, calib, monkeypatch):
+    """GPT-NeoX adds attention and MLP to the layer input in parallel: claiming its MLP norm's input
+    is the whole residual is wrong, must be detected on the first chunk, warned about, and the
+    result must equal the expansion that always runs full layer passes."""
+    reference, _ = _expand("gpt_neox", tiny_tokenizer, calib)
+    wrong = dataclasses.replace(ADAPTERS["gpt_neox"], residual="post_attention_layernorm")
+    monkeypatch.setitem(ADAPTERS, "gpt_neox", wrong)
+    with pytest.warns(UserWarning, match="residual"):
+        model, _ = _expand("gpt_neox", tiny_tokenizer, calib)
+    sr, sm = reference.state_dict(), model.state_dict()
+    assert all(torch.equal(sr[k], sm[k]) for k in sr)
