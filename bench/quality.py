@@ -185,7 +185,7 @@ def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path |
         work = WORK / key
         workdir = prepare_workdir(work, key, resume=(work / PARTIAL_DIR).is_dir())
         result = expand_model(model, calib, ecfg, workdir=workdir, show_progress=not args.quiet)
-        keep_checkpoint(cfg, args.model, loaded, result, work)
+        keep_checkpoint(cfg, args.model, loaded, ecfg, result, work)
         report["expand_seconds"] = result.seconds
         report["resumed_layers"] = result.resumed_layers
         report["router"] = router_summary(result.layers)
@@ -204,19 +204,13 @@ def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path |
     return report
 
 
-def keep_checkpoint(cfg: Config, model_name: str, loaded, result, work: Path) -> None:
+def keep_checkpoint(cfg: Config, model_name: str, loaded, expand_cfg, result, work: Path) -> None:
     """Save the expanded grid point as an se-export checkpoint (then drop its resumable state)."""
-    from se_export.checkpoint import save_checkpoint
+    from se_export.checkpoint import save_expansion
 
-    out = checkpoint_dir(cfg, model_name)
-    info = {"base_model": loaded.source, "method": cfg.method, "experts": cfg.experts, "sparsity": cfg.sparsity,
-            "allocation": "uniform", "pca_factor": cfg.pca_factor, "true_sequential": cfg.true_sequential,
-            "value_dtype": "fp16", "calibration": {"source": "wiki", "samples": cfg.calib_samples,
-                                                   "seqlen": cfg.seqlen, "seed": cfg.seed},
-            "expansion": {"seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
-                          "resumed_layers": result.resumed_layers}}
-    save_checkpoint(loaded.model, loaded.tokenizer, out, info)
-    atomic_write_text(out / "expand_report.json", json.dumps({**info, "layers": result.layers}, indent=1))
+    calibration = {"source": "wiki", "samples": cfg.calib_samples, "seqlen": cfg.seqlen, "seed": cfg.seed}
+    save_expansion(loaded.model, loaded.tokenizer, checkpoint_dir(cfg, model_name), source=loaded.source,
+                   cfg=expand_cfg, calibration=calibration, result=result)
     shutil.rmtree(work, ignore_errors=True)  # the finished expansion's per-layer resumable state
 
 

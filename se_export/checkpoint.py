@@ -104,6 +104,33 @@ def save_checkpoint(model: nn.Module, tokenizer, out: Path, info: dict) -> dict:
     return manifest
 
 
+def expanded_stats(model: nn.Module) -> dict:
+    """Bytes of the stored experts vs the dense linears they replace (at fp32 and fp16)."""
+    mods = expanded_modules(model)
+    expert = sum(m.packed().nbytes() for m in mods.values())
+    router = sum(m.router_weight.numel() * 4 + m.router_bias.numel() * 4 for m in mods.values())
+    dense_params = sum(m.in_features * m.out_features for m in mods.values())
+    return {"expanded_linears": len(mods), "expert_bytes": expert, "router_bytes": router,
+            "dense_mlp_params": dense_params, "dense_mlp_bytes": dense_params * 4,
+            "dense_mlp_bytes_fp16": dense_params * 2,
+            "bytes_per_stored_weight": expert / max(1, sum(int(m.values.numel()) for m in mods.values()))}
+
+
+def save_expansion(model: nn.Module, tokenizer, out: Path, *, source: str, cfg, calibration: dict, result,
+                   allocation: str = "uniform") -> dict:
+    """Save an expanded model (``cfg``: the ExpandConfig, ``result``: its ExpandResult) with the
+    manifest info every producer writes the same way, plus ``expand_report.json``; return the info."""
+    info = {"base_model": source, "method": cfg.method, "experts": cfg.experts, "sparsity": str(cfg.check()),
+            "allocation": allocation, "experts_per_layer": cfg.experts_per_layer,
+            "pca_factor": cfg.pca_factor, "true_sequential": cfg.true_sequential, "value_dtype": cfg.value_dtype,
+            "calibration": calibration, "stats": expanded_stats(model),
+            "expansion": {"seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
+                          "resumed_layers": result.resumed_layers}}
+    save_checkpoint(model, tokenizer, out, info)
+    atomic_write_text(Path(out) / "expand_report.json", json.dumps({**info, "layers": result.layers}, indent=1))
+    return info
+
+
 def read_manifest(path: Path) -> dict:
     path = Path(path)
     try:

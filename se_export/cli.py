@@ -56,7 +56,7 @@ def expand(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Expand every MLP linear into K routed sparse experts and save a compact checkpoint."""
-    from .checkpoint import is_checkpoint, remove_partial, save_checkpoint
+    from .checkpoint import is_checkpoint, remove_partial, save_expansion
     from .data import calibration_windows, load_text, tokenize
     from .expand import PARTIAL_DIR, ExpandConfig, expand_model, prepare_workdir
     from .models import load_model
@@ -65,7 +65,7 @@ def expand(
                        sparsity=sparsity, pca_factor=pca_factor, seed=seed, true_sequential=true_sequential,
                        min_cluster_tokens=min_cluster_tokens, value_dtype=value_dtype, format=fmt,
                        layers=_parse_layers(layers))
-    spec = cfg.check()
+    cfg.check()
     if cfg.method == "se" and cfg.experts > calib_samples * seqlen:
         raise SEError(f"--experts {cfg.experts} is larger than the {calib_samples * seqlen} calibration tokens: "
                       "use fewer experts or more --calib-samples/--seqlen")
@@ -99,37 +99,14 @@ def expand(
     workdir = prepare_workdir(out, key, resume)
     t0 = time.perf_counter()
     result = expand_model(loaded.model, windows, cfg, workdir=workdir, show_progress=not quiet)
-    stats = checkpoint_stats(loaded.model)
-    info = {"base_model": loaded.source, "method": cfg.method, "experts": cfg.experts, "sparsity": str(spec),
-            "allocation": allocate, "experts_per_layer": cfg.experts_per_layer,
-            "pca_factor": cfg.pca_factor, "true_sequential": cfg.true_sequential, "value_dtype": cfg.value_dtype,
-            "calibration": calibration, "stats": stats,
-            "expansion": {"seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
-                          "resumed_layers": result.resumed_layers}}
-    save_checkpoint(loaded.model, loaded.tokenizer, out, info)
-    report = {**info, "layers": result.layers}
-    from .atomic import atomic_write_text
-
-    atomic_write_text(out / "expand_report.json", json.dumps(report, indent=1))
+    info = save_expansion(loaded.model, loaded.tokenizer, out, source=loaded.source, cfg=cfg,
+                          calibration=calibration, result=result, allocation=allocate)
+    stats = info["stats"]
     remove_partial(out)
     err.print(f"[green]expanded[/] {len(result.layers)} layers in {time.perf_counter() - t0:.1f}s "
               f"(peak RSS {result.peak_rss_mb:.0f} MB) -> {out}")
     err.print(f"MLP bytes: experts {stats['expert_bytes'] / 1e6:.1f} MB vs dense {stats['dense_mlp_bytes'] / 1e6:.1f} MB "
               f"(ratio {stats['expert_bytes'] / max(1, stats['dense_mlp_bytes']):.2f}); report: {out / 'expand_report.json'}")
-
-
-def checkpoint_stats(model) -> dict:
-    """Bytes of the stored experts vs the dense linears they replace (at fp32 and fp16)."""
-    from .checkpoint import expanded_modules
-
-    mods = expanded_modules(model)
-    expert = sum(m.packed().nbytes() for m in mods.values())
-    router = sum(m.router_weight.numel() * 4 + m.router_bias.numel() * 4 for m in mods.values())
-    dense_params = sum(m.in_features * m.out_features for m in mods.values())
-    return {"expanded_linears": len(mods), "expert_bytes": expert, "router_bytes": router,
-            "dense_mlp_params": dense_params, "dense_mlp_bytes": dense_params * 4,
-            "dense_mlp_bytes_fp16": dense_params * 2,
-            "bytes_per_stored_weight": expert / max(1, sum(int(m.values.numel()) for m in mods.values()))}
 
 
 @app.command("eval")
