@@ -141,7 +141,11 @@ def router_summary(layers: list[dict]) -> dict:
     if not routers:
         return {}
     shares = [max(r["cluster_sizes"]) / sum(r["cluster_sizes"]) for r in routers]
-    return {"fold_agreement_min": min(r.get("fold_agreement", 1.0) for r in routers),
+    inference = [g["inference_routing_agreement"] for rep in layers for g in rep["groups"]
+                 if "inference_routing_agreement" in g]
+    measured = {"inference_routing_agreement_min": min(inference),
+                "inference_routing_agreement_mean": sum(inference) / len(inference)} if inference else {}
+    return {**measured, "fold_agreement_min": min(r.get("fold_agreement", 1.0) for r in routers),
             "fold_agreement_mean": sum(r.get("fold_agreement", 1.0) for r in routers) / len(routers),
             "largest_cluster_share_mean": sum(shares) / len(shares),
             "experts_after_merge_mean": sum(r["experts"] for r in routers) / len(routers),

@@ -456,14 +456,31 @@ def _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter:
                 inputs[g] = _group_input(layer, adapter, g, inputs[0], run_layer_to)
         modules, report = expand_group(layer, index, g, names, inputs[g], cfg, spec, adapter, prefix)
         last_input = inputs[g] if g == len(groups) - 1 and cfg.true_sequential else None
-        if g:
+        if g and cfg.true_sequential:
             del inputs[g]
         for name, module in modules.items():
             set_submodule(layer, name, module)
         reports.append(report)
+    if not cfg.true_sequential:  # routers fit on dense activations meet the expanded ones at inference
+        for g in range(1, len(groups)):
+            with decoded_expert_cache(_LAYER_CACHE_BYTES):
+                actual = _group_input(layer, adapter, g, inputs[0], run_layer_to)
+            router = layer.get_submodule(groups[g][0])
+            if cfg.method == "se":
+                reports[g]["inference_routing_agreement"] = routing_agreement(router, inputs.pop(g), actual)
+            if g == len(groups) - 1:
+                last_input = actual
     capture = None if residual is None else LayerCapture(residual, inputs[0], last_input)
     return {"layer": index, "groups": reports, "true_sequential": cfg.true_sequential,
             "seconds": round(time.perf_counter() - layer_start, 3)}, capture
+
+
+def routing_agreement(module: RoutedSparseLinear, calibrated_on: torch.Tensor, sees: torch.Tensor) -> float:
+    """Share of tokens the router sends to the same expert on the activations it was calibrated on
+    as on the activations it sees at inference (they differ when calibration used dense outputs)."""
+    def route(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.argmin(c @ module.router_weight + module.router_bias, 1) for c in x.split(8192)])
+    return float((route(calibrated_on) == route(sees)).float().mean())
 
 
 def _group_input(layer, adapter: MlpAdapter, g: int, first_input: torch.Tensor, run_layer_to) -> torch.Tensor:

@@ -206,3 +206,32 @@ def test_wrong_residual_entry_falls_back_to_layer_passes(tiny_tokenizer, calib, 
         model, _ = _expand("gpt_neox", tiny_tokenizer, calib)
     sr, sm = reference.state_dict(), model.state_dict()
     assert all(torch.equal(sr[k], sm[k]) for k in sr)
+
+
+def test_dense_output_calibration_reports_inference_routing_agreement(tiny_tokenizer, calib):
+    """With dense-output calibration the down projection's router is fit on dense activations but
+    sees the expanded gate/up's at inference: the reported agreement must equal the share of
+    tokens routed alike on both, recomputed here from two independent forward passes (layer 0)."""
+    dense_model = build_tiny_model("llama", tiny_tokenizer)
+    model, result = _expand("llama", tiny_tokenizer, calib, true_sequential=False)
+    _, seq_result = _expand("llama", tiny_tokenizer, calib)
+    assert all("inference_routing_agreement" not in g for r in seq_result.layers for g in r["groups"])
+
+    def down_input(m):
+        grabbed = []
+        handle = m.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+            lambda _mod, args: grabbed.append(args[0].reshape(-1, args[0].shape[-1])))
+        with torch.no_grad():
+            for chunk in calib.split(4):
+                m(chunk)
+        handle.remove()
+        return torch.cat(grabbed)
+
+    router = model.model.layers[0].mlp.down_proj
+
+    def route(x):
+        return torch.argmin(x @ router.router_weight + router.router_bias, 1)
+    expected = float((route(down_input(dense_model)) == route(down_input(model))).float().mean())
+    reported = result.layers[0]["groups"][1]["inference_routing_agreement"]
+    assert abs(reported - expected) <= 2 / calib.numel()
+    assert 0.0 < reported < 1.0  # pruned gate/up really move some tokens to another expert
