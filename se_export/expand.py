@@ -463,12 +463,15 @@ def _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter:
         reports.append(report)
     if not cfg.true_sequential:  # routers fit on dense activations meet the expanded ones at inference
         for g in range(1, len(groups)):
+            is_last = g == len(groups) - 1
+            if cfg.method != "se" and not (is_last and residual is not None):
+                continue
             with decoded_expert_cache(_LAYER_CACHE_BYTES):
                 actual = _group_input(layer, adapter, g, inputs[0], run_layer_to)
-            router = layer.get_submodule(groups[g][0])
             if cfg.method == "se":
+                router = layer.get_submodule(groups[g][0])
                 reports[g]["inference_routing_agreement"] = routing_agreement(router, inputs.pop(g), actual)
-            if g == len(groups) - 1:
+            if is_last:
                 last_input = actual
     capture = None if residual is None else LayerCapture(residual, inputs[0], last_input)
     return {"layer": index, "groups": reports, "true_sequential": cfg.true_sequential,

@@ -168,10 +168,11 @@ def test_zero_sparsity_expansion_reproduces_the_dense_model(family, tiny_tokeniz
     assert torch.allclose(model(x).logits, dense, atol=1e-4)
 
 
-@pytest.mark.parametrize(("family", "true_sequential"), [("llama", True), ("llama", False), ("qwen2", True),
-                                                         ("mistral", True), ("gemma", True)])
-def test_next_layer_inputs_from_captures_equal_a_full_layer_pass(family, true_sequential, tiny_tokenizer, calib,
-                                                                 monkeypatch):
+@pytest.mark.parametrize(("family", "true_sequential", "method"),
+                         [("llama", True, "se"), ("llama", False, "se"), ("llama", False, "sparsegpt"),
+                          ("qwen2", True, "se"), ("mistral", True, "se"), ("gemma", True, "se")])
+def test_next_layer_inputs_from_captures_equal_a_full_layer_pass(family, true_sequential, method, tiny_tokenizer,
+                                                                 calib, monkeypatch):
     """Where the adapter names the residual, the next layer's inputs are residual + expanded MLP:
     every chunk must equal what running the expanded layer gives, for kept and recomputed captures."""
     checked = []
@@ -190,7 +191,8 @@ def test_next_layer_inputs_from_captures_equal_a_full_layer_pass(family, true_se
         return out, ok
 
     monkeypatch.setattr(expand_mod, "next_layer_states", compare)
-    model, _ = _expand(family, tiny_tokenizer, calib, true_sequential=true_sequential)
+    model, _ = _expand(family, tiny_tokenizer, calib, true_sequential=true_sequential, method=method,
+                       experts=4 if method == "se" else 1)
     assert checked and all(checked)
     assert len(checked) == model.config.num_hidden_layers - 1
 
