@@ -316,6 +316,30 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     paths.append(out_dir / "quality_ppl_vs_bytes.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
+
+    by_sparsity: dict[str, list[tuple[int, float]]] = {}
+    for r in main:  # SparseGPT is Sparse Expansion with one expert
+        c = r["config"]
+        if c["method"] in ("se", "sparsegpt"):
+            by_sparsity.setdefault(c["sparsity"], []).append((c["experts"], r["wikitext2"]["perplexity"]))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for sparsity, pts in sorted(by_sparsity.items()):
+        if len(pts) > 1:
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"sparsity {sparsity}")
+    if dense:
+        ax.axhline(dense["wikitext2"]["perplexity"], color="k", ls="--", lw=1, label="dense")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks([1, 2, 4, 8, 16], ["1 (SparseGPT)", "2", "4", "8", "16"])
+    ax.set_xlabel("experts K per linear")
+    ax.set_ylabel("WikiText-2 perplexity (log)")
+    ax.set_title("More experts at the same sparsity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "quality_ppl_vs_experts.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
     return paths
 
 
