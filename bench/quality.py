@@ -308,14 +308,8 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
                    s=120, label="dense (fp16)", zorder=5)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("stored MLP bytes, MB (packed experts, fp16 values)")
-    ax.set_ylabel("WikiText-2 perplexity (log)")
-    ax.set_title("The memory price of experts")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / "quality_ppl_vs_bytes.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save_ppl_plot(fig, ax, "stored MLP bytes, MB (packed experts, fp16 values)",
+                                "The memory price of experts", out_dir / "quality_ppl_vs_bytes.png"))
 
     by_sparsity: dict[str, list[tuple[int, float]]] = {}
     for r in main:  # SparseGPT is Sparse Expansion with one expert
@@ -332,15 +326,23 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks([1, 2, 4, 8, 16], ["1 (SparseGPT)", "2", "4", "8", "16"])
-    ax.set_xlabel("experts K per linear")
+    paths.append(_save_ppl_plot(fig, ax, "experts K per linear", "More experts at the same sparsity",
+                                out_dir / "quality_ppl_vs_experts.png"))
+    return paths
+
+
+def _save_ppl_plot(fig, ax, xlabel: str, title: str, path: Path) -> Path:
+    """Label a perplexity plot the way all of them are labelled, write it, free it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("WikiText-2 perplexity (log)")
-    ax.set_title("More experts at the same sparsity")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out_dir / "quality_ppl_vs_experts.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return paths
+    return path
 
 
 def eval_setup_for(model: str, wikitext2_windows: int, pydocs_windows: int) -> dict:
