@@ -164,6 +164,13 @@ def config_of_checkpoint(path: Path) -> tuple[Config, dict]:
                   int(calib["samples"]), int(calib["seqlen"]), int(calib["seed"])), m
 
 
+def expansion_summary(seconds: float | None, resumed_layers: int, layers: list[dict]) -> dict:
+    """What a grid row records of its expansion, whether just run or read from a checkpoint."""
+    errors = [e for rep in layers for g in rep["groups"] for e in g["reconstruction_error"]]
+    return {"expand_seconds": seconds, "resumed_layers": resumed_layers, "router": router_summary(layers),
+            "reconstruction_error_mean": sum(errors) / len(errors)}
+
+
 def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path | None = None) -> dict:
     start = time.perf_counter()
     loaded = load_model(str(checkpoint) if checkpoint else args.model)
@@ -175,11 +182,8 @@ def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path |
 
         manifest = read_manifest(checkpoint)
         exp = json.loads((checkpoint / "expand_report.json").read_text())
-        report["expand_seconds"] = manifest.get("expansion", {}).get("seconds")
-        report["resumed_layers"] = manifest.get("expansion", {}).get("resumed_layers", 0)
-        report["router"] = router_summary(exp["layers"])
-        errors = [e for rep in exp["layers"] for g in rep["groups"] for e in g["reconstruction_error"]]
-        report["reconstruction_error_mean"] = sum(errors) / len(errors)
+        expansion = manifest.get("expansion", {})
+        report.update(expansion_summary(expansion.get("seconds"), expansion.get("resumed_layers", 0), exp["layers"]))
         report["from_checkpoint"] = str(checkpoint)
     elif cfg.method != "dense":
         text = load_text("wiki")
@@ -190,11 +194,7 @@ def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path |
         workdir = prepare_workdir(work, key, resume=(work / PARTIAL_DIR).is_dir())
         result = expand_model(model, calib, ecfg, workdir=workdir, show_progress=not args.quiet)
         keep_checkpoint(cfg, args.model, loaded, ecfg, result, work)
-        report["expand_seconds"] = result.seconds
-        report["resumed_layers"] = result.resumed_layers
-        report["router"] = router_summary(result.layers)
-        errors = [e for rep in result.layers for g in rep["groups"] for e in g["reconstruction_error"]]
-        report["reconstruction_error_mean"] = sum(errors) / len(errors)
+        report.update(expansion_summary(result.seconds, result.resumed_layers, result.layers))
     if checkpoint is not None:
         linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, RoutedSparseLinear)}
     report.update(mlp_accounting(model, linears))
