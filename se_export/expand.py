@@ -373,7 +373,7 @@ def expand_model(
                         set_submodule(layer, name, module)
                     result.resumed_layers += 1
                 else:
-                    report, capture = _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter, bar)
+                    report, capture = _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter)
                     modules = {n: layer.get_submodule(n) for g in adapter.groups for n in g}
                     if workdir:
                         _save_partial_layer(workdir, index, prefix, modules, report)
@@ -434,8 +434,8 @@ def next_layer_states(layer, adapter: MlpAdapter, states: list[torch.Tensor], kw
     return [layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs_list, strict=True)], False
 
 
-def _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter: MlpAdapter,
-                  bar) -> tuple[dict, LayerCapture | None]:
+def _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec,
+                  adapter: MlpAdapter) -> tuple[dict, LayerCapture | None]:
     layer_start = time.perf_counter()
     groups = adapter.groups
 
