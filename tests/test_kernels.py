@@ -92,6 +92,26 @@ def test_router_kernel_matches_float64_argmin(seed, k, inn, tokens, xdtype):
     assert float(gap.max()) <= 1e-5 * (1 + float(scores.abs().max()))
 
 
+@pytest.mark.parametrize("vdtype", VALUE_DTYPES)
+@pytest.mark.parametrize("tokens", [1, 2, 40])
+def test_every_mask_byte_expands_correctly(vdtype, tokens):
+    """Each row holds all 256 bitmap bytes (shuffled), so every entry of the byte-expansion tables
+    is used in the decode (1-2 tokens) and prefill paths; columns 2048 + 5 leave a tail."""
+    gen = torch.Generator().manual_seed(7)
+    out, k = 12, 2
+    bits = torch.stack([torch.randperm(256, generator=gen) for _ in range(k * out)]).reshape(k, out, 256)
+    mask = ((bits[..., None] >> torch.arange(8)) & 1).bool().reshape(k, out, 2048)
+    mask = torch.cat([mask, torch.rand(k, out, 5, generator=gen) < 0.5], dim=2)
+    weights = (torch.randn(k, out, 2053, generator=gen) * mask).to(vdtype)
+    packed = pack_experts(weights.float(), mask, "bitmap", vdtype)
+    x = torch.randn(tokens, 2053, generator=gen)
+    ids = torch.randint(0, k, (tokens,), generator=gen, dtype=torch.int32)
+    g, b = torch.randn(2053, k, generator=gen), torch.randn(k, generator=gen)
+    y, _ = kernels.BoundExperts(packed, None).matmul(x, g, b, ids)
+    ref, _, _ = reference(x, weights.float(), g, b, None, ids)
+    assert torch.allclose(y.double(), ref, rtol=1e-4, atol=1e-4 * (1 + float(ref.abs().max())))
+
+
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
 def test_both_code_paths_agree(isa, monkeypatch):
     """The portable path (what aarch64 runs) gives the same numbers as the vectorised one."""
