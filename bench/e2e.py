@@ -1,6 +1,7 @@
 """End to end, batch 1: prefill latency and decode tokens/s of dense vs expanded models, in PyTorch
 (eager, RoutedSparseLinear on the C++ kernels) and in ONNX Runtime (CPU, custom op), plus the
 peak RSS of each (every run is its own subprocess) and the bytes of each checkpoint/export.
+Targets run in turn, round after round; each ratio to the baseline is taken within a round.
 
     .venv/bin/python bench/e2e.py --torch default out/demo-ckpt out/ckpt-se16-70 \\
         --ort out/onnx-dense out/onnx-se out/onnx-se70
@@ -88,7 +89,8 @@ def main() -> None:
     parser.add_argument("--ort", nargs="*", default=[], help="se-export onnx folders (first = baseline)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="prefill + decode repeats per process (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all targets; ratios per round, median")
     parser.add_argument("--out", type=Path, default=Path("bench/results/e2e.json"))
     parser.add_argument("--child", choices=["torch", "ort"], help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
@@ -98,27 +100,41 @@ def main() -> None:
         return
     rows = []
     for backend, targets in (("torch", args.torch), ("ort", args.ort)):
-        base = None
+        # every round runs each target once, in turn; ratios are taken within a round and their
+        # median quoted: this VM's speed drifts by tens of percent between minutes, so timings
+        # of the baseline and an expanded model from different minutes are not comparable
+        runs: dict[str, list[dict]] = {t: [] for t in targets}
+        for rnd in range(args.rounds):
+            base = None
+            for target in targets:
+                row = run_child(backend, target, args)
+                base = base or row
+                row["decode_vs_first"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+                row["prefill_vs_first"] = base["prefill_ms"] / row["prefill_ms"]
+                runs[target].append(row)
+                print(f"round {rnd + 1}/{args.rounds} {backend:5s} {target:28s} prefill {row['prefill_ms']:8.1f} ms  "
+                      f"decode {row['decode_tokens_per_s']:6.1f} tok/s ({row['decode_vs_first']:.2f}x)  "
+                      f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
         for target in targets:
-            row = run_child(backend, target, args)
-            base = base or row
-            row["decode_vs_first"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-            row["prefill_vs_first"] = base["prefill_ms"] / row["prefill_ms"]
+            rs = runs[target]
+            row = {"backend": backend, "model": target, "rounds": rs, "weights_bytes": rs[0]["weights_bytes"],
+                   "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
+            for key in ("prefill_ms", "decode_tokens_per_s", "decode_vs_first", "prefill_vs_first"):
+                row[key] = statistics.median(r[key] for r in rs)
+            row["decode_vs_first_range"] = [min(r["decode_vs_first"] for r in rs), max(r["decode_vs_first"] for r in rs)]
             rows.append(row)
-            print(f"{backend:5s} {target:28s} prefill {row['prefill_ms']:8.1f} ms  decode {row['decode_tokens_per_s']:6.1f} tok/s "
-                  f"({row['decode_vs_first']:.2f}x)  peak RSS {row['peak_rss_mb']:.0f} MB  weights {row['weights_bytes'] / 1e6:.0f} MB",
-                  flush=True)
-    lines = ["| backend | model | prefill ms | prefill vs first | decode tok/s | decode vs first | peak RSS MB | weights MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| backend | model | prefill ms | prefill vs first | decode tok/s | decode vs first (range) | peak RSS MB "
+             "| weights MB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        lo, hi = r["decode_vs_first_range"]
         lines.append(f"| {r['backend']} | {r['model']} | {r['prefill_ms']:.1f} | {r['prefill_vs_first']:.2f}x | "
-                     f"{r['decode_tokens_per_s']:.1f} | {r['decode_vs_first']:.2f}x | {r['peak_rss_mb']:.0f} | "
-                     f"{r['weights_bytes'] / 1e6:.0f} |")
+                     f"{r['decode_tokens_per_s']:.1f} | {r['decode_vs_first']:.2f}x ({lo:.2f}-{hi:.2f}) | "
+                     f"{r['peak_rss_mb']:.0f} | {r['weights_bytes'] / 1e6:.0f} |")
     print("\n".join(lines))
     from se_export.atomic import atomic_write_text
 
     atomic_write_text(args.out, json.dumps({"prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens,
-                                            "rows": rows}, indent=1))
+                                            "rounds": args.rounds, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
