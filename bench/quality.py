@@ -226,7 +226,7 @@ def load_results(eval_setup: dict | None = None) -> list[dict]:
 def markdown_table(rows: list[dict]) -> str:
     dense = next((r for r in rows if r["config"]["method"] == "dense"), None)
     head = ("| configuration | WikiText-2 ppl | vs dense | out-of-domain ppl | active MLP weights/token | "
-            "stored MLP MB | largest cluster | expand s |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+            "stored MLP MB | largest cluster | MLP output error | expand s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     order = {"dense": 0, "magnitude": 1, "wanda": 2, "sparsegpt": 3, "se": 4}
     spars = {s: i for i, s in enumerate(("0", "0.5", "0.7", "0.9", "2:4"))}
@@ -240,7 +240,7 @@ def markdown_table(rows: list[dict]) -> str:
         rel = f"{ppl / dense['wikitext2']['perplexity']:.2f}x" if dense else "-"
         lines.append(f"| {r['label']} | {ppl:.2f} | {rel} | {r['pydocs']['perplexity']:.2f} | "
                      f"{r['active_weights_per_token'] / 1e6:.2f} M ({r['active_fraction']:.0%}) | "
-                     f"{r['stored_mlp_bytes'] / 1e6:.1f} | {largest_cluster(r)} | {expand_time(r)} |")
+                     f"{r['stored_mlp_bytes'] / 1e6:.1f} | {largest_cluster(r)} | {output_error(r)} | {expand_time(r)} |")
     return "\n".join(lines)
 
 
@@ -249,6 +249,13 @@ def expand_time(row: dict) -> str:
     seconds = row.get("expand_seconds") or 0
     resumed = row.get("resumed_layers") or 0
     return f"{seconds:.0f}" + (f" ({resumed} layers resumed)" if resumed else "")
+
+
+def output_error(row: dict) -> str:
+    """Mean relative squared output error of the pruned linears on their own calibration inputs
+    (per expert, on its cluster: ``||X_k (W_k - W)^T||^2 / ||X_k W^T||^2``)."""
+    err = row.get("reconstruction_error_mean")
+    return "-" if err is None else f"{err:.1%}"
 
 
 def largest_cluster(row: dict) -> str:
