@@ -35,7 +35,13 @@ from se_export.atomic import atomic_write_text
 from se_export.checkpoint import is_checkpoint
 from se_export.data import calibration_windows, eval_windows, load_text, tokenize
 from se_export.evaluate import perplexity
-from se_export.expand import PARTIAL_DIR, ExpandConfig, expand_model, prepare_workdir
+from se_export.expand import (
+    DATA_FREE_METHODS,
+    PARTIAL_DIR,
+    ExpandConfig,
+    expand_model,
+    prepare_workdir,
+)
 from se_export.models import load_model
 from se_export.modules import RoutedSparseLinear, decoded_expert_cache
 
@@ -158,6 +164,8 @@ def config_of_checkpoint(path: Path) -> tuple[Config, dict]:
 
     m = read_manifest(path)
     calib = m.get("calibration", {})
+    if m["method"] in DATA_FREE_METHODS:  # no calibration: the grid's settings describe it as well as any
+        calib = {"source": "wiki", "samples": Config.calib_samples, "seqlen": Config.seqlen, "seed": Config.seed}
     if calib.get("source") != "wiki" or m.get("allocation", "uniform") != "uniform":
         raise SystemExit(f"{path}: not calibrated like the grid (wiki text, uniform K)")
     return Config(m["method"], str(m["sparsity"]), int(m["experts"]), int(m["pca_factor"]), bool(m["true_sequential"]),
@@ -166,9 +174,9 @@ def config_of_checkpoint(path: Path) -> tuple[Config, dict]:
 
 def expansion_summary(seconds: float | None, resumed_layers: int, layers: list[dict]) -> dict:
     """What a grid row records of its expansion, whether just run or read from a checkpoint."""
-    errors = [e for rep in layers for g in rep["groups"] for e in g["reconstruction_error"]]
+    errors = [e for rep in layers for g in rep["groups"] for e in g.get("reconstruction_error", [])]  # none: data-free
     return {"expand_seconds": seconds, "resumed_layers": resumed_layers, "router": router_summary(layers),
-            "reconstruction_error_mean": sum(errors) / len(errors)}
+            "reconstruction_error_mean": sum(errors) / len(errors) if errors else None}
 
 
 def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path | None = None) -> dict:

@@ -40,7 +40,7 @@ def expand(
     experts: Annotated[int | None, typer.Option("--experts", "-k", help="experts per linear (se: 16)")] = None,
     sparsity: Annotated[str, typer.Option(help="fraction of zeros per expert (0.5, 70%) or N:M (2:4)")] = "0.5",
     method: Annotated[str, typer.Option(help="se | sparsegpt | wanda | magnitude")] = "se",
-    calib: Annotated[str, typer.Option(help="'wiki' (Wikipedia summaries) or a text file")] = "wiki",
+    calib: Annotated[str, typer.Option(help="'wiki' (Wikipedia summaries) or a text file (magnitude reads none)")] = "wiki",
     calib_samples: Annotated[int, typer.Option(help="calibration windows")] = 128,
     seqlen: Annotated[int, typer.Option(help="tokens per calibration window")] = 512,
     pca_factor: Annotated[int, typer.Option(help="router PCA keeps in_features // F components (0: no PCA)")] = 32,
@@ -58,7 +58,7 @@ def expand(
     """Expand every MLP linear into K routed sparse experts and save a compact checkpoint."""
     from .checkpoint import is_checkpoint, remove_partial, save_expansion
     from .data import calibration_windows, load_text, tokenize
-    from .expand import PARTIAL_DIR, ExpandConfig, expand_model, prepare_workdir
+    from .expand import DATA_FREE_METHODS, PARTIAL_DIR, ExpandConfig, expand_model, prepare_workdir
     from .models import load_model
 
     cfg = ExpandConfig(method=method, experts=experts if experts is not None else (16 if method == "se" else 1),
@@ -81,10 +81,15 @@ def expand(
         raise SEError(f"unknown --allocate '{allocate}': use uniform or wasserstein")
     if allocate == "wasserstein" and cfg.method != "se":
         raise SEError("--allocate wasserstein spreads experts: it needs --method se")
-    text = load_text(calib)
     loaded = load_model(model)
-    ids = tokenize(loaded.tokenizer, text)
-    windows = calibration_windows(ids, calib_samples, seqlen, seed)
+    if cfg.method in DATA_FREE_METHODS:  # the weights alone decide: no calibration text is read
+        windows = None
+        calibration = {"source": None, "note": f"--method {cfg.method} uses no calibration data"}
+    else:
+        text = load_text(calib)
+        windows = calibration_windows(tokenize(loaded.tokenizer, text), calib_samples, seqlen, seed)
+        calibration = {"source": text.name, "sha256": text.sha256, "samples": calib_samples,
+                       "seqlen": seqlen, "seed": seed}
     if allocate == "wasserstein":
         from .allocation import allocate_experts, layer_scores
         from .analyze import analyze_model
@@ -92,8 +97,6 @@ def expand(
         results, _ = analyze_model(loaded.model, windows[:32], pairs=16, show_progress=not quiet)
         cfg.experts_per_layer = allocate_experts(layer_scores([r.wd for r in results]), cfg.experts)
         err.print(f"experts per layer (wasserstein allocation): {cfg.experts_per_layer}")
-    calibration = {"source": text.name, "sha256": text.sha256, "samples": calib_samples,
-                   "seqlen": seqlen, "seed": seed}
     key = cfg.key({"model": loaded.source, "calibration": calibration,
                    "model_config": loaded.model.config.to_json_string()})
     workdir = prepare_workdir(out, key, resume)

@@ -15,6 +15,9 @@ For each decoder layer, only that layer's calibration activations are live:
 
 After every layer its modules and report are written to ``<out>/.se-partial`` (atomically), so
 an interrupted run resumes from the last finished layer with an identical result.
+
+``magnitude`` needs no data: its masks come from the weights alone, so it skips the calibration
+passes (and their reconstruction-error diagnostic) and takes seconds instead of minutes.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from .sparsegpt import HessianAccumulator, reconstruction_error, sparsegpt_prune
 from .sparsity import SparsitySpec, parse_sparsity
 
 METHODS = ("se", "sparsegpt", "wanda", "magnitude")
+DATA_FREE_METHODS = ("magnitude",)  # the mask depends on the weights only: no calibration passes
 VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PARTIAL_DIR = ".se-partial"
 _LAYER_CACHE_BYTES = 4 << 30  # decoded experts of the layer being calibrated
@@ -207,13 +211,15 @@ def expand_group(
     layer_index: int,
     group_index: int,
     names: tuple[str, ...],
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     cfg: ExpandConfig,
     spec: SparsitySpec,
     adapter: MlpAdapter,
     prefix: str,
 ) -> tuple[dict[str, RoutedSparseLinear], dict]:
-    """Expand the linears ``names`` (sharing input ``x [tokens, in]``) of one layer."""
+    """Expand the linears ``names`` (sharing input ``x [tokens, in]``) of one layer.
+
+    ``x`` is None for a data-free method: no Gram, Hessians or reconstruction error."""
     start = time.perf_counter()
     dense = [linear_weight(layer.get_submodule(n), adapter) for n in names]
     weight = torch.cat([w.float() for w, _ in dense])
@@ -222,7 +228,7 @@ def expand_group(
         bounds.append((row, row + w.shape[0]))
         row += w.shape[0]
     in_features = weight.shape[1]
-    report: dict = {"linears": list(names), "tokens": int(x.shape[0])}
+    report: dict = {"linears": list(names), "tokens": 0 if x is None else int(x.shape[0])}
 
     timing: dict[str, float] = {}
     tick = time.perf_counter()
@@ -233,7 +239,9 @@ def expand_group(
         timing[name] = round(timing.get(name, 0.0) + now - tick, 4)
         tick = now
 
-    gram = (x.t() @ x).double()  # shared by the router's PCA and the Hessians
+    if x is None and cfg.method not in DATA_FREE_METHODS:
+        raise SEError(f"--method {cfg.method} needs calibration activations")
+    gram = None if x is None else (x.t() @ x).double()  # shared by the router's PCA and the Hessians
     lap("gram")
     if cfg.method == "se":
         router, labels, rrep = fit_router(
@@ -247,9 +255,11 @@ def expand_group(
     num_experts = router_weight.shape[1]
     lap("router")
 
-    acc = HessianAccumulator(in_features, num_experts)
-    acc.add(x, labels, total=gram)
-    hessians = acc.hessians()
+    acc, hessians = None, None
+    if x is not None:
+        acc = HessianAccumulator(in_features, num_experts)
+        acc.add(x, labels, total=gram)
+        hessians = acc.hessians()
     lap("hessians")
     if cfg.method in ("se", "sparsegpt"):
         result = sparsegpt_prune(weight, hessians, spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
@@ -266,8 +276,9 @@ def expand_group(
         keep = torch.cat(masks).unsqueeze(0)
         pruned = weight.unsqueeze(0) * keep
     lap("prune")
-    report["cluster_sizes"] = acc.counts.tolist()
-    report["reconstruction_error"] = reconstruction_error(weight, pruned, hessians)
+    if acc is not None:
+        report["cluster_sizes"] = acc.counts.tolist()
+        report["reconstruction_error"] = reconstruction_error(weight, pruned, hessians)
 
     value_dtype = VALUE_DTYPES[cfg.value_dtype]
     group_name = f"{prefix}.{names[0]}"
@@ -332,15 +343,19 @@ def prepare_workdir(out: Path, key: str, resume: bool) -> Path:
 @torch.no_grad()
 def expand_model(
     model: nn.Module,
-    calib: torch.Tensor,
+    calib: torch.Tensor | None,
     cfg: ExpandConfig,
     *,
     workdir: Path | None = None,
     show_progress: bool = True,
     stop_after_layer: int | None = None,
 ) -> ExpandResult:
-    """Expand the MLP linears of ``model`` in place, calibrated on ``calib [N, L]`` token ids."""
+    """Expand the MLP linears of ``model`` in place, calibrated on ``calib [N, L]`` token ids
+    (None for a data-free method)."""
     spec = cfg.check()
+    data_free = cfg.method in DATA_FREE_METHODS
+    if calib is None and not data_free:
+        raise SEError(f"--method {cfg.method} needs calibration text")
     model.eval()
     adapter = adapter_for(model.config)
     layers = decoder_layers(model, adapter)
@@ -356,7 +371,7 @@ def expand_model(
     start = time.perf_counter()
     result = ExpandResult()
 
-    states, kwargs_list = capture_decoder_inputs(model, layers, calib, cfg.batch_size)
+    states, kwargs_list = ([], []) if data_free else capture_decoder_inputs(model, layers, calib, cfg.batch_size)
     reuse = adapter.residual is not None and adapter.mlp is not None and len(adapter.groups[-1]) == 1
     with progress_bar(show_progress) as bar:
         task = bar.add_task("expanding", total=last + 1)
@@ -373,12 +388,15 @@ def expand_model(
                         set_submodule(layer, name, module)
                     result.resumed_layers += 1
                 else:
-                    report, capture = _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter)
+                    if data_free:
+                        report = _expand_layer_from_weights(layer, index, prefix, cfg, spec, adapter)
+                    else:
+                        report, capture = _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter)
                     modules = {n: layer.get_submodule(n) for g in adapter.groups for n in g}
                     if workdir:
                         _save_partial_layer(workdir, index, prefix, modules, report)
                 result.layers.append(report)
-            if index < last:
+            if index < last and not data_free:
                 with decoded_expert_cache(_LAYER_CACHE_BYTES):
                     if index in selected and reuse:
                         states, reuse = next_layer_states(layer, adapter, states, kwargs_list, capture)
@@ -432,6 +450,20 @@ def next_layer_states(layer, adapter: MlpAdapter, states: list[torch.Tensor], kw
     warnings.warn(f"{type(layer).__name__}: residual + MLP differs from the layer's output; the adapter's "
                   f"'residual' entry is wrong for this model, running full layer passes instead", stacklevel=2)
     return [layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs_list, strict=True)], False
+
+
+def _expand_layer_from_weights(layer, index: int, prefix: str, cfg: ExpandConfig, spec: SparsitySpec,
+                               adapter: MlpAdapter) -> dict:
+    """A data-free method's layer: every group from its weights alone, no layer passes."""
+    layer_start = time.perf_counter()
+    reports = []
+    for g, names in enumerate(adapter.groups):
+        modules, report = expand_group(layer, index, g, names, None, cfg, spec, adapter, prefix)
+        for name, module in modules.items():
+            set_submodule(layer, name, module)
+        reports.append(report)
+    return {"layer": index, "groups": reports, "true_sequential": cfg.true_sequential,
+            "seconds": round(time.perf_counter() - layer_start, 3)}
 
 
 def _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec,

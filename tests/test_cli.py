@@ -46,6 +46,15 @@ def test_expand_writes_a_complete_checkpoint_and_report(expanded):
     assert se_export.load(expanded) is not None
 
 
+def test_magnitude_expands_without_reading_calibration_text(tmp_path, tiny_model_dir):
+    out = tmp_path / "mag"
+    proc = run_cli("expand", tiny_model_dir, "--out", out, "--method", "magnitude", "--sparsity", "2:4",
+                   "--calib", tmp_path / "does-not-exist.txt", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["calibration"]["source"] is None and manifest["method"] == "magnitude"
+
+
 def test_eval_json_and_calibration_overlap_guard(expanded, eval_file, calib_file):
     proc = run_cli("eval", expanded, "--text", eval_file, "--seqlen", "32", "--max-windows", "3", "--json")
     assert proc.returncode == 0, proc.stderr

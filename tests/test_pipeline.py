@@ -133,6 +133,30 @@ def test_methods_and_patterns(method, sparsity, tiny_tokenizer, calib):
             assert (m.num_experts > 1) == (method == "se")
 
 
+def test_magnitude_needs_no_data_and_keeps_the_largest_weights(tiny_tokenizer, monkeypatch):
+    """Data-free: no calibration tokens, no layer pass; the mask is the top |W| of each linear."""
+    model = build_tiny_model("llama", tiny_tokenizer)
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(("gate_proj", "up_proj", "down_proj"))}
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("magnitude pruning ran the model")
+
+    for layer in model.model.layers:
+        monkeypatch.setattr(layer, "forward", no_forward)
+    result = expand_model(model, None, _cfg(method="magnitude", experts=1, sparsity="0.7"), show_progress=False)
+    assert len(result.layers) == len(model.model.layers)
+    assert all("reconstruction_error" not in g for layer in result.layers for g in layer["groups"])
+    for name, weight in dense.items():
+        module = model.get_submodule(name)
+        keep = module.packed().mask()[0]
+        kept, dropped = weight.abs()[keep], weight.abs()[~keep]
+        assert keep.float().mean().item() == pytest.approx(0.3, abs=0.01)
+        assert kept.min() >= dropped.max()  # ties aside, exactly the largest magnitudes survive
+        assert torch.allclose(module.packed().unpack_expert(0, torch.float32), (weight * keep).float(), atol=1e-3)
+    with pytest.raises(SEError, match="needs calibration"):
+        expand_model(build_tiny_model("llama", tiny_tokenizer), None, _cfg(), show_progress=False)
+
+
 def test_dense_output_calibration_differs_from_true_sequential(tiny_tokenizer, calib):
     seq, r1 = _expand("llama", tiny_tokenizer, calib)
     dense, r2 = _expand("llama", tiny_tokenizer, calib, true_sequential=False)

@@ -253,37 +253,36 @@ template <int VD>
 __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_bitmap_avx2(const se_experts* e, const uint8_t* bits,
                                                                            int64_t nbytes, int64_t p, int64_t end,
                                                                            const float* x) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0, acc4 = acc0, acc5 = acc0, acc6 = acc0,
-         acc7 = acc0;  // independent chains
+  __m256 acc[8];  // independent chains; constant indices after unrolling keep them in registers
+  for (__m256& a : acc) a = _mm256_setzero_ps();
   const int64_t full = e->in_features / 8;  // bytes whose 8 columns all exist
   int64_t byte = 0;
   if (end + 8 <= e->nnz) {  // every 8-value load of this row stays inside values: no checks
     for (; byte + 8 <= full; byte += 8) {  // eight bytes per step, eight chains
       uint64_t m;
       std::memcpy(&m, bits + byte, 8);
-      __m256* acc[8] = {&acc0, &acc1, &acc2, &acc3, &acc4, &acc5, &acc6, &acc7};
 #pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) {
         const unsigned mi = static_cast<unsigned>(m >> (8 * i)) & 255u;
-        *acc[i] = bitmap_byte_avx2<VD>(e->values, p, mi, x + (byte + i) * 8, *acc[i]);
+        acc[i] = bitmap_byte_avx2<VD>(e->values, p, mi, x + (byte + i) * 8, acc[i]);
         p += _mm_popcnt_u32(mi);
       }
     }
     for (; byte + 2 <= full; byte += 2) {
       const unsigned m0 = bits[byte], m1 = bits[byte + 1];
       const int64_t p1 = p + _mm_popcnt_u32(m0);
-      acc0 = bitmap_byte_avx2<VD>(e->values, p, m0, x + byte * 8, acc0);
-      acc1 = bitmap_byte_avx2<VD>(e->values, p1, m1, x + byte * 8 + 8, acc1);
+      acc[0] = bitmap_byte_avx2<VD>(e->values, p, m0, x + byte * 8, acc[0]);
+      acc[1] = bitmap_byte_avx2<VD>(e->values, p1, m1, x + byte * 8 + 8, acc[1]);
       p = p1 + _mm_popcnt_u32(m1);
     }
   }
   for (; byte < full && p + 8 <= e->nnz; ++byte) {
     const unsigned m = bits[byte];
-    acc0 = bitmap_byte_avx2<VD>(e->values, p, m, x + byte * 8, acc0);
+    acc[0] = bitmap_byte_avx2<VD>(e->values, p, m, x + byte * 8, acc[0]);
     p += _mm_popcnt_u32(m);
   }
-  float s = hsum(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)),
-                               _mm256_add_ps(_mm256_add_ps(acc4, acc5), _mm256_add_ps(acc6, acc7))));
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])),
+                               _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7]))));
   for (; byte < nbytes; ++byte) {  // tail columns and the last values of the array
     unsigned m = bits[byte];
     while (m) {
