@@ -166,6 +166,16 @@ def main() -> None:
             raise SystemExit(f"--checkpoint '{spec}': use LABEL=PATH with an existing checkpoint folder")
         pairs.append((label, path))
 
+    interventions = []  # (result key, description, layer_states arguments)
+    if args.dense_first_token:
+        interventions.append(("dense_first_token", "the first token's MLPs dense", {"dense_first_token": True}))
+    if args.remove_mean_error:
+        interventions.append(("mean_error_removed", "every MLP's mean error removed", {"remove_mean_error": True}))
+    if args.dense_layers:
+        layers = tuple(int(v) for v in args.dense_layers.split(","))
+        interventions.append((f"dense_layers_{args.dense_layers}", f"layer(s) {args.dense_layers} MLPs dense",
+                              {"dense_layers": layers}))
+
     start = time.perf_counter()
     dense = load_model("default")
     windows = eval_windows(tokenize(dense.tokenizer, load_text("wikitext2")), 512, args.windows)
@@ -188,24 +198,11 @@ def main() -> None:
               f"{per_token[0]:.3f}/{per_token[15]:.3f}/{per_token[-1]:.3f} (first tokens {first[0]:.3f}/"
               f"{first[15]:.3f}/{first[-1]:.3f}); injected MLP error mean "
               f"{sum(inj) / len(inj):.4f}, coherence mean {sum(coh) / len(coh):.3f}", flush=True)
-        if args.dense_first_token:
+        for key, what, kwargs in interventions:
             with decoded_expert_cache(8 << 30):
-                repaired = layer_states(loaded.model, windows, dense_mlps, dense_first_token=True)
-            results[-1]["perplexity_dense_first_token"] = math.exp(repaired["nll"])
-            print(f"{label} with the first token's MLPs dense: ppl {math.exp(repaired['nll']):.2f}", flush=True)
-            del repaired
-        if args.remove_mean_error:
-            with decoded_expert_cache(8 << 30):
-                repaired = layer_states(loaded.model, windows, dense_mlps, remove_mean_error=True)
-            results[-1]["perplexity_mean_error_removed"] = math.exp(repaired["nll"])
-            print(f"{label} with every MLP's mean error removed: ppl {math.exp(repaired['nll']):.2f}", flush=True)
-            del repaired
-        if args.dense_layers:
-            layers = tuple(int(v) for v in args.dense_layers.split(","))
-            with decoded_expert_cache(8 << 30):
-                repaired = layer_states(loaded.model, windows, dense_mlps, dense_layers=layers)
-            results[-1][f"perplexity_dense_layers_{args.dense_layers}"] = math.exp(repaired["nll"])
-            print(f"{label} with layer(s) {args.dense_layers} MLPs dense: ppl {math.exp(repaired['nll']):.2f}", flush=True)
+                repaired = layer_states(loaded.model, windows, dense_mlps, **kwargs)
+            results[-1][f"perplexity_{key}"] = math.exp(repaired["nll"])
+            print(f"{label} with {what}: ppl {math.exp(repaired['nll']):.2f}", flush=True)
             del repaired
         del loaded, got
     norms = [h.norm(dim=-1).reshape(-1, windows.shape[1]) for h in reference["states"]]
