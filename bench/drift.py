@@ -34,11 +34,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 from se_export.adapters import adapter_for, decoder_layers
 from se_export.atomic import atomic_write_text
 from se_export.data import eval_windows, load_text, tokenize
+from se_export.evaluate import perplexity
 from se_export.expand import layer_output
 from se_export.models import load_model
 from se_export.modules import decoded_expert_cache
@@ -88,16 +88,13 @@ def layer_states(model, windows: torch.Tensor, dense_mlps=None, dense_first_toke
                     return out
                 return None
             hooks.append(layer.get_submodule(adapter.mlp).register_forward_hook(local))
-    nll = []
     try:
-        for w in windows.split(1):
-            logits = model(w, use_cache=False).logits[:, :-1].float()
-            nll.append(float(F.cross_entropy(logits.transpose(1, 2), w[:, 1:])))
+        nll = perplexity(model, windows, show_progress=False)["nll"]  # one window per pass, hooks see each
     finally:
         for h in hooks:
             h.remove()
     states = [torch.cat(o).reshape(-1, o[0].shape[-1]) for o in outputs]
-    result = {"states": states, "nll": sum(nll) / len(nll)}
+    result = {"states": states, "nll": nll}
     if dense_mlps is not None:
         result["injected_mlp_error"] = [float((torch.cat(d) / s.double().norm(dim=-1).clamp_min(1e-30)).mean())
                                         for d, s in zip(delta_norms, states, strict=True)]
