@@ -5,8 +5,9 @@ the ablations at 70% (PCA factor, true-sequential, calibration samples).
 Every configuration is expanded in-process, evaluated on WikiText-2 test (512-token
 non-overlapping windows) and on an out-of-domain text (Python's language reference,
 ``pydocs``), and its result is cached in ``bench/results/quality/<key>.json`` keyed by the full
-configuration; a re-run reuses finished configurations and resumes an interrupted expansion
-from ``out/quality/<key>`` (per-layer partial state). ``--report`` only rebuilds the summary
+configuration; a re-run reuses finished configurations, resumes an interrupted expansion
+from ``out/quality/<key>`` (per-layer partial state) and an interrupted evaluation from
+``out/quality/partial-evals`` (window NLLs so far). ``--report`` only rebuilds the summary
 JSON, the Markdown table and the plots from the cache.
 
 Expanded grid points are kept as se-export checkpoints under ``out/quality/ckpt/<config key>``,
@@ -210,10 +211,22 @@ def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path |
         for name, windows in (("wikitext2", args.eval_windows), ("pydocs", args.ood_windows)):
             ids = tokenize(loaded.tokenizer, load_text(name))
             report[name] = perplexity(model, eval_windows(ids, 512, windows or None), show_progress=not args.quiet,
-                                      batch=EVAL_BATCH)
+                                      batch=EVAL_BATCH, resume=partial_eval_path(key, name))
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return report
+
+
+def partial_eval_path(key: str, text: str) -> Path:
+    """Where an interrupted evaluation of this grid point on this text keeps its window NLLs."""
+    path = WORK / "partial-evals" / f"{key}.{text}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def remove_partial_evals(key: str) -> None:
+    for text in ("wikitext2", "pydocs"):
+        partial_eval_path(key, text).unlink(missing_ok=True)
 
 
 def keep_checkpoint(cfg: Config, model_name: str, loaded, expand_cfg, result, work: Path) -> None:
@@ -459,6 +472,7 @@ def main() -> None:
             print(f"{cfg.label} <- {ckpt}", flush=True)
             report = run_config(cfg, args, eval_setup, key, checkpoint=ckpt)
             atomic_write_text(CACHE / f"{key}.json", json.dumps(report, indent=1))
+            remove_partial_evals(key)
             print(f"    wikitext2 ppl {report['wikitext2']['perplexity']:.2f}, pydocs {report['pydocs']['perplexity']:.2f}")
     if not args.report and not args.from_checkpoint:
         grid = []
@@ -475,6 +489,7 @@ def main() -> None:
             print(f"[{i + 1}/{len(grid)}] {cfg.label}" + (f" <- {kept}" if is_checkpoint(kept) else ""), flush=True)
             report = run_config(cfg, args, eval_setup, key, checkpoint=kept if is_checkpoint(kept) else None)
             atomic_write_text(path, json.dumps(report, indent=1))
+            remove_partial_evals(key)
             print(f"    wikitext2 ppl {report['wikitext2']['perplexity']:.2f}, pydocs {report['pydocs']['perplexity']:.2f}, "
                   f"{report['seconds']:.0f}s", flush=True)
     write_report(args.model, (SUBSET_WINDOWS, args.ood_windows))
