@@ -22,7 +22,7 @@ def evaluation_digest(model: torch.nn.Module, windows: torch.Tensor, batch: int)
     h = hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes())
     h.update(f"{tuple(windows.shape)} batch={batch}".encode())
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        h.update(f"{name}:{tuple(t.shape)}:{t.double().sum().item()!r}".encode())
+        h.update(f"{name}:{tuple(t.shape)}:{t.sum(dtype=torch.float64).item()!r}".encode())
     return h.hexdigest()
 
 
