@@ -122,6 +122,8 @@ def evaluate(
     cache_gb: Annotated[float, typer.Option(help="GB of decoded experts kept between windows (0: none)")] = 8.0,
     batch: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (with every window's NLL)")] = False,
+    resume: Annotated[Path | None, typer.Option(help="keep the window NLLs in this file after every batch; a re-run "
+                                                     "with the same model, text and settings continues from it")] = None,
 ) -> None:
     """Perplexity on non-overlapping windows (the standard protocol)."""
     from .checkpoint import is_checkpoint, read_manifest
@@ -139,7 +141,7 @@ def evaluate(
     loaded = load_model(model)
     windows = eval_windows(tokenize(loaded.tokenizer, body), seqlen, max_windows)
     with decoded_expert_cache(int(cache_gb * (1 << 30))):
-        result = perplexity(loaded.model, windows, show_progress=not as_json, batch=batch)
+        result = perplexity(loaded.model, windows, show_progress=not as_json, batch=batch, resume=resume)
     result = {"model": model, "text": body.name, **result}
     if as_json:
         print(json.dumps(result))

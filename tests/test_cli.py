@@ -63,6 +63,19 @@ def test_eval_json_and_calibration_overlap_guard(expanded, eval_file, calib_file
     _one_line_error(run_cli("eval", expanded, "--text", calib_file, "--seqlen", "32"), "calibrated on")
 
 
+def test_eval_resume_continues_from_saved_window_nlls(expanded, eval_file, tmp_path):
+    state = tmp_path / "eval-state.json"
+    args = ("eval", expanded, "--text", eval_file, "--seqlen", "32", "--max-windows", "5", "--batch", "2", "--json")
+    first = json.loads(run_cli(*args, "--resume", state).stdout)
+    assert first["resumed_windows"] == 0 and state.is_file()
+    saved = json.loads(state.read_text())
+    saved["window_nll"] = saved["window_nll"][:2]  # as if stopped after the first batch
+    state.write_text(json.dumps(saved))
+    again = json.loads(run_cli(*args, "--resume", state).stdout)
+    assert again["resumed_windows"] == 2
+    assert again["window_nll"] == first["window_nll"] and again["perplexity"] == first["perplexity"]
+
+
 def test_refuses_to_overwrite_a_checkpoint(expanded, tiny_model_dir, calib_file):
     _one_line_error(run_cli("expand", tiny_model_dir, "--out", expanded, "--calib", calib_file), "--overwrite")
 
