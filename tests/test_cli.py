@@ -55,25 +55,20 @@ def test_magnitude_expands_without_reading_calibration_text(tmp_path, tiny_model
     assert manifest["calibration"]["source"] is None and manifest["method"] == "magnitude"
 
 
-def test_eval_json_and_calibration_overlap_guard(expanded, eval_file, calib_file):
-    proc = run_cli("eval", expanded, "--text", eval_file, "--seqlen", "32", "--max-windows", "3", "--json")
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
-    assert result["windows"] == 3 and result["perplexity"] > 1
-    _one_line_error(run_cli("eval", expanded, "--text", calib_file, "--seqlen", "32"), "calibrated on")
-
-
-def test_eval_resume_continues_from_saved_window_nlls(expanded, eval_file, tmp_path):
+def test_eval_json_resume_and_calibration_overlap_guard(expanded, eval_file, calib_file, tmp_path):
     state = tmp_path / "eval-state.json"
-    args = ("eval", expanded, "--text", eval_file, "--seqlen", "32", "--max-windows", "5", "--batch", "2", "--json")
-    first = json.loads(run_cli(*args, "--resume", state).stdout)
-    assert first["resumed_windows"] == 0 and state.is_file()
-    saved = json.loads(state.read_text())
-    saved["window_nll"] = saved["window_nll"][:2]  # as if stopped after the first batch
-    state.write_text(json.dumps(saved))
-    again = json.loads(run_cli(*args, "--resume", state).stdout)
+    args = ("eval", expanded, "--text", eval_file, "--seqlen", "32", "--max-windows", "3", "--batch", "2", "--json",
+            "--resume", state)
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads(proc.stdout)
+    assert first["windows"] == 3 and first["perplexity"] > 1 and first["resumed_windows"] == 0
+    saved = json.loads(state.read_text())  # --resume: as if stopped after the first batch
+    state.write_text(json.dumps({**saved, "window_nll": saved["window_nll"][:2]}))
+    again = json.loads(run_cli(*args).stdout)
     assert again["resumed_windows"] == 2
     assert again["window_nll"] == first["window_nll"] and again["perplexity"] == first["perplexity"]
+    _one_line_error(run_cli("eval", expanded, "--text", calib_file, "--seqlen", "32"), "calibrated on")
 
 
 def test_refuses_to_overwrite_a_checkpoint(expanded, tiny_model_dir, calib_file):
