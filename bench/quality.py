@@ -49,6 +49,7 @@ from se_export.modules import RoutedSparseLinear, decoded_expert_cache
 RESULTS = Path("bench/results")
 CACHE = RESULTS / "quality"
 WORK = Path("out/quality")
+EVAL_TEXTS = ("wikitext2", "pydocs")  # in-domain test text, out-of-domain text
 SPARSITIES = ("0.7", "0.9", "0.5", "2:4")  # order = priority when the grid is cut short
 SUBSET_WINDOWS = 40  # WikiText-2 windows while iterating over the grid; the final table uses all
 EVAL_BATCH = 4  # windows per forward pass (more tokens per expert; same perplexity up to rounding)
@@ -208,7 +209,7 @@ def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path |
         linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, RoutedSparseLinear)}
     report.update(mlp_accounting(model, linears))
     with decoded_expert_cache(8 << 30):
-        for name, windows in (("wikitext2", args.eval_windows), ("pydocs", args.ood_windows)):
+        for name, windows in zip(EVAL_TEXTS, (args.eval_windows, args.ood_windows), strict=True):
             ids = tokenize(loaded.tokenizer, load_text(name))
             report[name] = perplexity(model, eval_windows(ids, 512, windows or None), show_progress=not args.quiet,
                                       batch=EVAL_BATCH, resume=partial_eval_path(key, name))
@@ -219,13 +220,11 @@ def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path |
 
 def partial_eval_path(key: str, text: str) -> Path:
     """Where an interrupted evaluation of this grid point on this text keeps its window NLLs."""
-    path = WORK / "partial-evals" / f"{key}.{text}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    return WORK / "partial-evals" / f"{key}.{text}.json"  # atomic writes create the folder
 
 
 def remove_partial_evals(key: str) -> None:
-    for text in ("wikitext2", "pydocs"):
+    for text in EVAL_TEXTS:
         partial_eval_path(key, text).unlink(missing_ok=True)
 
 
