@@ -3,7 +3,8 @@
 The manifest is written last and names every file with its size and sha256, so a folder
 without it (an interrupted save) is never mistaken for a checkpoint and a damaged file is
 caught at load. Tensors shared in memory (tied embeddings, the router that gate and up share)
-are stored once and listed as aliases. Experts are stored packed (``sparse_format``), never dense.
+are stored once and listed as aliases. Experts are stored packed (``sparse_format``), never dense;
+bitmap masks are deflate-coded and their row pointers derived at load (``mask_codec``, format 2).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from torch import nn
 
 from .atomic import atomic_path, atomic_write_text
 from .errors import SEError
+from .mask_codec import decode_masks, encode_masks, stored_expert_bytes
 from .models import sha256_file
 
 MANIFEST = "se_manifest.json"
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: masks and row pointers stored raw
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -85,17 +88,20 @@ def save_checkpoint(model: nn.Module, tokenizer, out: Path, info: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the folder is not a checkpoint until we finish
     tensors, aliases = dedupe_tensors(model.state_dict())
+    modules = {name: m.meta() for name, m in expanded_modules(model).items()}
+    tensors, storage = encode_masks(tensors, modules)
     with atomic_path(out / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "se-export"})
     model.config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    modules = {name: m.meta() for name, m in expanded_modules(model).items()}
     manifest = {
         "format_version": FORMAT_VERSION,
         "producer": "se-export",
         **info,
         "modules": modules,
+        "storage": storage,
+        "expert_bytes_stored": stored_expert_bytes(tensors, modules),
         "aliases": aliases,
         "files": {WEIGHTS: {"bytes": (out / WEIGHTS).stat().st_size, "sha256": sha256_file(out / WEIGHTS)}},
         "complete": True,
@@ -126,7 +132,8 @@ def save_expansion(model: nn.Module, tokenizer, out: Path, *, source: str, cfg, 
             "calibration": calibration, "stats": expanded_stats(model),
             "expansion": {"seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
                           "resumed_layers": result.resumed_layers}}
-    save_checkpoint(model, tokenizer, out, info)
+    manifest = save_checkpoint(model, tokenizer, out, info)
+    info["stats"] = {**info["stats"], "expert_bytes_stored": manifest["expert_bytes_stored"]}
     atomic_write_text(Path(out) / "expand_report.json", json.dumps({**info, "layers": result.layers}, indent=1))
     return info
 
@@ -139,9 +146,9 @@ def read_manifest(path: Path) -> dict:
         raise SEError(f"{path} is not an se-export checkpoint (no {MANIFEST}); run se-export expand first") from None
     except json.JSONDecodeError:
         raise SEError(f"corrupt checkpoint {path}: {MANIFEST} is not valid JSON; re-run se-export expand") from None
-    if manifest.get("format_version") != FORMAT_VERSION or not manifest.get("complete"):
+    if manifest.get("format_version") not in READABLE_VERSIONS or not manifest.get("complete"):
         raise SEError(f"checkpoint {path} has format version {manifest.get('format_version')} "
-                      f"(this se-export reads {FORMAT_VERSION}) or is incomplete; re-run se-export expand")
+                      f"(this se-export reads {READABLE_VERSIONS}) or is incomplete; re-run se-export expand")
     return manifest
 
 
@@ -169,6 +176,7 @@ def load_checkpoint(path: Path, with_tokenizer: bool = False, verify: bool = Tru
         tensors = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as exc:
         raise SEError(f"corrupt checkpoint {path}: cannot read {WEIGHTS} ({exc}); re-run se-export expand") from None
+    decode_masks(tensors, manifest["modules"], manifest.get("storage", {}))
     restore_aliases(tensors, manifest.get("aliases", {}))
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

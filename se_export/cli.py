@@ -108,8 +108,10 @@ def expand(
     remove_partial(out)
     err.print(f"[green]expanded[/] {len(result.layers)} layers in {time.perf_counter() - t0:.1f}s "
               f"(peak RSS {result.peak_rss_mb:.0f} MB) -> {out}")
-    err.print(f"MLP bytes: experts {stats['expert_bytes'] / 1e6:.1f} MB vs dense {stats['dense_mlp_bytes'] / 1e6:.1f} MB "
-              f"(ratio {stats['expert_bytes'] / max(1, stats['dense_mlp_bytes']):.2f}); report: {out / 'expand_report.json'}")
+    err.print(f"MLP bytes: experts {stats['expert_bytes'] / 1e6:.1f} MB in memory, "
+              f"{stats['expert_bytes_stored'] / 1e6:.1f} MB stored, vs dense {stats['dense_mlp_bytes'] / 1e6:.1f} MB "
+              f"(ratio {stats['expert_bytes_stored'] / max(1, stats['dense_mlp_bytes']):.2f}); "
+              f"report: {out / 'expand_report.json'}")
 
 
 @app.command("eval")

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import se_export
 import se_export.expand as expand_mod
+from se_export import checkpoint
 from se_export.adapters import ADAPTERS
 from se_export.checkpoint import MANIFEST, WEIGHTS, save_checkpoint
 from se_export.data import Text, calibration_windows, tokenize
@@ -86,6 +87,31 @@ def test_save_load_gives_identical_logits(family, tiny_tokenizer, calib, tmp_pat
     # gate and up share one stored router
     if family == "llama":
         assert "model.layers.0.mlp.up_proj.router_weight" in manifest["aliases"]
+
+
+@pytest.mark.parametrize("fmt", ["bitmap", "csr16"])
+def test_checkpoint_stores_coded_masks_and_still_reads_format_1(fmt, tiny_tokenizer, calib, tmp_path, monkeypatch):
+    model, _ = _expand("llama", tiny_tokenizer, calib, format=fmt, sparsity="0.9")
+    x = calib[:2, :16]
+    manifest = checkpoint.save_checkpoint(model, tiny_tokenizer, tmp_path / "v2", {"method": "se"})
+    assert manifest["format_version"] == 2 and len(manifest["storage"]) == 9
+    memory = sum(m.packed().nbytes() for m in checkpoint.expanded_modules(model).values())
+    assert 0 < manifest["expert_bytes_stored"] < memory
+    loaded = se_export.load(tmp_path / "v2")
+    assert {m.format for m in checkpoint.expanded_modules(loaded).values()} == {fmt}
+    assert torch.equal(loaded(x).logits, model(x).logits)
+    # a checkpoint written before masks were coded (format 1: raw bitmaps and row pointers)
+    monkeypatch.setattr(checkpoint, "encode_masks", lambda tensors, modules: (tensors, {}))
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 1)
+    old = checkpoint.save_checkpoint(model, tiny_tokenizer, tmp_path / "v1", {"method": "se"})
+    assert old["format_version"] == 1 and old["expert_bytes_stored"] == memory
+    monkeypatch.undo()
+    assert torch.equal(se_export.load(tmp_path / "v1")(x).logits, model(x).logits)
+    # a version this se-export does not know is refused with the fix
+    bumped = json.loads((tmp_path / "v1" / checkpoint.MANIFEST).read_text()) | {"format_version": 3}
+    (tmp_path / "v1" / checkpoint.MANIFEST).write_text(json.dumps(bumped))
+    with pytest.raises(SEError, match="format version 3"):
+        se_export.load(tmp_path / "v1")
 
 
 def test_same_seed_same_checkpoint_and_other_seed_differs(tiny_tokenizer, calib):
