@@ -22,16 +22,15 @@ import numpy as np
 import torch
 
 from .errors import SEError
-from .sparse_format import FORMATS, bitmap_to_mask
+from .sparse_format import FORMATS, bitmap_to_mask, popcount_bytes
 
 CODEC = "deflate"
 _LEVEL = 6  # level 9 codes real masks no smaller; 1 is ~0.7% larger
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
 
 
 def row_ptr_from_bitmap(bitmap: torch.Tensor) -> torch.Tensor:
     """int32 offsets of every row's first value: the exclusive running sum of row popcounts."""
-    counts = _POPCOUNT[bitmap.reshape(-1, bitmap.shape[-1]).to(torch.int64)].sum(-1, dtype=torch.int64)
+    counts = popcount_bytes(bitmap.reshape(-1, bitmap.shape[-1])).sum(-1, dtype=torch.int64)
     row_ptr = torch.zeros(counts.numel(), dtype=torch.int64)
     row_ptr[1:] = torch.cumsum(counts, 0)[:-1]
     return row_ptr.to(torch.int32)
@@ -60,8 +59,7 @@ def _csr16_columns(bitmap: torch.Tensor, inn: int) -> torch.Tensor:
 
 
 def _coded(bitmap: torch.Tensor) -> torch.Tensor:
-    raw = bitmap.contiguous().numpy().tobytes()
-    return torch.from_numpy(np.frombuffer(zlib.compress(raw, _LEVEL), dtype=np.uint8).copy())
+    return torch.from_numpy(np.frombuffer(zlib.compress(bitmap.contiguous().numpy(), _LEVEL), dtype=np.uint8).copy())
 
 
 def encode_masks(tensors: dict[str, torch.Tensor], modules: dict[str, dict]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -85,7 +83,7 @@ def _decoded(name: str, meta: dict, stream: torch.Tensor) -> tuple[torch.Tensor,
     inn = int(meta["in"])
     shape = (int(meta["experts"]), int(meta["out"]), math.ceil(inn / 8))
     try:
-        raw = zlib.decompress(stream.numpy().tobytes())
+        raw = zlib.decompress(stream.contiguous().numpy())
     except zlib.error as exc:
         raise SEError(f"corrupt checkpoint: the mask of {name} cannot be decoded ({exc}); re-run se-export expand") from None
     if len(raw) != math.prod(shape):

@@ -103,6 +103,21 @@ def bitmap_to_mask(bitmap: torch.Tensor, in_features: int) -> torch.Tensor:
     return bits.reshape(*bitmap.shape[:-1], -1)[..., :in_features]
 
 
+def popcount_bytes(bitmap: torch.Tensor) -> torch.Tensor:
+    """Set bits of every uint8, as uint8 (SWAR: a few vector ops, no unpacking to bools)."""
+    x = bitmap - ((bitmap >> 1) & 0x55)
+    x = (x & 0x33) + ((x >> 2) & 0x33)
+    return (x + (x >> 4)) & 0x0F
+
+
+def padding_bits(bitmap: torch.Tensor, in_features: int) -> int:
+    """Set bits past ``in_features`` in the last byte of each row (a valid bitmap has none)."""
+    used = in_features - 8 * (bitmap.shape[-1] - 1)
+    if used >= 8 or bitmap.numel() == 0:
+        return 0
+    return int(popcount_bytes(bitmap[..., -1] >> used).sum(dtype=torch.int64))
+
+
 def packed_nbytes(fmt: str, k: int, out: int, inn: int, nnz: int, value_bytes: int) -> int:
     """Bytes a format needs for these experts, without packing them."""
     row_ptr = k * out * 4
@@ -174,8 +189,14 @@ def validate_packed(p: PackedExperts) -> None:
         expect = (p.num_experts, p.out_features, math.ceil(p.in_features / 8))
         if tuple(p.indices.shape) != expect or p.indices.dtype != torch.uint8:
             problems.append(f"bitmap {tuple(p.indices.shape)} (expected {expect})")
-        elif p.nnz != int(bitmap_to_mask(p.indices, p.in_features).sum()):
-            problems.append("bitmap population differs from the number of values")
+        elif padding_bits(p.indices, p.in_features):
+            problems.append(f"bitmap marks columns past in_features={p.in_features}")
+        else:
+            counts = popcount_bytes(p.indices.reshape(-1, p.indices.shape[-1])).sum(-1, dtype=torch.int64)
+            if p.nnz != int(counts.sum()):
+                problems.append("bitmap population differs from the number of values")
+            elif counts.numel() and not torch.equal(p.row_ptr[1:].to(torch.int64), torch.cumsum(counts, 0)[:-1]):
+                problems.append("row_ptr differs from the bitmap's row populations")
     elif p.format == "csr16":
         if p.indices.numel() != p.nnz or p.indices.dtype != torch.int16:
             problems.append("csr16 column count differs from the number of values")

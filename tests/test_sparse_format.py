@@ -65,6 +65,15 @@ def test_corrupt_packed_experts_are_rejected():
     broken = PackedExperts("bitmap", 2, 8, 16, packed.values[:-1], packed.indices, packed.row_ptr)
     with pytest.raises(SEError, match="corrupt"):
         validate_packed(broken)
+    odd = pack_experts(torch.randn(1, 3, 13), torch.ones(1, 3, 13, dtype=torch.bool), "bitmap")
+    padded = odd.indices.clone()
+    padded[0, 1, 1] |= 0x80  # column 15 of a 13-wide row: the kernels would read past x
+    with pytest.raises(SEError, match="columns past in_features=13"):
+        validate_packed(PackedExperts("bitmap", 1, 3, 13, torch.cat([odd.values, odd.values[:1]]), padded, odd.row_ptr))
+    shifted = packed.row_ptr.clone()
+    shifted[3] += 1  # same total, one row starting a value late
+    with pytest.raises(SEError, match="row_ptr differs from the bitmap"):
+        validate_packed(PackedExperts("bitmap", 2, 8, 16, packed.values, packed.indices, shifted))
     csr = pack_experts(torch.randn(1, 4, 8), torch.ones(1, 4, 8, dtype=torch.bool), "csr16")
     bad_cols = csr.indices.clone()
     bad_cols[0] = 9
