@@ -4,7 +4,8 @@ The manifest is written last and names every file with its size and sha256, so a
 without it (an interrupted save) is never mistaken for a checkpoint and a damaged file is
 caught at load. Tensors shared in memory (tied embeddings, the router that gate and up share)
 are stored once and listed as aliases. Experts are stored packed (``sparse_format``), never dense;
-bitmap masks are deflate-coded and their row pointers derived at load (``mask_codec``, format 2).
+since format 2 every expert mask is one deflate-coded bitmap, from which load rebuilds the index
+format and row pointers (``mask_codec``).
 """
 
 from __future__ import annotations
