@@ -22,7 +22,14 @@ import numpy as np
 import torch
 
 from .errors import SEError
-from .sparse_format import FORMATS, bitmap_to_mask, popcount_bytes
+from .sparse_format import (
+    FORMATS,
+    PackedExperts,
+    bitmap_row_counts,
+    bitmap_to_mask,
+    csr16_columns,
+    row_ptr_from_counts,
+)
 
 CODEC = "deflate"
 _LEVEL = 6  # level 9 codes real masks no smaller; 1 is ~0.7% larger
@@ -30,32 +37,13 @@ _LEVEL = 6  # level 9 codes real masks no smaller; 1 is ~0.7% larger
 
 def row_ptr_from_bitmap(bitmap: torch.Tensor) -> torch.Tensor:
     """int32 offsets of every row's first value: the exclusive running sum of row popcounts."""
-    counts = popcount_bytes(bitmap.reshape(-1, bitmap.shape[-1])).sum(-1, dtype=torch.int64)
-    row_ptr = torch.zeros(counts.numel(), dtype=torch.int64)
-    row_ptr[1:] = torch.cumsum(counts, 0)[:-1]
-    return row_ptr.to(torch.int32)
+    return row_ptr_from_counts(bitmap_row_counts(bitmap))
 
 
 def _bitmap_of(name: str, tensors: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
     """The module's mask as a ``[K, out, ceil(in/8)]`` bitmap, from either index format."""
-    indices = tensors[f"{name}.indices"]
-    if meta["format"] == "bitmap":
-        return indices
-    k, out, inn = int(meta["experts"]), int(meta["out"]), int(meta["in"])
-    width = math.ceil(inn / 8)
-    row_ptr = tensors[f"{name}.row_ptr"].to(torch.int64)
-    counts = torch.diff(row_ptr, append=torch.tensor([indices.numel()], dtype=torch.int64))
-    rows = torch.repeat_interleave(torch.arange(k * out), counts)
-    cols = indices.to(torch.int64) & 0xFFFF
-    bits = torch.zeros(k * out * width, dtype=torch.uint8)  # distinct columns: a sum of bits is their OR
-    bits.index_add_(0, rows * width + cols // 8, (1 << (cols % 8)).to(torch.uint8))
-    return bits.reshape(k, out, width)
-
-
-def _csr16_columns(bitmap: torch.Tensor, inn: int) -> torch.Tensor:
-    """Unsigned 16-bit column numbers of the set bits, row-major (the csr16 ``indices``)."""
-    cols = [torch.nonzero(bitmap_to_mask(expert, inn))[:, 1] for expert in bitmap]  # one expert at a time
-    return torch.cat(cols).to(torch.int32).to(torch.int16)
+    return PackedExperts(meta["format"], int(meta["experts"]), int(meta["out"]), int(meta["in"]),
+                         tensors[f"{name}.values"], tensors[f"{name}.indices"], tensors[f"{name}.row_ptr"]).bitmap()
 
 
 def _coded(bitmap: torch.Tensor) -> torch.Tensor:
@@ -90,7 +78,8 @@ def _decoded(name: str, meta: dict, stream: torch.Tensor) -> tuple[torch.Tensor,
         raise SEError(f"corrupt checkpoint: the mask of {name} decodes to {len(raw)} bytes, expected "
                       f"{math.prod(shape)}; re-run se-export expand")
     bitmap = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(shape)
-    indices = bitmap if meta["format"] == "bitmap" else _csr16_columns(bitmap, inn)
+    indices = bitmap if meta["format"] == "bitmap" else torch.cat(  # one expert's bool mask at a time
+        [csr16_columns(bitmap_to_mask(expert, inn)) for expert in bitmap])
     return indices, row_ptr_from_bitmap(bitmap)
 
 

@@ -75,13 +75,22 @@ class PackedExperts:
         """All experts dense, ``[K, out, in]``: only for tests and small layers."""
         return torch.stack([self.unpack_expert(k, dtype) for k in range(self.num_experts)])
 
+    def bitmap(self) -> torch.Tensor:
+        """The pattern as a ``[K, out, ceil(in/8)]`` bitmap, whatever the format (no dense copy)."""
+        if self.format == "bitmap":
+            return self.indices
+        width = math.ceil(self.in_features / 8)
+        counts = torch.diff(self.row_ptr.to(torch.int64), append=torch.tensor([self.nnz], dtype=torch.int64))
+        rows = torch.repeat_interleave(torch.arange(self.num_experts * self.out_features), counts)
+        cols = self.indices.to(torch.int64) & 0xFFFF
+        bits = torch.zeros(self.num_experts * self.out_features * width, dtype=torch.uint8)
+        bits.index_add_(0, rows * width + cols // 8, (1 << (cols % 8)).to(torch.uint8))  # distinct bits: sum = OR
+        return bits.reshape(self.num_experts, self.out_features, width)
+
     def mask(self) -> torch.Tensor:
         """Boolean ``[K, out, in]`` pattern of stored weights."""
-        if self.format == "bitmap":
-            return torch.stack([bitmap_to_mask(self.indices[k], self.in_features) for k in range(self.num_experts)])
-        ones = PackedExperts(self.format, self.num_experts, self.out_features, self.in_features,
-                             torch.ones_like(self.values, dtype=torch.float32), self.indices, self.row_ptr)
-        return ones.unpack() != 0
+        bitmap = self.bitmap()
+        return torch.stack([bitmap_to_mask(bitmap[k], self.in_features) for k in range(self.num_experts)])
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"values": self.values, "indices": self.indices, "row_ptr": self.row_ptr}
@@ -108,6 +117,23 @@ def popcount_bytes(bitmap: torch.Tensor) -> torch.Tensor:
     x = bitmap - ((bitmap >> 1) & 0x55)
     x = (x & 0x33) + ((x >> 2) & 0x33)
     return (x + (x >> 4)) & 0x0F
+
+
+def bitmap_row_counts(bitmap: torch.Tensor) -> torch.Tensor:
+    """int64 set bits of every row of a ``[..., bytes]`` bitmap, flattened over the leading dims."""
+    return popcount_bytes(bitmap.reshape(-1, bitmap.shape[-1])).sum(-1, dtype=torch.int64)
+
+
+def row_ptr_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """int32 offset of every row's first value: the exclusive running sum of the row counts."""
+    row_ptr = torch.zeros(counts.numel(), dtype=torch.int64)
+    row_ptr[1:] = torch.cumsum(counts.reshape(-1).to(torch.int64), 0)[:-1]
+    return row_ptr.to(torch.int32)
+
+
+def csr16_columns(mask: torch.Tensor) -> torch.Tensor:
+    """Column numbers of a bool ``[..., in]`` mask's set entries, row-major, as unsigned 16-bit bits."""
+    return torch.nonzero(mask)[:, -1].to(torch.int32).to(torch.int16)  # wraps to unsigned 16-bit bits
 
 
 def padding_bits(bitmap: torch.Tensor, in_features: int) -> int:
@@ -160,16 +186,14 @@ def pack_experts(
         raise SEError(f"{nnz} stored weights exceed the int32 row pointers; expand fewer experts per linear")
     if fmt == "auto":
         fmt = choose_format(k, out, inn, nnz, torch.empty((), dtype=value_dtype).element_size())
-    row_ptr = torch.zeros(k * out, dtype=torch.int32)
-    row_ptr[1:] = torch.cumsum(counts, 0)[:-1].to(torch.int32)
+    row_ptr = row_ptr_from_counts(counts)
     values = weights[mask].to(value_dtype).contiguous()
     if fmt == "bitmap":
         indices = mask_to_bitmap(mask).contiguous()
     elif fmt == "csr16":
         if inn > 65536:
             raise SEError(f"csr16 cannot index {inn} input features (max 65536); use --format bitmap")
-        cols = torch.nonzero(mask)[:, 2]
-        indices = cols.to(torch.int32).to(torch.int16).contiguous()  # wraps to unsigned 16-bit bits
+        indices = csr16_columns(mask).contiguous()
     else:
         raise SEError(f"unknown sparse format '{fmt}': expected auto or one of {FORMATS}")
     return PackedExperts(fmt, k, out, inn, values, indices, row_ptr)
@@ -192,10 +216,10 @@ def validate_packed(p: PackedExperts) -> None:
         elif padding_bits(p.indices, p.in_features):
             problems.append(f"bitmap marks columns past in_features={p.in_features}")
         else:
-            counts = popcount_bytes(p.indices.reshape(-1, p.indices.shape[-1])).sum(-1, dtype=torch.int64)
+            counts = bitmap_row_counts(p.indices)
             if p.nnz != int(counts.sum()):
                 problems.append("bitmap population differs from the number of values")
-            elif counts.numel() and not torch.equal(p.row_ptr[1:].to(torch.int64), torch.cumsum(counts, 0)[:-1]):
+            elif not torch.equal(p.row_ptr, row_ptr_from_counts(counts)):
                 problems.append("row_ptr differs from the bitmap's row populations")
     elif p.format == "csr16":
         if p.indices.numel() != p.nnz or p.indices.dtype != torch.int16:
