@@ -9,7 +9,8 @@
 // pool (se_routed_sparse_matmul_on: ONNX Runtime's intra-op pool); small problems run serially.
 // On x86 an AVX2/FMA/F16C path is chosen at run time (bitmap bytes expand 8 values with a
 // 256-entry table of byte-shuffle controls: one in-lane vpshufb per byte for fp32 values, one
-// pshufb for 16-bit ones; csr16 uses gathers);
+// pshufb for 16-bit ones; csr16 uses gathers), and where the CPU has AVX-512F the decode products
+// use routed_sparse_avx512.h (vexpandps: 16 columns per instruction, no table);
 // every other machine (aarch64 included) runs the portable path, which the compiler vectorizes
 // over the token tile.
 #include "se_kernels.h"
@@ -31,6 +32,8 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #define SE_X86 1
 #include <immintrin.h>
+
+#include "routed_sparse_avx512.h"
 #else
 #define SE_X86 0
 #endif
@@ -101,6 +104,9 @@ inline int64_t row_end(const se_experts* e, int64_t k, int64_t r) {
   const int64_t next = k * e->out_features + r + 1;
   return next < e->num_experts * e->out_features ? e->row_ptr[next] : e->nnz;
 }
+
+enum class Isa { Portable, Avx2, Avx512 };
+Isa cpu_isa();
 
 // ------------------------------------------------------------------ portable kernels
 
@@ -347,16 +353,30 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) void row_block_avx2(const se
   for (int i = 0; i < kRegs; ++i) _mm256_storeu_ps(acc + 8 * i, _mm256_add_ps(_mm256_loadu_ps(acc + 8 * i), a[i]));
 }
 
-bool cpu_has_avx2() {
-  static const bool ok = [] {
+// The widest path this CPU runs, capped by SE_KERNELS_ISA=portable|avx2 (tests, A/B timing).
+Isa cpu_isa() {
+  static const Isa isa = [] {
     const char* force = std::getenv("SE_KERNELS_ISA");
-    if (force && std::strcmp(force, "portable") == 0) return false;
+    const bool portable_only = force && std::strcmp(force, "portable") == 0;
+    const bool avx2_cap = force && std::strcmp(force, "avx2") == 0;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
-           __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("bmi");
+    if (portable_only || !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt") &&
+                           __builtin_cpu_supports("bmi")))
+      return Isa::Portable;
+    if (avx2_cap || !__builtin_cpu_supports("avx512f")) return Isa::Avx2;
+    if (!se_avx512::agrees_with_scalar()) {
+      std::fprintf(stderr, "se-export kernels: the AVX-512 path disagreed with a scalar sum on this CPU; "
+                           "using AVX2 (please report the CPU model)\n");
+      return Isa::Avx2;
+    }
+    return Isa::Avx512;
   }();
-  return ok;
+  return isa;
 }
+
+bool cpu_has_avx2() { return cpu_isa() != Isa::Portable; }
+
 // Router scores s[0..K) += x G for one token, K <= 64: the scores stay in registers (one 8-lane
 // accumulator per 8 experts, two chains over the inputs) instead of a memory array updated for
 // every input, which made a 1536 x 16 router take 12 us per token (now ~1 us).
@@ -405,6 +425,7 @@ bool route_scores_fast(const float* xv, int64_t in, const float* g, int64_t K, f
   }
 }
 #else
+Isa cpu_isa() { return Isa::Portable; }
 bool cpu_has_avx2() { return false; }
 bool route_scores_fast(const float*, int64_t, const float*, int64_t, float*) { return false; }
 #endif
@@ -415,7 +436,8 @@ template <int VD>
 void run_groups(const Problem& pb, const Executor& exec) {
   const se_experts* e = pb.e;
   const int64_t K = e->num_experts, out = e->out_features, in = e->in_features;
-  [[maybe_unused]] const bool avx2 = cpu_has_avx2();  // unused off x86
+  [[maybe_unused]] const Isa isa = cpu_isa();  // unused off x86
+  [[maybe_unused]] const bool avx2 = isa != Isa::Portable;
   const uint8_t* bitmap = e->format == SE_BITMAP ? static_cast<const uint8_t*>(e->indices) : nullptr;
 
   // transposed, zero-padded activations for every group that takes the prefill path
@@ -468,15 +490,20 @@ void run_groups(const Problem& pb, const Executor& exec) {
             float s;
             if (e->format == SE_CSR16) {
 #if SE_X86
-              s = avx2 ? dot_csr_avx2<VD>(e, b, row_end(e, k, r), xv) : dot_csr_portable<VD>(e, b, row_end(e, k, r), xv);
+              const uint16_t* cols = static_cast<const uint16_t*>(e->indices);
+              s = isa == Isa::Avx512 ? se_avx512::dot_csr16<VD>(e->values, cols, b, row_end(e, k, r), xv)
+                  : avx2             ? dot_csr_avx2<VD>(e, b, row_end(e, k, r), xv)
+                                     : dot_csr_portable<VD>(e, b, row_end(e, k, r), xv);
 #else
               s = dot_csr_portable<VD>(e, b, row_end(e, k, r), xv);
 #endif
             } else {
               const uint8_t* bits = bitmap + (k * out + r) * nbytes;
 #if SE_X86
-              s = avx2 ? dot_bitmap_avx2<VD>(e, bits, nbytes, b, row_end(e, k, r), xv)
-                       : dot_bitmap_portable<VD>(e, bits, nbytes, b, xv);
+              s = isa == Isa::Avx512
+                      ? se_avx512::dot_bitmap<VD>(e->values, e->nnz, in, bits, nbytes, b, row_end(e, k, r), xv)
+                  : avx2 ? dot_bitmap_avx2<VD>(e, bits, nbytes, b, row_end(e, k, r), xv)
+                         : dot_bitmap_portable<VD>(e, bits, nbytes, b, xv);
 #else
               s = dot_bitmap_portable<VD>(e, bits, nbytes, b, xv);
 #endif
@@ -728,4 +755,10 @@ extern "C" SE_API int se_routed_sparse_matmul_on(const se_experts* e, const floa
   }
 }
 
-extern "C" SE_API const char* se_kernel_isa(void) { return cpu_has_avx2() ? "avx2" : "portable"; }
+extern "C" SE_API const char* se_kernel_isa(void) {
+  switch (cpu_isa()) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "portable";
+  }
+}

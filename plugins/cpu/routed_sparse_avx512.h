@@ -1,0 +1,192 @@
+// AVX-512F decode kernels (one token times one expert row), chosen at run time where the CPU has
+// AVX-512F (Intel Skylake-SP and newer Xeons, AMD Zen 4 and newer).
+//
+// Why a separate path: on AVX2 a bitmap byte is expanded into its 8 lanes by a table-driven byte
+// shuffle (two value loads, a table load and a vpshufb per byte), and that expansion, not memory,
+// bounds the 70% kernel (BENCHMARKS.md, "CPU kernels"). AVX-512F's `vexpandps` puts 16 packed
+// values into the set lanes of a 16-bit mask and zeroes the rest in one instruction, with no table.
+//
+// This header is compiled twice: natively inside routed_sparse_cpu.cpp (functions carry a target
+// attribute; the library still runs on CPUs without AVX-512), and against SIMDe's portable
+// implementations of the same intrinsics in plugins/tests/test_avx512_emulated.cpp, so the code
+// that ships is tested on machines without AVX-512 (this project's CI has none).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "se_half.h"
+#include "se_kernels.h"
+
+#ifndef SE_AVX512_TARGET
+#define SE_AVX512_TARGET __attribute__((target("avx512f,avx2,fma,f16c,popcnt,bmi")))
+#endif
+
+// GCC 12's AVX-512 intrinsics pass a self-initialised `_mm512_undefined_*()` as the unused
+// merge source of every unmasked operation, which -Wmaybe-uninitialized reports (fixed in GCC 13)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
+namespace se_avx512 {
+
+template <int VD>
+inline float load1(const void* values, int64_t i) {
+  if constexpr (VD == SE_F32) {
+    return static_cast<const float*>(values)[i];
+  } else if constexpr (VD == SE_F16) {
+    return se_half::f16_to_f32(static_cast<const uint16_t*>(values)[i]);
+  } else {
+    return se_half::bf16_to_f32(static_cast<const uint16_t*>(values)[i]);
+  }
+}
+
+// 16 consecutive values from index i, widened to fp32
+template <int VD>
+SE_AVX512_TARGET inline __m512 load16(const void* values, int64_t i) {
+  if constexpr (VD == SE_F32) {
+    return _mm512_loadu_ps(static_cast<const float*>(values) + i);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(values) + i));
+    if constexpr (VD == SE_F16) {
+      return _mm512_cvtph_ps(h);
+    } else {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+  }
+}
+
+// (a store and scalar adds: once per row; GCC 12's 512 -> 256-bit casts warn under -Werror)
+SE_AVX512_TARGET inline float hsum16(__m512 v) {
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, v);
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += lanes[i] + lanes[i + 8];
+  return s;
+}
+
+// acc + (the packed values at p expanded to the set bits of the 16-bit mask m) * x[0..16);
+// p moves past the values used
+template <int VD>
+SE_AVX512_TARGET inline __m512 bitmap_step(const void* values, int64_t& p, unsigned m, const float* x, __m512 acc) {
+  const __m512 w = _mm512_maskz_expand_ps(static_cast<__mmask16>(m), load16<VD>(values, p));
+  p += __builtin_popcount(m);
+  return _mm512_fmadd_ps(w, _mm512_loadu_ps(x), acc);
+}
+
+// One bitmap row (nbytes mask bytes, values from p up to end) times x. Sixteen columns (two mask
+// bytes) per step, four accumulators per 64 columns. Every 16-value load stays inside the nnz
+// values; the columns of a partial last byte and rows at the very end of the array run scalar.
+template <int VD>
+SE_AVX512_TARGET float dot_bitmap(const void* values, int64_t nnz, int64_t in_features, const uint8_t* bits,
+                                  int64_t nbytes, int64_t p, int64_t end, const float* x) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  const int64_t full = in_features / 8;  // bytes whose 8 columns all exist
+  int64_t byte = 0;
+  if (end + 16 <= nnz) {  // no load of this row can pass the end of values
+    for (; byte + 8 <= full; byte += 8) {
+      uint64_t m;
+      std::memcpy(&m, bits + byte, 8);
+      const float* xb = x + byte * 8;
+      a0 = bitmap_step<VD>(values, p, static_cast<unsigned>(m) & 0xffffu, xb, a0);
+      a1 = bitmap_step<VD>(values, p, static_cast<unsigned>(m >> 16) & 0xffffu, xb + 16, a1);
+      a2 = bitmap_step<VD>(values, p, static_cast<unsigned>(m >> 32) & 0xffffu, xb + 32, a2);
+      a3 = bitmap_step<VD>(values, p, static_cast<unsigned>(m >> 48), xb + 48, a3);
+    }
+  }
+  for (; byte + 2 <= full && p + 16 <= nnz; byte += 2)
+    a0 = bitmap_step<VD>(values, p, bits[byte] | static_cast<unsigned>(bits[byte + 1]) << 8, x + byte * 8, a0);
+  float s = hsum16(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (; byte < nbytes; ++byte) {
+    unsigned m = bits[byte];
+    while (m) {
+      const int j = __builtin_ctz(m);
+      s += load1<VD>(values, p++) * x[byte * 8 + j];
+      m &= m - 1;
+    }
+  }
+  return s;
+}
+
+// One csr16 row (values and 16-bit columns in [b, end)) times x: 16 columns widened to 32 bits
+// and one 16-lane gather per step, two accumulators.
+template <int VD>
+SE_AVX512_TARGET float dot_csr16(const void* values, const uint16_t* cols, int64_t b, int64_t end, const float* x) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+  int64_t j = b;
+  auto gather = [&](int64_t at) SE_AVX512_TARGET {
+    const __m512i c = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + at)));
+    return _mm512_i32gather_ps(c, x, 4);
+  };
+  for (; j + 32 <= end; j += 32) {
+    a0 = _mm512_fmadd_ps(load16<VD>(values, j), gather(j), a0);
+    a1 = _mm512_fmadd_ps(load16<VD>(values, j + 16), gather(j + 16), a1);
+  }
+  for (; j + 16 <= end; j += 16) a0 = _mm512_fmadd_ps(load16<VD>(values, j), gather(j), a0);
+  float s = hsum16(_mm512_add_ps(a0, a1));
+  for (; j < end; ++j) s += load1<VD>(values, j) * x[cols[j]];
+  return s;
+}
+
+// The AVX-512 path is tested against SIMDe's emulation of its intrinsics (CI has no AVX-512), not
+// on every CPU it may meet: once per process, before the library chooses it, it must reproduce a
+// scalar float64 sum on a small random problem for every value type and format (microseconds).
+inline bool agrees_with_scalar() {
+  constexpr int64_t in = 203, rows = 6;  // 25 whole mask bytes and 3 tail columns
+  constexpr int64_t nbytes = (in + 7) / 8;
+  uint32_t state = 12345u;
+  auto next = [&state] { return (state = state * 1664525u + 1013904223u) >> 8; };
+  auto uniform = [&next] { return static_cast<float>(next() % 2001u) / 1000.f - 1.f; };
+  std::vector<uint8_t> bits(rows * nbytes, 0);
+  std::vector<uint16_t> cols;
+  std::vector<int64_t> row_ptr(rows + 1, 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < in; ++c)
+      if (next() % 10u < 4u) {
+        bits[r * nbytes + c / 8] |= static_cast<uint8_t>(1u << (c % 8));
+        cols.push_back(static_cast<uint16_t>(c));
+      }
+    row_ptr[r + 1] = static_cast<int64_t>(cols.size());
+  }
+  const int64_t nnz = row_ptr[rows];
+  std::vector<float> x(in), v32(nnz);
+  std::vector<uint16_t> v16(nnz), vb16(nnz);
+  for (auto& v : x) v = uniform();
+  for (int64_t i = 0; i < nnz; ++i) {
+    v32[i] = uniform();
+    v16[i] = se_half::f32_to_f16(v32[i]);
+    uint32_t u;
+    std::memcpy(&u, &v32[i], 4);
+    vb16[i] = static_cast<uint16_t>(u >> 16);
+  }
+  bool ok = true;
+  auto check_type = [&](auto vd, const void* values) {
+    constexpr int VD = decltype(vd)::value;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = row_ptr[r], end = row_ptr[r + 1];
+      double want = 0.0, scale = 1.0;
+      for (int64_t j = b; j < end; ++j) {
+        want += static_cast<double>(load1<VD>(values, j)) * x[cols[j]];
+        scale += std::fabs(static_cast<double>(load1<VD>(values, j)) * x[cols[j]]);
+      }
+      const float got_bitmap = dot_bitmap<VD>(values, nnz, in, bits.data() + r * nbytes, nbytes, b, end, x.data());
+      const float got_csr = dot_csr16<VD>(values, cols.data(), b, end, x.data());
+      ok = ok && std::fabs(got_bitmap - want) <= 1e-5 * scale && std::fabs(got_csr - want) <= 1e-5 * scale;
+    }
+  };
+  check_type(std::integral_constant<int, SE_F32>{}, v32.data());
+  check_type(std::integral_constant<int, SE_F16>{}, v16.data());
+  check_type(std::integral_constant<int, SE_BF16>{}, vb16.data());
+  return ok;
+}
+
+}  // namespace se_avx512
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
