@@ -1,4 +1,4 @@
-"""Static throughput model of the decode kernels' inner loops (llvm-mca): AVX2 vs AVX-512.
+"""Static throughput model of the kernels' inner loops (llvm-mca): AVX2 vs AVX-512.
 
 Why a model: no CPU here has AVX-512, so that path can be tested (under SIMDe emulation) but not
 timed. llvm-mca replays a loop on LLVM's scheduling model of a named core and predicts cycles per
@@ -23,13 +23,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "plugins" / "cpu" / "routed_sparse_cpu.cpp"
 VALUE_TYPES = {0: "fp32", 1: "fp16", 2: "bf16"}
-# (path, symbol prefix by value type, instruction that marks the hot loop, columns per marker).
-# Only the bitmap loops: LLVM's models time gathers (the csr16 loops) far from what this machine
-# measures (znver3: 5 cycles per 8 gathered values modelled, ~9 measured), so they are left out.
+# (kernel, path, symbol prefix by value type, instruction that marks the hot loop, lanes per
+# marker, lanes per unit): the bitmap decode loop per mask byte (8 columns of one row), the
+# prefill tile's loop per kept weight (times 64 tokens). Gathers (the csr16 decode loops) are
+# left out: LLVM's models time them far from what this machine measures (znver3: 5 cycles per 8
+# gathered values modelled, ~9 measured).
 LOOPS = [
-    ("avx2", "_ZN6se_cpu15dot_bitmap_avx2ILi{vd}E", "vpshufb", 8),
-    ("avx512", "_ZN9se_avx51210dot_bitmapILi{vd}E", "vexpandps", 16),
+    ("bitmap decode", "avx2", "_ZN6se_cpu15dot_bitmap_avx2ILi{vd}E", "vpshufb", 8, 8),
+    ("bitmap decode", "avx512", "_ZN9se_avx51210dot_bitmapILi{vd}E", "vexpandps", 16, 8),
+    ("prefill tile", "avx2", "_ZN6se_cpu14row_block_avx2ILi{vd}ELi64ELb0E", "vfmadd231ps", 8, 64),
+    ("prefill tile", "avx512", "_ZN9se_avx51213tile_productsILi{vd}ELi64E", "vfmadd231ps", 16, 64),
 ]
+UNITS = {"bitmap decode": "mask byte", "prefill tile": "kept weight x 64 tokens"}
 
 
 def compile_to_asm(out: Path) -> list[str]:
@@ -88,29 +93,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         asm = compile_to_asm(Path(tmp) / "kernels.s")
     rows = []
-    for path, prefix, marker, lanes in LOOPS:
+    for kernel, path, prefix, marker, lanes, unit_lanes in LOOPS:
         cpus = (args.avx2_cpus if path == "avx2" else args.avx512_cpus).split(",")
         for vd, vname in VALUE_TYPES.items():
             loop = hottest_loop(function_body(asm, prefix.format(vd=vd)), marker)
-            columns = sum(marker in line for line in loop) * lanes
+            units = sum(marker in line for line in loop) * lanes / unit_lanes
             for cpu in cpus:
                 r = mca_cycles(loop, cpu)
-                rows.append({"path": path, "values": vname, "cpu": cpu, "columns_per_iteration": columns, **r,
-                             "cycles_per_mask_byte": 8 * r["cycles_per_iteration"] / columns})
-    cols = [(r["path"], r["cpu"]) for r in rows if r["values"] == "fp32"]
-    print("| values | " + " | ".join(f"{p.upper()} on {c}" for p, c in cols) + " | AVX2 / AVX-512, same core |")
-    print("|---|" + "---:|" * (len(cols) + 1))
-    for vname in VALUE_TYPES.values():
-        got = {(r["path"], r["cpu"]): r["cycles_per_mask_byte"] for r in rows if r["values"] == vname}
-        same = [got[("avx2", c)] / got[("avx512", c)] for c in {c for _, c in cols}
-                if ("avx2", c) in got and ("avx512", c) in got]
-        print(f"| {vname} | " + " | ".join(f"{got[k]:.2f}" for k in cols) + " | "
-              + (", ".join(f"{x:.2f}x" for x in same) or "-") + " |")
+                rows.append({"kernel": kernel, "path": path, "values": vname, "cpu": cpu, "unit": UNITS[kernel],
+                             "units_per_iteration": units, **r, "cycles_per_unit": r["cycles_per_iteration"] / units})
+    cols = list(dict.fromkeys((r["path"], r["cpu"]) for r in rows))
+    print("| loop (cycles per unit) | values | " + " | ".join(f"{p.upper()} on {c}" for p, c in cols)
+          + " | AVX2 / AVX-512, same core |")
+    print("|---|---|" + "---:|" * (len(cols) + 1))
+    for kernel, unit in UNITS.items():
+        for vname in VALUE_TYPES.values():
+            got = {(r["path"], r["cpu"]): r["cycles_per_unit"] for r in rows if r["values"] == vname and r["kernel"] == kernel}
+            same = [got[("avx2", c)] / got[("avx512", c)] for _, c in cols
+                    if _ == "avx512" and ("avx2", c) in got and ("avx512", c) in got]
+            print(f"| {kernel} (per {unit}) | {vname} | " + " | ".join(f"{got[k]:.2f}" for k in cols) + " | "
+                  + (", ".join(f"**{x:.2f}x**" for x in same) or "-") + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_suffix(".tmp")
     tmp_out.write_text(json.dumps({"llvm_mca": version.strip().splitlines()[:2], "rows": rows}, indent=1))
     tmp_out.replace(args.out)
-    print(f"wrote {args.out} (cycles per bitmap mask byte = per 8 columns of a row, predicted)")
+    print(f"wrote {args.out} (predicted cycles; a model, see the docstring)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-// AVX-512F decode kernels (one token times one expert row), chosen at run time where the CPU has
-// AVX-512F (Intel Skylake-SP and newer Xeons, AMD Zen 4 and newer).
+// AVX-512F kernels, chosen at run time where the CPU has AVX-512F (Intel Skylake-SP and newer
+// Xeons, AMD Zen 4 and newer): decode products (one token times one expert row) and the prefill
+// tile's multiply-adds (64 tokens per kept weight in four 16-lane FMAs instead of eight 8-lane).
 //
 // Why a separate path: on AVX2 a bitmap byte is expanded into its 8 lanes by a table-driven byte
 // shuffle (two value loads, a table load and a vpshufb per byte), and that expansion, not memory,
@@ -133,9 +134,37 @@ SE_AVX512_TARGET float dot_csr16(const void* values, const uint16_t* cols, int64
   return s;
 }
 
+// Prefill: acc[0..W) += sum over j < n of value(pos + j) * xb[cols[j] * W + 0..W), the token
+// tile's kept-weight products for one row (W tokens, W/16 accumulators). The values are widened
+// 16 at a time into a small buffer and broadcast from there.
+template <int VD, int W>
+SE_AVX512_TARGET void tile_products(const void* values, int64_t pos, const uint16_t* cols, int64_t n,
+                                    const float* xb, float* acc) {
+  static_assert(W % 16 == 0 && W <= 64, "the tile holds W/16 vectors of 16 tokens");
+  constexpr int kRegs = W / 16;
+  __m512 a[kRegs];
+  for (int i = 0; i < kRegs; ++i) a[i] = _mm512_setzero_ps();
+  alignas(64) float widened[16];
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t m = n - j0 < 16 ? n - j0 : 16;
+    if (m == 16) {
+      _mm512_store_ps(widened, load16<VD>(values, pos + j0));
+    } else {  // the last values of a row may be the last of the array: no 16-value load
+      for (int64_t j = 0; j < m; ++j) widened[j] = load1<VD>(values, pos + j0 + j);
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      const __m512 v = _mm512_set1_ps(widened[j]);
+      const float* xr = xb + static_cast<int64_t>(cols[j0 + j]) * W;
+      for (int i = 0; i < kRegs; ++i) a[i] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xr + 16 * i), a[i]);
+    }
+  }
+  for (int i = 0; i < kRegs; ++i) _mm512_storeu_ps(acc + 16 * i, _mm512_add_ps(_mm512_loadu_ps(acc + 16 * i), a[i]));
+}
+
 // The AVX-512 path is tested against SIMDe's emulation of its intrinsics (CI has no AVX-512), not
 // on every CPU it may meet: once per process, before the library chooses it, it must reproduce a
-// scalar float64 sum on a small random problem for every value type and format (microseconds).
+// scalar float64 sum on a small random problem for every value type, format and the prefill tile
+// (well under a millisecond).
 inline bool agrees_with_scalar() {
   constexpr int64_t in = 203, rows = 6;  // 25 whole mask bytes and 3 tail columns
   constexpr int64_t nbytes = (in + 7) / 8;
@@ -177,6 +206,17 @@ inline bool agrees_with_scalar() {
       const float got_bitmap = dot_bitmap<VD>(values, nnz, in, bits.data() + r * nbytes, nbytes, b, end, x.data());
       const float got_csr = dot_csr16<VD>(values, cols.data(), b, end, x.data());
       ok = ok && std::fabs(got_bitmap - want) <= 1e-5 * scale && std::fabs(got_csr - want) <= 1e-5 * scale;
+      // the row as a prefill tile of 64 tokens: token t reads x shifted by t columns
+      constexpr int W = 64;
+      std::vector<float> xt(in * W), acc(W, 0.f);
+      for (int64_t c = 0; c < in; ++c)
+        for (int tok = 0; tok < W; ++tok) xt[c * W + tok] = x[(c + tok) % in];
+      tile_products<VD, W>(values, b, cols.data() + b, end - b, xt.data(), acc.data());
+      for (int tok = 0; tok < W; ++tok) {
+        double want_t = 0.0;
+        for (int64_t j = b; j < end; ++j) want_t += static_cast<double>(load1<VD>(values, j)) * xt[cols[j] * W + tok];
+        ok = ok && std::fabs(acc[tok] - want_t) <= 1e-5 * (scale + std::fabs(want_t));
+      }
     }
   };
   check_type(std::integral_constant<int, SE_F32>{}, v32.data());

@@ -320,8 +320,9 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) inline float load_value_avx2
   }
 }
 
-// row_block_portable with W/8 ymm accumulators (8 or 64 tokens) per kept weight
-template <int VD, int W>
+// row_block_portable with W/8 ymm accumulators (8 or 64 tokens) per kept weight; with Avx512 the
+// 64-token tile's multiply-adds run as W/16 zmm FMAs (se_avx512::tile_products) instead
+template <int VD, int W, bool Avx512 = false>
 __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) void row_block_avx2(const se_experts* e, const uint8_t* bitmap_row,
                                                               int64_t c0, int64_t c1, int64_t end, int64_t& pos,
                                                               const float* xt, float* acc) {
@@ -335,6 +336,13 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) void row_block_avx2(const se
   };
   if (e->format == SE_CSR16) {
     const uint16_t* cols = static_cast<const uint16_t*>(e->indices);
+    if constexpr (Avx512) {
+      int64_t n = 0;
+      while (pos + n < end && cols[pos + n] < c1) ++n;
+      se_avx512::tile_products<VD, W>(e->values, pos, cols + pos, n, xt, acc);
+      pos += n;
+      return;
+    }
     for (; pos < end && cols[pos] < c1; ++pos) add(load_value_avx2<VD>(e->values, pos), xt + cols[pos] * W);
   } else {  // decode the block's columns without branches (table + popcount), then a linear loop
     alignas(16) uint16_t cols[kColBlock + 8];
@@ -347,6 +355,11 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) void row_block_avx2(const se
       n += _mm_popcnt_u32(m);
     }
     const float* xb = xt + c0 * W;
+    if constexpr (Avx512) {
+      se_avx512::tile_products<VD, W>(e->values, pos, cols, n, xb, acc);
+      pos += n;
+      return;
+    }
     for (int64_t j = 0; j < n; ++j) add(load_value_avx2<VD>(e->values, pos + j), xb + cols[j] * W);
     pos += n;
   }
@@ -531,7 +544,9 @@ void run_groups(const Problem& pb, const Executor& exec) {
           const uint8_t* bits = bitmap ? bitmap + (k * out + item.r0 + i) * nbytes : nullptr;
 #if SE_X86
           if (avx2) {
-            if (w == kTile)
+            if (w == kTile && isa == Isa::Avx512)
+              row_block_avx2<VD, kTile, true>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i]);
+            else if (w == kTile)
               row_block_avx2<VD, kTile>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i]);
             else
               row_block_avx2<VD, kSmallTile>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i]);
