@@ -56,9 +56,10 @@ check-aarch64: $(PLUGINS)
 	@echo "aarch64 build check passed (build/aarch64)"
 
 # ... and, where qemu-user is installed (apt-get install qemu-user), link the C++ tests statically
-# (musl) and run them under emulation: the kernels vs their float64 reference on the portable path
-# aarch64 takes, the CUDA kernels' CPU reference, the runtime's option parser. The first link
-# builds zig's aarch64 libc++ (~3 min, cached in ~/.cache/zig).
+# (musl) and run them under emulation: the kernels vs their float64 reference on the NEON and the
+# portable paths, the NEON kernel's own test (SIMDe maps it to the real instructions there), the
+# CUDA kernels' CPU reference, the runtime's option parser. The first link builds zig's aarch64
+# libc++ (~3 min, cached in ~/.cache/zig).
 AARCH64_EXE := $(PY) -m ziglang c++ -target aarch64-linux-musl -static -std=c++17 -O2 -Wall -Wextra -Werror
 QEMU_AARCH64 := $(shell command -v qemu-aarch64 2>/dev/null)
 test-aarch64: check-aarch64
@@ -68,7 +69,11 @@ test-aarch64: check-aarch64
 	    plugins/tests/test_cuda_reference.cpp -o build/aarch64/test_cuda_reference
 	$(AARCH64_EXE) -Icpp_runtime/include cpp_runtime/src/options.cpp cpp_runtime/tests/test_options.cpp \
 	    -o build/aarch64/test_se_runtime_options
+	$(AARCH64_EXE) -Wno-psabi -isystem $$($(PY) -c "import simde_py; print(simde_py.get_include())") \
+	    plugins/tests/test_neon_emulated.cpp -o build/aarch64/test_neon_kernel
 	$(QEMU_AARCH64) build/aarch64/test_se_kernels
+	SE_KERNELS_ISA=portable $(QEMU_AARCH64) build/aarch64/test_se_kernels
+	$(QEMU_AARCH64) build/aarch64/test_neon_kernel
 	$(QEMU_AARCH64) build/aarch64/test_cuda_reference
 	$(QEMU_AARCH64) build/aarch64/test_se_runtime_options
 

@@ -125,7 +125,8 @@ def test_both_code_paths_agree(isa, monkeypatch):
             "print(kernels.isa(), float((y.double()-r).abs().max()))")
     env = {**__import__("os").environ, "SE_KERNELS_ISA": isa}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.split()
-    allowed = {"portable": {"portable"}, "avx2": {"avx2", "portable"}, "native": {"avx512", "avx2", "portable"}}
+    allowed = {"portable": {"portable"}, "avx2": {"avx2", "neon", "portable"},
+               "native": {"avx512", "avx2", "neon", "portable"}}
     assert out[0] in allowed[isa]
     assert float(out[1]) < 1e-4
 
@@ -165,5 +166,5 @@ def test_module_uses_kernels_and_matches_the_reference_op():
 
 
 def test_isa_reports_a_known_path():
-    assert kernels.isa() in ("avx512", "avx2", "portable")
+    assert kernels.isa() in ("avx512", "avx2", "neon", "portable")
     assert isinstance(kernels.require(), ctypes.CDLL)

@@ -11,8 +11,9 @@
 // 256-entry table of byte-shuffle controls: one in-lane vpshufb per byte for fp32 values, one
 // pshufb for 16-bit ones; csr16 uses gathers), and where the CPU has AVX-512F the decode products
 // use routed_sparse_avx512.h (vexpandps: 16 columns per instruction, no table);
-// every other machine (aarch64 included) runs the portable path, which the compiler vectorizes
-// over the token tile.
+// aarch64 decodes bitmap rows with NEON table lookups (routed_sparse_neon.h) and runs the portable
+// code elsewhere; every other machine runs the portable path, which the compiler vectorizes over
+// the token tile.
 #include "se_kernels.h"
 #include "se_half.h"
 
@@ -36,6 +37,14 @@
 #include "routed_sparse_avx512.h"
 #else
 #define SE_X86 0
+#endif
+#if defined(__aarch64__)
+#define SE_NEON 1
+#include <arm_neon.h>
+
+#include "routed_sparse_neon.h"
+#else
+#define SE_NEON 0
 #endif
 
 namespace se_cpu {
@@ -105,7 +114,7 @@ inline int64_t row_end(const se_experts* e, int64_t k, int64_t r) {
   return next < e->num_experts * e->out_features ? e->row_ptr[next] : e->nnz;
 }
 
-enum class Isa { Portable, Avx2, Avx512 };
+enum class Isa { Portable, Avx2, Avx512, Neon };
 Isa cpu_isa();
 
 // ------------------------------------------------------------------ portable kernels
@@ -438,7 +447,13 @@ bool route_scores_fast(const float* xv, int64_t in, const float* g, int64_t K, f
   }
 }
 #else
-Isa cpu_isa() { return Isa::Portable; }
+Isa cpu_isa() {  // NEON is part of every aarch64 CPU; SE_KERNELS_ISA=portable turns it off
+  static const Isa isa = [] {
+    const char* force = std::getenv("SE_KERNELS_ISA");
+    return SE_NEON && !(force && std::strcmp(force, "portable") == 0) ? Isa::Neon : Isa::Portable;
+  }();
+  return isa;
+}
 bool cpu_has_avx2() { return false; }
 bool route_scores_fast(const float*, int64_t, const float*, int64_t, float*) { return false; }
 #endif
@@ -517,6 +532,9 @@ void run_groups(const Problem& pb, const Executor& exec) {
                       ? se_avx512::dot_bitmap<VD>(e->values, e->nnz, in, bits, nbytes, b, row_end(e, k, r), xv)
                   : avx2 ? dot_bitmap_avx2<VD>(e, bits, nbytes, b, row_end(e, k, r), xv)
                          : dot_bitmap_portable<VD>(e, bits, nbytes, b, xv);
+#elif SE_NEON
+              s = isa == Isa::Neon ? se_neon::dot_bitmap<VD>(e->values, e->nnz, in, bits, nbytes, b, row_end(e, k, r), xv)
+                                   : dot_bitmap_portable<VD>(e, bits, nbytes, b, xv);
 #else
               s = dot_bitmap_portable<VD>(e, bits, nbytes, b, xv);
 #endif
@@ -774,6 +792,7 @@ extern "C" SE_API const char* se_kernel_isa(void) {
   switch (cpu_isa()) {
     case Isa::Avx512: return "avx512";
     case Isa::Avx2: return "avx2";
+    case Isa::Neon: return "neon";
     default: return "portable";
   }
 }
