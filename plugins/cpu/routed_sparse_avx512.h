@@ -19,8 +19,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "se_half.h"
 #include "se_kernels.h"
+#include "se_values.h"
 
 #ifndef SE_AVX512_TARGET
 #define SE_AVX512_TARGET __attribute__((target("avx512f,avx2,fma,f16c,popcnt,bmi")))
@@ -36,16 +36,7 @@
 
 namespace se_avx512 {
 
-template <int VD>
-inline float load1(const void* values, int64_t i) {
-  if constexpr (VD == SE_F32) {
-    return static_cast<const float*>(values)[i];
-  } else if constexpr (VD == SE_F16) {
-    return se_half::f16_to_f32(static_cast<const uint16_t*>(values)[i]);
-  } else {
-    return se_half::bf16_to_f32(static_cast<const uint16_t*>(values)[i]);
-  }
-}
+using se_values::load_value;
 
 // 16 consecutive values from index i, widened to fp32
 template <int VD>
@@ -103,15 +94,7 @@ SE_AVX512_TARGET float dot_bitmap(const void* values, int64_t nnz, int64_t in_fe
   for (; byte + 2 <= full && p + 16 <= nnz; byte += 2)
     a0 = bitmap_step<VD>(values, p, bits[byte] | static_cast<unsigned>(bits[byte + 1]) << 8, x + byte * 8, a0);
   float s = hsum16(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  for (; byte < nbytes; ++byte) {
-    unsigned m = bits[byte];
-    while (m) {
-      const int j = __builtin_ctz(m);
-      s += load1<VD>(values, p++) * x[byte * 8 + j];
-      m &= m - 1;
-    }
-  }
-  return s;
+  return se_values::bitmap_bits<VD>(values, bits, byte, nbytes, p, x, s);
 }
 
 // One csr16 row (values and 16-bit columns in [b, end)) times x: 16 columns widened to 32 bits
@@ -130,7 +113,7 @@ SE_AVX512_TARGET float dot_csr16(const void* values, const uint16_t* cols, int64
   }
   for (; j + 16 <= end; j += 16) a0 = _mm512_fmadd_ps(load16<VD>(values, j), gather(j), a0);
   float s = hsum16(_mm512_add_ps(a0, a1));
-  for (; j < end; ++j) s += load1<VD>(values, j) * x[cols[j]];
+  for (; j < end; ++j) s += load_value<VD>(values, j) * x[cols[j]];
   return s;
 }
 
@@ -150,7 +133,7 @@ SE_AVX512_TARGET void tile_products(const void* values, int64_t pos, const uint1
     if (m == 16) {
       _mm512_store_ps(widened, load16<VD>(values, pos + j0));
     } else {  // the last values of a row may be the last of the array: no 16-value load
-      for (int64_t j = 0; j < m; ++j) widened[j] = load1<VD>(values, pos + j0 + j);
+      for (int64_t j = 0; j < m; ++j) widened[j] = load_value<VD>(values, pos + j0 + j);
     }
     for (int64_t j = 0; j < m; ++j) {
       const __m512 v = _mm512_set1_ps(widened[j]);
@@ -200,8 +183,8 @@ inline bool agrees_with_scalar() {
       const int64_t b = row_ptr[r], end = row_ptr[r + 1];
       double want = 0.0, scale = 1.0;
       for (int64_t j = b; j < end; ++j) {
-        want += static_cast<double>(load1<VD>(values, j)) * x[cols[j]];
-        scale += std::fabs(static_cast<double>(load1<VD>(values, j)) * x[cols[j]]);
+        want += static_cast<double>(load_value<VD>(values, j)) * x[cols[j]];
+        scale += std::fabs(static_cast<double>(load_value<VD>(values, j)) * x[cols[j]]);
       }
       const float got_bitmap = dot_bitmap<VD>(values, nnz, in, bits.data() + r * nbytes, nbytes, b, end, x.data());
       const float got_csr = dot_csr16<VD>(values, cols.data(), b, end, x.data());
@@ -214,7 +197,7 @@ inline bool agrees_with_scalar() {
       tile_products<VD, W>(values, b, cols.data() + b, end - b, xt.data(), acc.data());
       for (int tok = 0; tok < W; ++tok) {
         double want_t = 0.0;
-        for (int64_t j = b; j < end; ++j) want_t += static_cast<double>(load1<VD>(values, j)) * xt[cols[j] * W + tok];
+        for (int64_t j = b; j < end; ++j) want_t += static_cast<double>(load_value<VD>(values, j)) * xt[cols[j] * W + tok];
         ok = ok && std::fabs(acc[tok] - want_t) <= 1e-5 * (scale + std::fabs(want_t));
       }
     }

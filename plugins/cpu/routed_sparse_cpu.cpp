@@ -16,6 +16,7 @@
 // the token tile.
 #include "se_kernels.h"
 #include "se_half.h"
+#include "se_values.h"
 
 #include <algorithm>
 #include <cmath>
@@ -61,16 +62,7 @@ using se_half::bf16_to_f32;
 using se_half::f16_to_f32;
 using se_half::f32_to_f16;
 
-template <int VD>
-inline float load_value(const void* values, int64_t i) {
-  if constexpr (VD == SE_F32) {
-    return static_cast<const float*>(values)[i];
-  } else if constexpr (VD == SE_F16) {
-    return f16_to_f32(static_cast<const uint16_t*>(values)[i]);
-  } else {
-    return bf16_to_f32(static_cast<const uint16_t*>(values)[i]);
-  }
-}
+using se_values::load_value;
 
 // ------------------------------------------------------------------ problem description
 
@@ -129,16 +121,7 @@ float dot_csr_portable(const se_experts* e, int64_t b, int64_t end, const float*
 
 template <int VD>
 float dot_bitmap_portable(const se_experts* e, const uint8_t* bits, int64_t nbytes, int64_t p, const float* x) {
-  float acc = 0.f;
-  for (int64_t byte = 0; byte < nbytes; ++byte) {
-    unsigned m = bits[byte];
-    while (m) {
-      const int j = __builtin_ctz(m);
-      acc += load_value<VD>(e->values, p++) * x[byte * 8 + j];
-      m &= m - 1;
-    }
-  }
-  return acc;
+  return se_values::bitmap_bits<VD>(e->values, bits, 0, nbytes, p, x, 0.f);
 }
 
 // Prefill: acc[0..W) += v * xt[c * W + t] for the row's kept weights with columns in [c0, c1);
@@ -309,15 +292,7 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_bitmap_avx2(const 
   for (; byte < full && p + 8 <= e->nnz; ++byte) a0 = bitmap_step_avx2<VD>(v, p, bits[byte], 0, x + byte * 8, a0);
   float s = hsum(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
                                _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7))));
-  for (; byte < nbytes; ++byte) {  // tail columns and the last values of the array
-    unsigned m = bits[byte];
-    while (m) {
-      const int j = __builtin_ctz(m);
-      s += load_value<VD>(v, p++) * x[byte * 8 + j];
-      m &= m - 1;
-    }
-  }
-  return s;
+  return se_values::bitmap_bits<VD>(v, bits, byte, nbytes, p, x, s);  // tail columns, last values of the array
 }
 
 template <int VD>

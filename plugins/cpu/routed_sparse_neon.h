@@ -12,8 +12,8 @@
 
 #include <cstdint>
 
-#include "se_half.h"
 #include "se_kernels.h"
+#include "se_values.h"
 
 namespace se_neon {
 
@@ -39,16 +39,7 @@ struct ExpandTables {
 };
 inline const ExpandTables kExpand;
 
-template <int VD>
-inline float load1(const void* values, int64_t i) {
-  if constexpr (VD == SE_F32) {
-    return static_cast<const float*>(values)[i];
-  } else if constexpr (VD == SE_F16) {
-    return se_half::f16_to_f32(static_cast<const uint16_t*>(values)[i]);
-  } else {
-    return se_half::bf16_to_f32(static_cast<const uint16_t*>(values)[i]);
-  }
-}
+using se_values::load_value;
 
 // lo/hi += (the values at p expanded to the set bits of mask byte m) * x[0..8); p moves past them
 template <int VD>
@@ -93,15 +84,7 @@ float dot_bitmap(const void* values, int64_t nnz, int64_t in_features, const uin
     for (; byte < full; ++byte) bitmap_byte<VD>(values, p, bits[byte], x + byte * 8, a0, a1);
   }
   float s = vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));
-  for (; byte < nbytes; ++byte) {
-    unsigned m = bits[byte];
-    while (m) {
-      const int j = __builtin_ctz(m);
-      s += load1<VD>(values, p++) * x[byte * 8 + j];
-      m &= m - 1;
-    }
-  }
-  return s;
+  return se_values::bitmap_bits<VD>(values, bits, byte, nbytes, p, x, s);
 }
 
 }  // namespace se_neon

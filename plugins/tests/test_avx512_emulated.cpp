@@ -73,7 +73,7 @@ void random_tiles(std::mt19937& gen, int cases) {
     for (int t = 0; t < W; ++t) {
       double want = before[t], scale = std::fabs(before[t]);
       for (int j = 0; j < n; ++j) {
-        const double term = static_cast<double>(se_avx512::load1<VD>(values, j)) * xt[r.cols[j] * W + t];
+        const double term = static_cast<double>(se_avx512::load_value<VD>(values, j)) * xt[r.cols[j] * W + t];
         want += term;
         scale += std::fabs(term);
       }

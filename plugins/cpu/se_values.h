@@ -1,0 +1,39 @@
+// The scalar pieces every kernel path shares (portable, AVX2, AVX-512, NEON): one stored value
+// widened to fp32, and the bit-by-bit walk of bitmap bytes that the portable decode runs for a
+// whole row and the vector paths run for their tails (partial last byte, last values of the array).
+#pragma once
+
+#include <cstdint>
+
+#include "se_half.h"
+#include "se_kernels.h"
+
+namespace se_values {
+
+template <int VD>
+inline float load_value(const void* values, int64_t i) {
+  if constexpr (VD == SE_F32) {
+    return static_cast<const float*>(values)[i];
+  } else if constexpr (VD == SE_F16) {
+    return se_half::f16_to_f32(static_cast<const uint16_t*>(values)[i]);
+  } else {
+    return se_half::bf16_to_f32(static_cast<const uint16_t*>(values)[i]);
+  }
+}
+
+// s + the products of mask bytes [byte, nbytes) of a bitmap row with x, values from p (advanced)
+template <int VD>
+inline float bitmap_bits(const void* values, const uint8_t* bits, int64_t byte, int64_t nbytes, int64_t& p,
+                         const float* x, float s) {
+  for (; byte < nbytes; ++byte) {
+    unsigned m = bits[byte];
+    while (m) {
+      const int j = __builtin_ctz(m);
+      s += load_value<VD>(values, p++) * x[byte * 8 + j];
+      m &= m - 1;
+    }
+  }
+  return s;
+}
+
+}  // namespace se_values
