@@ -114,7 +114,7 @@ def test_every_mask_byte_expands_correctly(vdtype, tokens):
 
 @pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
 def test_both_code_paths_agree(isa, monkeypatch):
-    """The portable path (what aarch64 runs) gives the same numbers as the vectorised ones;
+    """The portable path gives the same numbers as the vectorised ones (AVX2, AVX-512 or NEON);
     SE_KERNELS_ISA caps the path and the library reports the one it took."""
     import subprocess
     import sys
