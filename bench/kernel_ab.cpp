@@ -8,8 +8,9 @@
 // Build and run (A = the library of the previous commit, B = the current one):
 //   g++ -O2 -std=c++17 -Iplugins/cpu bench/kernel_ab.cpp -ldl -o build/kernel_ab
 //   build/kernel_ab A.so B.so --shapes 576x1536,1536x576 --sets 1,90 --threads 1,2 --json out.json
-// Shapes are in x out; each weight set holds K=16 random experts at 30% density (bitmap format,
-// fp16 values unless --fp32), one token is routed per call. With --sets 90 the weights are cold
+// Shapes are in x out; each weight set holds K random experts (--experts, 16) at a density
+// (--density, 0.3; bitmap format, fp16 values unless --fp32); --tokens (1) are routed per call
+// (e.g. --tokens 512 --experts 1 times the prefill path). With --sets 90 the weights are cold
 // (58 MB per call sweep, more than the 32 MB L3), as in a model's decode step.
 #include "se_kernels.h"
 
@@ -96,13 +97,15 @@ double quantile(std::vector<double> v, double q) {
 int main(int argc, char** argv) {
   if (argc < 3) {
     std::fprintf(stderr, "usage: kernel_ab A.so B.so [--shapes 576x1536,...] [--sets 1,90] [--threads 1,2] "
-                         "[--reps N] [--fp32] [--json FILE]\n");
+                         "[--reps N] [--fp32] [--tokens T] [--experts K] [--density D] [--json FILE]\n");
     return 2;
   }
   // dlopen keys libraries by path and inode: two copies of one file would share one handle
   const MatmulFn fn[2] = {load(argv[1]), load(argv[2])};
   std::string shapes = "576x1536,1536x576", sets_arg = "1,90", threads_arg = "1,2", json;
   int reps = 0;
+  int64_t tokens = 1, experts = 16;
+  double density = 0.3;
   bool fp32 = false;
   for (int i = 3; i < argc; ++i) {
     const std::string a = argv[i];
@@ -112,6 +115,9 @@ int main(int argc, char** argv) {
     else if (a == "--threads") threads_arg = next();
     else if (a == "--reps") reps = std::atoi(next().c_str());
     else if (a == "--fp32") fp32 = true;
+    else if (a == "--tokens") tokens = std::atoll(next().c_str());
+    else if (a == "--experts") experts = std::atoll(next().c_str());
+    else if (a == "--density") density = std::atof(next().c_str());
     else if (a == "--json") json = next();
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
@@ -127,22 +133,22 @@ int main(int argc, char** argv) {
     for (const auto& sets_text : split(sets_arg)) {
       const int nsets = std::atoi(sets_text.c_str());
       std::vector<WeightSet> sets;
-      for (int s = 0; s < nsets; ++s) sets.push_back(random_set(in, out, 16, 0.3, fp32, rng));
-      std::vector<float> x(in), y(out);
+      for (int s = 0; s < nsets; ++s) sets.push_back(random_set(in, out, experts, density, fp32, rng));
+      std::vector<float> x(tokens * in), y(tokens * out);
+      std::vector<int32_t> ids(tokens);
       for (auto& v : x) v = static_cast<float>(rng() % 1000) / 1000.f;
       for (const auto& threads_text : split(threads_arg)) {
         const int threads = std::atoi(threads_text.c_str());
         const int n = reps ? reps : (nsets > 1 ? 40 : 300);
         std::vector<double> t[2], ratio;
         char err[256];
-        int32_t id;
         for (int rep = 0; rep < n; ++rep) {
           double us[2];
           for (int which : {rep % 2, 1 - rep % 2}) {
             const auto t0 = std::chrono::steady_clock::now();
             for (auto& s : sets)
-              if (fn[which](&s.experts, s.router_weight.data(), s.router_bias.data(), x.data(), SE_F32, 1, nullptr,
-                            &id, y.data(), threads, err, sizeof(err))) {
+              if (fn[which](&s.experts, s.router_weight.data(), s.router_bias.data(), x.data(), SE_F32, tokens, nullptr,
+                            ids.data(), y.data(), threads, err, sizeof(err))) {
                 std::fprintf(stderr, "kernel failed: %s\n", err);
                 return 1;
               }

@@ -129,6 +129,17 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cpu_model() -> str:
+    """The CPU's model name: this project's machines change between sessions (Zen 3, Xeon with AVX-512)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=SHAPES, help="IN x OUT of the weight")
@@ -149,7 +160,7 @@ def main() -> None:
     table = markdown(rows)
     print(table)
     meta = {"isa": kernels.isa(), "threads": threads, "torch": torch.__version__, "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine()}
+            "processor": cpu_model()}
     atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {args.out} (isa {meta['isa']}, {threads} threads)")
 

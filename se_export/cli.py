@@ -333,6 +333,20 @@ def bench_ort_cmd(
         atomic_write_text(out, json.dumps(results, indent=1))
 
 
+@app.command()
+def doctor(
+    out: Annotated[Path | None, typer.Option("--json", help="also write the report here")] = None,
+) -> None:
+    """What this installation can run: packages, plugin libraries, CPU kernel path, GPUs."""
+    from .atomic import atomic_write_text
+    from .doctor import format_report, report
+
+    rep = report()
+    print(format_report(rep))
+    if out:
+        atomic_write_text(out, json.dumps(rep, indent=1))
+
+
 def main() -> None:
     try:
         app()

@@ -141,3 +141,30 @@ def test_analyze_accepts_an_expanded_checkpoint(expanded, tmp_path, calib_file):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert all(row["wd_q100"] >= row["wd_q50"] >= 0 for row in summary["layers"])
+
+
+def test_doctor_reports_the_libraries_and_kernel_path_this_process_uses(tmp_path):
+    """`se-export doctor` names the CPU kernels' path the library really takes, and each built library."""
+    import torch
+
+    from se_export import kernels
+
+    proc = run_cli("doctor", "--json", tmp_path / "doctor.json")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads((tmp_path / "doctor.json").read_text())
+    assert rep["packages"]["torch"] == torch.__version__
+    for name, path in rep["libraries"].items():
+        assert path is None or Path(path).is_file(), name
+    if kernels.find_library(kernels.KERNELS_LIB):
+        assert rep["cpu_kernels"]["isa"] == kernels.isa()
+        assert f"CPU kernels: {kernels.isa()} path" in proc.stdout
+    assert rep["gpu"]["cuda_available"] == torch.cuda.is_available()
+
+
+def test_doctor_says_how_to_build_what_is_missing(tmp_path):
+    env = {**os.environ, "SE_EXPORT_LIB_DIR": str(tmp_path), "SE_KERNELS_ISA": "portable"}
+    proc = subprocess.run([sys.executable, "-m", "se_export.cli", "doctor"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("missing: run `make plugins`") == 4
+    assert "CPU kernels: not built" in proc.stdout
