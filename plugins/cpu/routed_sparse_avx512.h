@@ -71,9 +71,6 @@ SE_AVX512_TARGET inline __m512 bitmap_step(const void* values, int64_t& p, unsig
   return _mm512_fmadd_ps(w, _mm512_loadu_ps(x), acc);
 }
 
-constexpr int64_t kPrefetchValues = 1024;     // values ahead of the loads (DRAM-cold weights)
-constexpr int64_t kPrefetchMaskBytes = 512;
-
 // One bitmap row (nbytes mask bytes, values from p up to end) times x. Sixteen columns (two mask
 // bytes) per step, four accumulators per 64 columns. Every 16-value load stays inside the nnz
 // values; the columns of a partial last byte and rows at the very end of the array run scalar.
@@ -87,8 +84,8 @@ SE_AVX512_TARGET float dot_bitmap(const void* values, int64_t nnz, int64_t in_fe
     const char* vbytes = static_cast<const char*>(values);
     constexpr int64_t kValueBytes = VD == SE_F32 ? 4 : 2;
     for (; byte + 8 <= full; byte += 8) {
-      __builtin_prefetch(vbytes + (p + kPrefetchValues) * kValueBytes);
-      __builtin_prefetch(bits + byte + kPrefetchMaskBytes);
+      __builtin_prefetch(vbytes + (p + se_values::kPrefetchValues) * kValueBytes);
+      __builtin_prefetch(bits + byte + se_values::kPrefetchMaskBytes);
       uint64_t m;
       std::memcpy(&m, bits + byte, 8);
       const float* xb = x + byte * 8;
@@ -117,8 +114,8 @@ SE_AVX512_TARGET float dot_csr16(const void* values, const uint16_t* cols, int64
   const char* vbytes = static_cast<const char*>(values);
   constexpr int64_t kValueBytes = VD == SE_F32 ? 4 : 2;
   for (; j + 32 <= end; j += 32) {
-    __builtin_prefetch(vbytes + (j + kPrefetchValues) * kValueBytes);
-    __builtin_prefetch(cols + j + kPrefetchValues);
+    __builtin_prefetch(vbytes + (j + se_values::kPrefetchValues) * kValueBytes);
+    __builtin_prefetch(cols + j + se_values::kPrefetchValues);
     a0 = _mm512_fmadd_ps(load16<VD>(values, j), gather(j), a0);
     a1 = _mm512_fmadd_ps(load16<VD>(values, j + 16), gather(j + 16), a1);
   }

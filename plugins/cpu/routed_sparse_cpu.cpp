@@ -270,7 +270,10 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_bitmap_avx2(const 
   const int64_t full = e->in_features / 8;  // bytes whose 8 columns all exist
   int64_t byte = 0;
   if (end + 8 <= e->nnz) {  // every 8-value load of this row stays inside values: no checks
+    const char* vbytes = static_cast<const char*>(v);
     for (; byte + 8 <= full; byte += 8) {  // eight bytes per step, eight chains
+      __builtin_prefetch(vbytes + (p + se_values::kPrefetchValues) * (VD == SE_F32 ? 4 : 2));
+      __builtin_prefetch(bits + byte + se_values::kPrefetchMaskBytes);
       uint64_t m;
       std::memcpy(&m, bits + byte, 8);
       const float* xb = x + byte * 8;
