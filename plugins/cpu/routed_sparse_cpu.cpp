@@ -9,8 +9,9 @@
 // pool (se_routed_sparse_matmul_on: ONNX Runtime's intra-op pool); small problems run serially.
 // On x86 an AVX2/FMA/F16C path is chosen at run time (bitmap bytes expand 8 values with a
 // 256-entry table of byte-shuffle controls: one in-lane vpshufb per byte for fp32 values, one
-// pshufb for 16-bit ones; csr16 uses gathers), and where the CPU has AVX-512F the decode products
-// use routed_sparse_avx512.h (vexpandps: 16 columns per instruction, no table);
+// pshufb for 16-bit ones; csr16 uses gathers; the decode loops prefetch the weight streams), and
+// where the CPU has AVX-512F the decode products and the 64-token prefill tile use
+// routed_sparse_avx512.h (vexpandps: 16 columns per instruction, no table; 16-lane FMAs);
 // aarch64 decodes bitmap rows with NEON table lookups (routed_sparse_neon.h) and runs the portable
 // code elsewhere; every other machine runs the portable path, which the compiler vectorizes over
 // the token tile.
