@@ -3,9 +3,10 @@
 // tile's multiply-adds (64 tokens per kept weight in four 16-lane FMAs instead of eight 8-lane).
 //
 // Why a separate path: on AVX2 a bitmap byte is expanded into its 8 lanes by a table-driven byte
-// shuffle (two value loads, a table load and a vpshufb per byte), and that expansion, not memory,
-// bounds the 70% kernel (BENCHMARKS.md, "CPU kernels"). AVX-512F's `vexpandps` puts 16 packed
-// values into the set lanes of a 16-bit mask and zeroes the rest in one instruction, with no table.
+// shuffle (two value loads, a table load and a vpshufb per byte); on a Zen 3 that expansion, not
+// memory, bounded the 70% kernel. AVX-512F's `vexpandps` puts 16 packed values into the set lanes
+// of a 16-bit mask and zeroes the rest in one instruction, with no table: on a Xeon this path was
+// 1.3-1.6x faster than the AVX2 one at fp32 (BENCHMARKS.md, "CPU kernels", fifth round).
 //
 // This header is compiled twice: natively inside routed_sparse_cpu.cpp (functions carry a target
 // attribute; the library still runs on CPUs without AVX-512), and against SIMDe's portable
@@ -127,9 +128,9 @@ SE_AVX512_TARGET float dot_csr16(const void* values, const uint16_t* cols, int64
 
 // Prefill: acc[0..W) += sum over j < n of value(pos + j) * xb[cols[j] * W + 0..W), the token
 // tile's kept-weight products for one row (W tokens). Two accumulator sets take alternate kept
-// weights: with one set of W/16 = 4 vectors every FMA waited on the previous one's latency (4
-// cycles), which held a 64-token tile to about one FMA per cycle. The values are widened 16 at
-// a time into a small buffer and broadcast from there.
+// weights, so an FMA does not wait on the previous one's latency (with one set of W/16 = 4
+// vectors it would; on the Xeon the x-tile and value loads bound the loop and both measured the
+// same). The values are widened 16 at a time into a small buffer and broadcast from there.
 template <int VD, int W>
 SE_AVX512_TARGET void tile_products(const void* values, int64_t pos, const uint16_t* cols, int64_t n,
                                     const float* xb, float* acc) {
