@@ -109,8 +109,8 @@ def main() -> None:
     for kernel, unit in UNITS.items():
         for vname in VALUE_TYPES.values():
             got = {(r["path"], r["cpu"]): r["cycles_per_unit"] for r in rows if r["values"] == vname and r["kernel"] == kernel}
-            same = [got[("avx2", c)] / got[("avx512", c)] for _, c in cols
-                    if _ == "avx512" and ("avx2", c) in got and ("avx512", c) in got]
+            same = [got[("avx2", c)] / got[("avx512", c)] for path, c in cols
+                if path == "avx512" and ("avx2", c) in got]
             print(f"| {kernel} (per {unit}) | {vname} | " + " | ".join(f"{got[k]:.2f}" for k in cols) + " | "
                   + (", ".join(f"**{x:.2f}x**" for x in same) or "-") + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)

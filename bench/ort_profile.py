@@ -23,19 +23,8 @@ from se_export.atomic import atomic_write_text
 
 def profile_decode(folder: Path, prompt_len: int, steps: int, threads: int) -> dict:
     """Prefill prompt_len tokens, then `steps` greedy decode steps; node time of the decode steps."""
-    plain = ort_runtime.session_options
     with tempfile.TemporaryDirectory() as tmp:
-        def profiled(threads: int = 0, custom_ops: bool = True):
-            opts = plain(threads, custom_ops)
-            opts.enable_profiling = True
-            opts.profile_file_prefix = str(Path(tmp) / "ort")
-            return opts
-
-        ort_runtime.session_options = profiled
-        try:
-            model = ort_runtime.OrtCausalLM(folder, threads=threads)
-        finally:
-            ort_runtime.session_options = plain
+        model = ort_runtime.OrtCausalLM(folder, threads=threads, profile_prefix=str(Path(tmp) / "ort"))
         ids = np.random.default_rng(0).integers(0, 1000, (1, prompt_len))
         logits, past, _ = model.run(ids)
         for _ in range(steps):

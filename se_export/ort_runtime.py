@@ -21,11 +21,14 @@ def ort_library() -> Path:
     return path
 
 
-def session_options(threads: int = 0, custom_ops: bool = True):
+def session_options(threads: int = 0, custom_ops: bool = True, profile_prefix: str | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if profile_prefix:  # ONNX Runtime's per-node profiler (bench/ort_profile.py)
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     if threads:
         opts.intra_op_num_threads = threads
     if custom_ops:
@@ -93,7 +96,8 @@ class StepModel:
 class OrtCausalLM(StepModel):
     """An exported causal LM in ONNX Runtime (CPU), with the Optimum-style past/present I/O."""
 
-    def __init__(self, folder: Path, threads: int = 0, model_file: Path | None = None) -> None:
+    def __init__(self, folder: Path, threads: int = 0, model_file: Path | None = None,
+                 profile_prefix: str | None = None) -> None:
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -104,7 +108,7 @@ class OrtCausalLM(StepModel):
         # memory per linear. Without the arena it is returned after every node (the arena would keep
         # the peak of the largest call); constant folding has nothing worth precomputing there.
         lazy = self.manifest.get("portable") and self.manifest.get("expanded_linears", 0) > 0
-        opts = session_options(threads, needs_op)
+        opts = session_options(threads, needs_op, profile_prefix)
         if lazy:
             opts.enable_cpu_mem_arena = False
         try:

@@ -82,10 +82,8 @@ SE_AVX512_TARGET float dot_bitmap(const void* values, int64_t nnz, int64_t in_fe
   const int64_t full = in_features / 8;  // bytes whose 8 columns all exist
   int64_t byte = 0;
   if (end + 16 <= nnz) {  // no load of this row can pass the end of values
-    const char* vbytes = static_cast<const char*>(values);
-    constexpr int64_t kValueBytes = VD == SE_F32 ? 4 : 2;
     for (; byte + 8 <= full; byte += 8) {
-      __builtin_prefetch(vbytes + (p + se_values::kPrefetchValues) * kValueBytes);
+      se_values::prefetch_values<VD>(values, p);
       __builtin_prefetch(bits + byte + se_values::kPrefetchMaskBytes);
       uint64_t m;
       std::memcpy(&m, bits + byte, 8);
@@ -112,10 +110,8 @@ SE_AVX512_TARGET float dot_csr16(const void* values, const uint16_t* cols, int64
     const __m512i c = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + at)));
     return _mm512_i32gather_ps(c, x, 4);
   };
-  const char* vbytes = static_cast<const char*>(values);
-  constexpr int64_t kValueBytes = VD == SE_F32 ? 4 : 2;
   for (; j + 32 <= end; j += 32) {
-    __builtin_prefetch(vbytes + (j + se_values::kPrefetchValues) * kValueBytes);
+    se_values::prefetch_values<VD>(values, j);
     __builtin_prefetch(cols + j + se_values::kPrefetchValues);
     a0 = _mm512_fmadd_ps(load16<VD>(values, j), gather(j), a0);
     a1 = _mm512_fmadd_ps(load16<VD>(values, j + 16), gather(j + 16), a1);

@@ -110,6 +110,12 @@ inline int64_t row_end(const se_experts* e, int64_t k, int64_t r) {
 enum class Isa { Portable, Avx2, Avx512, Neon };
 Isa cpu_isa();
 
+// SE_KERNELS_ISA=portable|avx2 caps the path the library takes (tests, A/B timing)
+bool isa_capped_at(const char* name) {
+  const char* cap = std::getenv("SE_KERNELS_ISA");
+  return cap && std::strcmp(cap, name) == 0;
+}
+
 // ------------------------------------------------------------------ portable kernels
 
 template <int VD>
@@ -271,9 +277,8 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_bitmap_avx2(const 
   const int64_t full = e->in_features / 8;  // bytes whose 8 columns all exist
   int64_t byte = 0;
   if (end + 8 <= e->nnz) {  // every 8-value load of this row stays inside values: no checks
-    const char* vbytes = static_cast<const char*>(v);
     for (; byte + 8 <= full; byte += 8) {  // eight bytes per step, eight chains
-      __builtin_prefetch(vbytes + (p + se_values::kPrefetchValues) * (VD == SE_F32 ? 4 : 2));
+      se_values::prefetch_values<VD>(v, p);
       __builtin_prefetch(bits + byte + se_values::kPrefetchMaskBytes);
       uint64_t m;
       std::memcpy(&m, bits + byte, 8);
@@ -357,15 +362,12 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) void row_block_avx2(const se
 // The widest path this CPU runs, capped by SE_KERNELS_ISA=portable|avx2 (tests, A/B timing).
 Isa cpu_isa() {
   static const Isa isa = [] {
-    const char* force = std::getenv("SE_KERNELS_ISA");
-    const bool portable_only = force && std::strcmp(force, "portable") == 0;
-    const bool avx2_cap = force && std::strcmp(force, "avx2") == 0;
     __builtin_cpu_init();
-    if (portable_only || !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+    if (isa_capped_at("portable") || !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                            __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt") &&
                            __builtin_cpu_supports("bmi")))
       return Isa::Portable;
-    if (avx2_cap || !__builtin_cpu_supports("avx512f")) return Isa::Avx2;
+    if (isa_capped_at("avx2") || !__builtin_cpu_supports("avx512f")) return Isa::Avx2;
     if (!se_avx512::agrees_with_scalar()) {
       std::fprintf(stderr, "se-export kernels: the AVX-512 path disagreed with a scalar sum on this CPU; "
                            "using AVX2 (please report the CPU model)\n");
@@ -427,10 +429,7 @@ bool route_scores_fast(const float* xv, int64_t in, const float* g, int64_t K, f
 }
 #else
 Isa cpu_isa() {  // NEON is part of every aarch64 CPU; SE_KERNELS_ISA=portable turns it off
-  static const Isa isa = [] {
-    const char* force = std::getenv("SE_KERNELS_ISA");
-    return SE_NEON && !(force && std::strcmp(force, "portable") == 0) ? Isa::Neon : Isa::Portable;
-  }();
+  static const Isa isa = SE_NEON && !isa_capped_at("portable") ? Isa::Neon : Isa::Portable;
   return isa;
 }
 bool cpu_has_avx2() { return false; }

@@ -117,4 +117,13 @@ bool check_rows(const Rows& r, const char* what, int value_dtype, Kernels... ker
   return true;
 }
 
+// Each kernel (kernel(rows, row) -> float) on every 16-bit mask pattern, then on random row sets
+// (stopping at the first set with a failure)
+template <class... Kernels>
+void check_decode_kernels(std::mt19937& gen, int random_sets, int value_dtype, Kernels... kernels) {
+  check_rows(every_mask_pattern(gen), "every 16-bit mask pattern", value_dtype, kernels...);
+  for (int c = 0; c < random_sets; ++c)
+    if (!check_rows(random_rows(gen), "random rows", value_dtype, kernels...)) return;
+}
+
 }  // namespace se_test

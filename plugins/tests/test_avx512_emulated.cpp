@@ -46,10 +46,7 @@ void decode_rows(std::mt19937& gen, int random_sets) {
   auto csr16 = [](const Rows& r, int64_t i) {
     return se_avx512::dot_csr16<VD>(r.values<VD>(), r.cols.data(), r.row_ptr[i], r.row_ptr[i + 1], r.x.data());
   };
-  se_test::check_rows(se_test::every_mask_pattern(gen), "every 16-bit mask pattern", VD, bitmap, csr16);
-  for (int c = 0; c < random_sets; ++c) {
-    if (!se_test::check_rows(se_test::random_rows(gen), "random rows", VD, bitmap, csr16)) return;
-  }
+  se_test::check_decode_kernels(gen, random_sets, VD, bitmap, csr16);
 }
 
 // The prefill tile: random kept weights (any columns, repeats allowed) times W tokens per column.

@@ -23,10 +23,7 @@ void decode_rows(std::mt19937& gen, int random_sets) {
     return se_neon::dot_bitmap<VD>(r.values<VD>(), r.nnz(), r.in, r.bits.data() + i * r.nbytes, r.nbytes,
                                    r.row_ptr[i], r.row_ptr[i + 1], r.x.data());
   };
-  se_test::check_rows(se_test::every_mask_pattern(gen), "every mask byte pair", VD, bitmap);
-  for (int c = 0; c < random_sets; ++c) {
-    if (!se_test::check_rows(se_test::random_rows(gen), "random rows", VD, bitmap)) return;
-  }
+  se_test::check_decode_kernels(gen, random_sets, VD, bitmap);
 }
 
 }  // namespace
