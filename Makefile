@@ -94,7 +94,7 @@ lint: setup
 # aarch64 tests run under emulation where qemu-user is installed; elsewhere they are only compiled
 test: lint $(if $(QEMU_AARCH64),test-aarch64,check-aarch64)
 	@$(if $(QEMU_AARCH64),true,echo "aarch64: compiled only (apt-get install qemu-user to run the C++ tests under emulation)")
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=10
 
 clean:
 	rm -rf out build .pytest_cache .ruff_cache

@@ -8,6 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, split the cores between the workers: two workers with every core each
+    would spin OpenMP threads against each other."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
 WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "as", "with", "by", "at", "from", "his", "her", "an", "are", "which", "that", "this", "river", "city", "king", "war", "music", "film", "song", "team", "game", "church", "school", "ship", "army", "party", "island", "north", "south", "east", "west", "old", "new", "great", "small", "first", "second", "early", "late", "long", "short", "high"]
 
 

@@ -17,10 +17,15 @@ namespace se_values {
 constexpr int64_t kPrefetchValues = 1024;
 constexpr int64_t kPrefetchMaskBytes = 512;
 
-// Asks for the value kPrefetchValues after index i (a hint: never faults, even past the end)
+// Asks for the value kPrefetchValues after index i (a hint: never faults, even past the end).
+// fp32 also asks for the next line: a 64-column bitmap step at 50% density or a 32-value csr16
+// step eats two lines of fp32 values, so one hint per step left every other line to the hardware
+// prefetcher (two: 1.04-1.08x at 50%, paired; unchanged at 70%).
 template <int VD>
 inline void prefetch_values(const void* values, int64_t i) {
-  __builtin_prefetch(static_cast<const char*>(values) + (i + kPrefetchValues) * (VD == SE_F32 ? 4 : 2));
+  const char* at = static_cast<const char*>(values) + (i + kPrefetchValues) * (VD == SE_F32 ? 4 : 2);
+  __builtin_prefetch(at);
+  if constexpr (VD == SE_F32) __builtin_prefetch(at + 64);
 }
 
 template <int VD>
