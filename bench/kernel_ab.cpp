@@ -9,9 +9,10 @@
 //   g++ -O2 -std=c++17 -Iplugins/cpu bench/kernel_ab.cpp -ldl -o build/kernel_ab
 //   build/kernel_ab A.so B.so --shapes 576x1536,1536x576 --sets 1,90 --threads 1,2 --json out.json
 // Shapes are in x out; each weight set holds K random experts (--experts, 16) at a density
-// (--density, 0.3; bitmap format, fp16 values unless --fp32); --tokens (1) are routed per call
+// (--density, 0.3; bitmap format unless --csr16, fp16 values unless --fp32); --tokens (1) are routed per call
 // (e.g. --tokens 512 --experts 1 times the prefill path). With --sets 90 the weights are cold
-// (58 MB per call sweep, more than the 32 MB L3), as in a model's decode step.
+// (58 MB per call sweep, more than a 32 MB L3), as in a model's decode step. Size the sweep to the
+// machine: the Xeon of the seventh session reports a 300 MB L3, where 4096x11008 needs 6-16 sets.
 #include "se_kernels.h"
 
 #include <dlfcn.h>
@@ -34,12 +35,13 @@ using MatmulFn = int (*)(const se_experts*, const float*, const float*, const vo
 struct WeightSet {
   std::vector<uint16_t> values;  // fp16 values, or pairs of halves of fp32 ones
   std::vector<uint8_t> bitmap;
+  std::vector<uint16_t> cols;  // csr16: the column of every value
   std::vector<int32_t> row_ptr;
   std::vector<float> router_weight, router_bias;
   se_experts experts{};
 };
 
-WeightSet random_set(int64_t in, int64_t out, int64_t K, double density, bool fp32, std::mt19937& rng) {
+WeightSet random_set(int64_t in, int64_t out, int64_t K, double density, bool fp32, bool csr16, std::mt19937& rng) {
   std::uniform_real_distribution<double> uni(0, 1);
   WeightSet s;
   const int64_t row_bytes = (in + 7) / 8;
@@ -51,6 +53,7 @@ WeightSet random_set(int64_t in, int64_t out, int64_t K, double density, bool fp
     for (int64_t c = 0; c < in; ++c)
       if (uni(rng) < density) {
         s.bitmap[r * row_bytes + c / 8] |= static_cast<uint8_t>(1u << (c % 8));
+        s.cols.push_back(static_cast<uint16_t>(c));
         ++nnz;
       }
   }
@@ -66,8 +69,12 @@ WeightSet random_set(int64_t in, int64_t out, int64_t K, double density, bool fp
   s.router_weight.resize(in * K);
   for (auto& g : s.router_weight) g = static_cast<float>(uni(rng) - 0.5);
   s.router_bias.assign(K, 0.f);
-  s.experts = se_experts{SE_BITMAP, fp32 ? SE_F32 : SE_F16, K, out, in, s.values.data(), nnz, s.bitmap.data(),
-                         static_cast<int64_t>(s.bitmap.size()), s.row_ptr.data(), nullptr};
+  if (csr16)
+    s.experts = se_experts{SE_CSR16, fp32 ? SE_F32 : SE_F16, K, out, in, s.values.data(), nnz, s.cols.data(),
+                           static_cast<int64_t>(s.cols.size()), s.row_ptr.data(), nullptr};
+  else
+    s.experts = se_experts{SE_BITMAP, fp32 ? SE_F32 : SE_F16, K, out, in, s.values.data(), nnz, s.bitmap.data(),
+                           static_cast<int64_t>(s.bitmap.size()), s.row_ptr.data(), nullptr};
   return s;
 }
 
@@ -97,7 +104,7 @@ double quantile(std::vector<double> v, double q) {
 int main(int argc, char** argv) {
   if (argc < 3) {
     std::fprintf(stderr, "usage: kernel_ab A.so B.so [--shapes 576x1536,...] [--sets 1,90] [--threads 1,2] "
-                         "[--reps N] [--fp32] [--tokens T] [--experts K] [--density D] [--json FILE]\n");
+                         "[--reps N] [--fp32] [--csr16] [--tokens T] [--experts K] [--density D] [--json FILE]\n");
     return 2;
   }
   // dlopen keys libraries by path and inode: two copies of one file would share one handle
@@ -106,7 +113,7 @@ int main(int argc, char** argv) {
   int reps = 0;
   int64_t tokens = 1, experts = 16;
   double density = 0.3;
-  bool fp32 = false;
+  bool fp32 = false, csr16 = false;
   for (int i = 3; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&] { return i + 1 < argc ? std::string(argv[++i]) : std::string(); };
@@ -115,6 +122,7 @@ int main(int argc, char** argv) {
     else if (a == "--threads") threads_arg = next();
     else if (a == "--reps") reps = std::atoi(next().c_str());
     else if (a == "--fp32") fp32 = true;
+    else if (a == "--csr16") csr16 = true;
     else if (a == "--tokens") tokens = std::atoll(next().c_str());
     else if (a == "--experts") experts = std::atoll(next().c_str());
     else if (a == "--density") density = std::atof(next().c_str());
@@ -124,6 +132,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  const std::string label = std::string(fp32 ? "fp32" : "fp16") + (csr16 ? " csr16" : "");
   std::mt19937 rng(1);
   std::string rows_json;
   std::printf("| in x out | values | weight sets | threads | A us/call | B us/call | A/B median | A/B quartiles |\n");
@@ -133,7 +142,7 @@ int main(int argc, char** argv) {
     for (const auto& sets_text : split(sets_arg)) {
       const int nsets = std::atoi(sets_text.c_str());
       std::vector<WeightSet> sets;
-      for (int s = 0; s < nsets; ++s) sets.push_back(random_set(in, out, experts, density, fp32, rng));
+      for (int s = 0; s < nsets; ++s) sets.push_back(random_set(in, out, experts, density, fp32, csr16, rng));
       std::vector<float> x(tokens * in), y(tokens * out);
       std::vector<int32_t> ids(tokens);
       for (auto& v : x) v = static_cast<float>(rng() % 1000) / 1000.f;
@@ -160,13 +169,13 @@ int main(int argc, char** argv) {
         const double a = quantile(t[0], 0.5), b = quantile(t[1], 0.5), r = quantile(ratio, 0.5);
         const double q1 = quantile(ratio, 0.25), q3 = quantile(ratio, 0.75);
         std::printf("| %lldx%lld | %s | %d | %d | %.1f | %.1f | %.3f | %.3f-%.3f |\n", static_cast<long long>(in),
-                    static_cast<long long>(out), fp32 ? "fp32" : "fp16", nsets, threads, a, b, r, q1, q3);
+                    static_cast<long long>(out), label.c_str(), nsets, threads, a, b, r, q1, q3);
         char row[400];
         std::snprintf(row, sizeof(row),
                       "%s{\"in\": %lld, \"out\": %lld, \"values\": \"%s\", \"sets\": %d, \"threads\": %d, "
                       "\"a_us\": %.2f, \"b_us\": %.2f, \"a_over_b\": %.4f, \"q1\": %.4f, \"q3\": %.4f, \"reps\": %d}",
                       rows_json.empty() ? "" : ",\n  ", static_cast<long long>(in), static_cast<long long>(out),
-                      fp32 ? "fp32" : "fp16", nsets, threads, a, b, r, q1, q3, n);
+                      label.c_str(), nsets, threads, a, b, r, q1, q3, n);
         rows_json += row;
       }
     }
