@@ -16,17 +16,28 @@ Every window's NLL is stored, which gives paired bootstrap intervals for SE vs S
 
     .venv/bin/python bench/quality.py --grid main --grid ablation          # first 40 windows
     .venv/bin/python bench/quality.py --eval-windows 0 --only "@ 0.9"      # all 589 windows
+    .venv/bin/python bench/quality.py --eval-windows 0 --jobs 2            # two workers, 1 thread each
     .venv/bin/python bench/quality.py --report
+
+Every configuration is claimed with a lock (``out/quality/locks``, released by the kernel when
+its process ends), so ``--jobs N`` workers, or runs started from two shells, share one grid
+without doing a configuration twice.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
+import os
 import resource
 import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -216,6 +227,38 @@ def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path |
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return report
+
+
+@contextmanager
+def config_lock(key: str) -> Iterator[bool]:
+    """Hold this grid point's lock while it runs: yields False when another live process holds it.
+    An flock, not a PID file, so a killed worker never leaves a stale lock behind."""
+    path = WORK / "locks" / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def worker_command(argv: list[str], threads: int) -> list[str]:
+    """This script's command line for one ``--jobs`` worker: the same grid, one job, its share of
+    the cores, no progress bars and no report (the parent writes it once all have finished)."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--jobs":
+            skip = True
+        elif not arg.startswith("--jobs="):
+            rest.append(arg)
+    return [sys.executable, str(Path(__file__).resolve()), *rest, "--threads", str(threads), "--quiet", "--no-report"]
 
 
 def partial_eval_path(key: str, text: str) -> Path:
@@ -460,7 +503,20 @@ def main() -> None:
     parser.add_argument("--from-checkpoint", type=Path, action="append", default=[],
                         help="evaluate an existing se-export expand checkpoint as its grid point")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run the grid in this many worker processes (threads split between them)")
+    parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.jobs > 1:
+        if args.report or args.from_checkpoint:
+            parser.error("--jobs runs grid points; it does not combine with --report or --from-checkpoint")
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+        workers = [subprocess.Popen(worker_command(sys.argv[1:], threads)) for _ in range(args.jobs)]
+        failed = sum(1 for w in workers if w.wait() != 0)
+        write_report(args.model, (SUBSET_WINDOWS, args.ood_windows))
+        if failed:
+            sys.exit(f"{failed} of {args.jobs} workers failed (see their output above); finished grid points are cached")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     eval_setup = eval_setup_for(args.model, args.eval_windows, args.ood_windows)
@@ -484,14 +540,18 @@ def main() -> None:
             path = CACHE / f"{key}.json"
             if path.exists():
                 continue
-            kept = checkpoint_dir(cfg, args.model)
-            print(f"[{i + 1}/{len(grid)}] {cfg.label}" + (f" <- {kept}" if is_checkpoint(kept) else ""), flush=True)
-            report = run_config(cfg, args, eval_setup, key, checkpoint=kept if is_checkpoint(kept) else None)
-            atomic_write_text(path, json.dumps(report, indent=1))
-            remove_partial_evals(key)
-            print(f"    wikitext2 ppl {report['wikitext2']['perplexity']:.2f}, pydocs {report['pydocs']['perplexity']:.2f}, "
-                  f"{report['seconds']:.0f}s", flush=True)
-    write_report(args.model, (SUBSET_WINDOWS, args.ood_windows))
+            with config_lock(key) as mine:
+                if not mine or path.exists():  # another worker runs it, or finished it meanwhile
+                    continue
+                kept = checkpoint_dir(cfg, args.model)
+                print(f"[{i + 1}/{len(grid)}] {cfg.label}" + (f" <- {kept}" if is_checkpoint(kept) else ""), flush=True)
+                report = run_config(cfg, args, eval_setup, key, checkpoint=kept if is_checkpoint(kept) else None)
+                atomic_write_text(path, json.dumps(report, indent=1))
+                remove_partial_evals(key)
+                print(f"    {cfg.label}: wikitext2 ppl {report['wikitext2']['perplexity']:.2f}, "
+                      f"pydocs {report['pydocs']['perplexity']:.2f}, {report['seconds']:.0f}s", flush=True)
+    if not args.no_report:
+        write_report(args.model, (SUBSET_WINDOWS, args.ood_windows))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""The quality benchmark's claim check: paired bootstrap interval and the verdicts it prints."""
+"""The quality benchmark: its claim check (paired bootstrap interval, the verdicts it prints) and
+the locks that let several workers share one grid."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -59,3 +61,42 @@ def test_claim_verdicts(quality):
     assert claim["rows"][1]["ratio"] == pytest.approx(math.exp(-0.3))
     table = quality.claim_table(claim)
     assert "se16_better_at_0.9: no" in table and "0.741" in table
+
+
+LOCK_HOLDER = """
+import fcntl, sys, time
+handle = open(sys.argv[1], "a")
+fcntl.flock(handle, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_grid_point_runs_in_one_worker_at_a_time(quality, tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "WORK", tmp_path)
+    with quality.config_lock("a") as first, quality.config_lock("a") as second, quality.config_lock("b") as other:
+        assert (first, second, other) == (True, False, True)
+    with quality.config_lock("a") as again:
+        assert again  # released on exit
+
+    # held by another live process: refused; once that process is killed (no unlock): free again
+    (tmp_path / "locks").mkdir(exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "locks" / "c.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with quality.config_lock("c") as mine:
+            assert not mine
+    finally:
+        holder.kill()
+        holder.wait()
+    with quality.config_lock("c") as mine:
+        assert mine
+
+
+def test_worker_command_forwards_the_grid_and_splits_the_threads(quality):
+    cmd = quality.worker_command(["--grid", "main", "--jobs", "2", "--only", "se K=2", "--jobs=3",
+                                  "--eval-windows", "0"], threads=1)
+    assert cmd[0] == sys.executable and cmd[1].endswith("quality.py")
+    assert cmd[2:] == ["--grid", "main", "--only", "se K=2", "--eval-windows", "0",
+                       "--threads", "1", "--quiet", "--no-report"]
