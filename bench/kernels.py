@@ -5,7 +5,10 @@ value precision, it times the routed sparse layer (both storage formats; the fas
 ``--format auto`` should pick) and the dense layer at the same precision, and reports time,
 achieved GB/s, speedup, and the speedup as a fraction of the byte-ratio limit
 (dense bytes / sparse bytes: what a purely memory-bound kernel would gain). Router time (K=16)
-is reported as a share of the layer. Prints a Markdown table and writes JSON.
+is reported as a share of the layer. From batch ``kernels.DENSE_GROUP_TOKENS`` on, where the
+expert keeps at least ``DENSE_GROUP_DENSITY`` of its weights, it also times the PyTorch binding's
+prefill path (the expert decoded once per call, then torch's GEMM): "dense groups". Prints a
+Markdown table and writes JSON.
 
     .venv/bin/python bench/kernels.py                       # full grid (~10 min on 2 cores)
     .venv/bin/python bench/kernels.py --shapes 4096x11008 --batches 1 512
@@ -78,8 +81,10 @@ def bench_shape(inn: int, out: int, batches: list[int], sparsities: list[str], d
         for dname in dtypes:
             dtype = DTYPES[dname]
             dense_w = weight32.to(dtype)
-            bound = {fmt: kernels.BoundExperts(pack_experts((weight32 * mask)[None], mask[None], fmt, dtype))
-                     for fmt in ("bitmap", "csr16")}
+            # the kernel alone (no decoded dense groups), and the PyTorch binding's prefill path
+            bound = {fmt: kernels.BoundExperts(pack_experts((weight32 * mask)[None], mask[None], fmt, dtype),
+                                               dense_group_tokens=0) for fmt in ("bitmap", "csr16")}
+            with_groups = kernels.BoundExperts(bound["bitmap"].packed)
             g1, b1 = torch.zeros(inn, 1), torch.zeros(1)
             for batch in batches:
                 x = torch.randn(batch, inn, generator=gen)
@@ -87,6 +92,9 @@ def bench_shape(inn: int, out: int, batches: list[int], sparsities: list[str], d
                 fns = {"dense": lambda xd=xd, w=dense_w: torch.matmul(xd, w.t())}
                 for fmt, bd in bound.items():
                     fns[fmt] = lambda x=x, bd=bd, g1=g1, b1=b1: bd.matmul(x, g1, b1, threads=threads)
+                grouped = batch >= kernels.DENSE_GROUP_TOKENS and bool(with_groups.dense_candidates)
+                if grouped:
+                    fns["dense_groups"] = lambda x=x, wg=with_groups, g1=g1, b1=b1: wg.matmul(x, g1, b1, threads=threads)
                 times = time_rounds(fns)
                 t_dense = statistics.median(times["dense"])
                 dense_bytes = out * inn * dense_w.element_size() + batch * (inn + out) * dense_w.element_size()
@@ -98,6 +106,10 @@ def bench_shape(inn: int, out: int, batches: list[int], sparsities: list[str], d
                     row[f"{fmt}_ms"] = t * 1e3
                     row[f"{fmt}_gbps"] = nbytes / t / 1e9
                     row[f"{fmt}_bytes"] = bd.packed.nbytes()
+                if grouped:  # decoded expert + torch GEMM for this one large group (bitmap storage)
+                    row["dense_groups_ms"] = statistics.median(times["dense_groups"]) * 1e3
+                    row["dense_groups_vs_dense"] = statistics.median(
+                        g / d for g, d in zip(times["dense_groups"], times["dense"], strict=True))
                 best = min(("bitmap", "csr16"), key=lambda f: row[f"{f}_ms"])
                 row["best_format"] = best
                 # median of the per-round ratios: each pair of calls ran under the same conditions
@@ -118,15 +130,21 @@ def bench_shape(inn: int, out: int, batches: list[int], sparsities: list[str], d
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| in x out | batch | sparsity | values | dense ms | bitmap ms | csr16 ms | best | speedup | "
-             "byte limit | % of limit | sparse GB/s | router % |",
-             "|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "byte limit | % of limit | sparse GB/s | router % | dense groups ms (x dense time) |",
+             "|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         best = r["best_format"]
         lines.append(f"| {r['in']}x{r['out']} | {r['batch']} | {r['sparsity']} | {r['values']} | {r['dense_ms']:.3f} | "
                      f"{r['bitmap_ms']:.3f} | {r['csr16_ms']:.3f} | {best} | {r['speedup']:.2f}x | "
                      f"{r['byte_ratio_limit']:.2f}x | {r['fraction_of_limit']:.0%} | {r[f'{best}_gbps']:.1f} | "
-                     f"{100 * r.get('router_share', 0):.1f} |")
+                     f"{100 * r.get('router_share', 0):.1f} | {dense_groups(r)} |")
     return "\n".join(lines)
+
+
+def dense_groups(row: dict) -> str:
+    if "dense_groups_ms" not in row:
+        return "-"
+    return f"{row['dense_groups_ms']:.3f} ({row['dense_groups_vs_dense']:.2f}x)"
 
 
 def cpu_model() -> str:

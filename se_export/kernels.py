@@ -3,6 +3,12 @@
 The same ``libse_kernels.so`` runs inside the ONNX Runtime custom op, so PyTorch and ONNX
 Runtime share one implementation. ``RoutedSparseLinear`` uses it on CPU when it is built
 (``SE_EXPORT_KERNELS=0`` turns it off); the op's Python body stays the golden reference.
+
+Prefill: where one expert gets many tokens and keeps many weights, a compute-bound dense GEMM
+beats the sparse tile (on an AVX-512 Xeon the tile takes ~1.5x the dense time at 50%). There
+``BoundExperts.matmul`` decodes that expert once (``se_decode_expert``) and runs torch's GEMM
+for its tokens; the other tokens take the sparse kernel. ONNX Runtime custom ops have no GEMM to
+call, so the op keeps the sparse tile.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -21,6 +28,23 @@ _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _FORMATS = {"bitmap": 0, "csr16": 1}
 KERNELS_LIB = "libse_kernels.so"
 ORT_LIB = "libse_ort_ops.so"
+# An expert's tokens go through a decoded dense GEMM when it gets at least this many tokens in one
+# call and keeps at least this fraction of its weights (bench/kernels.py, "dense groups" column)
+DENSE_GROUP_TOKENS = 128
+DENSE_GROUP_DENSITY = 0.4
+
+
+_SCRATCH = threading.local()
+
+
+def _decode_buffer(numel: int) -> torch.Tensor:
+    """This thread's reusable fp32 buffer for decoded experts, grown to the largest one so far: a
+    fresh 180 MB tensor (4096 x 11008) cost ~50 ms of page faults per call, more than the decode."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=torch.float32)
+        _SCRATCH.buf = buf
+    return buf
 
 
 class _Experts(ctypes.Structure):
@@ -57,6 +81,8 @@ def _lib() -> ctypes.CDLL | None:
                                             ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p,
                                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_char_p,
                                             ctypes.c_size_t]
+    lib.se_decode_expert.argtypes = [ctypes.POINTER(_Experts), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
+                                     ctypes.c_char_p, ctypes.c_size_t]
     lib.se_kernel_isa.restype = ctypes.c_char_p
     return lib
 
@@ -83,7 +109,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class BoundExperts:
     """Packed experts checked once by the C++ validator and kept alive for repeated calls."""
 
-    def __init__(self, packed: PackedExperts, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, packed: PackedExperts, bias: torch.Tensor | None = None,
+                 dense_group_tokens: int = DENSE_GROUP_TOKENS) -> None:
+        """``dense_group_tokens``: an expert with at least this many tokens in one call (and density
+        >= DENSE_GROUP_DENSITY) runs as a decoded dense GEMM; 0 keeps every token on the sparse kernel."""
         if packed.values.dtype not in _DTYPES:
             raise SEError(f"values dtype {packed.values.dtype} is not supported: use fp32, fp16 or bf16")
         self.packed = packed
@@ -97,6 +126,27 @@ class BoundExperts:
         err = ctypes.create_string_buffer(512)
         if require().se_check_experts(ctypes.byref(self.struct), err, 512):
             raise SEError(f"invalid packed experts: {err.value.decode()}")
+        self.dense_group_tokens = dense_group_tokens
+        out, k = packed.out_features, packed.num_experts
+        starts = [*self.row_ptr[::out].to(torch.int64).tolist(), self.values.numel()]
+        per_expert = out * packed.in_features
+        self.dense_candidates = [e for e in range(k) if starts[e + 1] - starts[e] >= DENSE_GROUP_DENSITY * per_expert]
+
+    def decode_expert(self, k: int, threads: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert k as a dense fp32 ``[out, in]`` weight (the C++ decoder; zeros where pruned), written
+        into ``out`` when given (a contiguous fp32 buffer of at least out x in elements)."""
+        p = self.packed
+        size = p.out_features * p.in_features
+        if out is None:
+            dense = torch.empty(p.out_features, p.in_features, dtype=torch.float32)
+        elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() < size:
+            raise SEError(f"decode buffer must be a contiguous fp32 tensor of at least {size} elements")
+        else:
+            dense = out.view(-1)[:size].view(p.out_features, p.in_features)
+        err = ctypes.create_string_buffer(512)
+        if require().se_decode_expert(ctypes.byref(self.struct), k, _ptr(dense), threads, err, 512):
+            raise SEError(f"expert decode failed: {err.value.decode()}")
+        return dense
 
     def matmul(self, x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor,
                expert_ids: torch.Tensor | None = None, threads: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,15 +165,47 @@ class BoundExperts:
             ids_in = expert_ids.reshape(-1).to(torch.int32).contiguous()
             if ids_in.numel() != tokens:
                 raise SEError(f"expert_ids has {ids_in.numel()} entries for {tokens} tokens")
-        y = torch.empty(tokens, p.out_features, dtype=x.dtype)
+        if self.dense_group_tokens and self.dense_candidates and tokens >= self.dense_group_tokens:
+            y, ids_out = self._with_dense_groups(flat, g, b, ids_in, threads)
+        else:
+            y, ids_out = self._sparse(flat, g, b, ids_in, threads)
+        return y.reshape(*x.shape[:-1], p.out_features), ids_out.reshape(x.shape[:-1])
+
+    def _sparse(self, flat: torch.Tensor, g: torch.Tensor, b: torch.Tensor, ids_in: torch.Tensor | None,
+                threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = flat.shape[0]
+        y = torch.empty(tokens, self.packed.out_features, dtype=flat.dtype)
         ids_out = torch.empty(tokens, dtype=torch.int32)
         err = ctypes.create_string_buffer(512)
         rc = require().se_routed_sparse_matmul(ctypes.byref(self.struct), _ptr(g), _ptr(b), _ptr(flat),
-                                               _DTYPES[x.dtype], tokens, _ptr(ids_in), _ptr(ids_out), _ptr(y),
+                                               _DTYPES[flat.dtype], tokens, _ptr(ids_in), _ptr(ids_out), _ptr(y),
                                                threads, err, 512)
         if rc:
             raise SEError(f"routed sparse kernel failed: {err.value.decode()}")
-        return y.reshape(*x.shape[:-1], p.out_features), ids_out.reshape(x.shape[:-1])
+        return y, ids_out
+
+    def _with_dense_groups(self, flat: torch.Tensor, g: torch.Tensor, b: torch.Tensor, ids_in: torch.Tensor | None,
+                           threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route, run the large dense-enough groups as decoded GEMMs, the rest on the sparse kernel."""
+        ids = ids_in if ids_in is not None else route(flat, g, b, threads)
+        counts = torch.bincount(ids.clamp(min=0).long(), minlength=self.packed.num_experts)
+        dense = [k for k in self.dense_candidates if int(counts[k]) >= self.dense_group_tokens]
+        if not dense:
+            return self._sparse(flat, g, b, ids, threads)
+        y = torch.empty(flat.shape[0], self.packed.out_features, dtype=flat.dtype)
+        on_sparse = torch.ones(flat.shape[0], dtype=torch.bool)
+        for k in dense:
+            rows = (ids == k).nonzero().squeeze(1)
+            weight = self.decode_expert(k, threads, out=_decode_buffer(self.packed.out_features * self.packed.in_features))
+            yk = flat[rows].float() @ weight.t()
+            if self.bias is not None:
+                yk += self.bias[k]
+            y[rows] = yk.to(flat.dtype)
+            on_sparse[rows] = False
+        rest = on_sparse.nonzero().squeeze(1)
+        if rest.numel():  # their ids are range-checked by the kernel
+            y[rest] = self._sparse(flat[rest].contiguous(), g, b, ids[rest].contiguous(), threads)[0]
+        return y, ids
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, threads: int = 0) -> torch.Tensor:

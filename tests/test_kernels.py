@@ -53,11 +53,14 @@ def make_case(seed, k, out, inn, tokens, density, fmt, vdtype, with_bias, route_
        tokens=st.sampled_from([1, 2, 3, 9, 65, 130]), density=st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.9, 1.0]),
        fmt=st.sampled_from(["bitmap", "csr16"]), vdtype=st.sampled_from(VALUE_DTYPES), with_bias=st.booleans(),
        route_mode=st.sampled_from(["router", "given", "one-expert", "empty-expert"]),
-       xdtype=st.sampled_from([torch.float32, torch.float16]))
-def test_kernel_matches_float64_reference(seed, k, out, inn, tokens, density, fmt, vdtype, with_bias, route_mode, xdtype):
+       xdtype=st.sampled_from([torch.float32, torch.float16]), dense_group_tokens=st.sampled_from([0, 1, 3, 128]))
+def test_kernel_matches_float64_reference(seed, k, out, inn, tokens, density, fmt, vdtype, with_bias, route_mode, xdtype,
+                                          dense_group_tokens):
+    """dense_group_tokens 0: every token on the sparse kernel; 1 or 3: most groups of a dense-enough
+    expert as a decoded GEMM, the rest sparse, in one call; 128: the default."""
     packed, weights, x, g, b, bias, ids = make_case(seed, k, out, inn, tokens, density, fmt, vdtype, with_bias, route_mode)
     x = x.to(xdtype)
-    y, got_ids = kernels.BoundExperts(packed, bias).matmul(x, g, b, ids)
+    y, got_ids = kernels.BoundExperts(packed, bias, dense_group_tokens).matmul(x, g, b, ids)
     ref, ref_ids, scores = reference(x.float(), weights, g, b, bias, ids)
     if ids is None:  # a near-tie may resolve differently in fp32: then both scores must be equal-ish
         diff = got_ids.long() != ref_ids
@@ -72,6 +75,19 @@ def test_kernel_matches_float64_reference(seed, k, out, inn, tokens, density, fm
     assert y.dtype == xdtype
     tol = 1e-4 if xdtype == torch.float32 else 2e-3
     assert torch.allclose(y.double(), ref, rtol=tol, atol=tol * (1 + float(ref.abs().max()) if ref.numel() else 1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 4), out=st.integers(1, 40), inn=st.integers(1, 70),
+       density=st.sampled_from([0.0, 0.1, 0.5, 1.0]), fmt=st.sampled_from(["bitmap", "csr16"]),
+       vdtype=st.sampled_from(VALUE_DTYPES))
+def test_decoded_expert_equals_the_packed_weights(seed, k, out, inn, density, fmt, vdtype):
+    packed, weights, *_ = make_case(seed, k, out, inn, 1, density, fmt, vdtype, False, "router")
+    bound = kernels.BoundExperts(packed)
+    for e in range(k):
+        assert torch.equal(bound.decode_expert(e), weights[e])  # exact: values are stored, not computed
+    with pytest.raises(SEError, match="expert index out of range"):
+        bound.decode_expert(k)
 
 
 @settings(max_examples=40, deadline=None)

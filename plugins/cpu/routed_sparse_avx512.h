@@ -163,6 +163,21 @@ SE_AVX512_TARGET void tile_products(const void* values, int64_t pos, const uint1
     _mm512_storeu_ps(acc + 16 * i, _mm512_add_ps(_mm512_loadu_ps(acc + 16 * i), _mm512_add_ps(a[i], b[i])));
 }
 
+// One bitmap row as dense fp32 columns [0, in_features), zeros where pruned: one vexpandps and one
+// store per 16 columns (the PyTorch binding decodes a large prefill group's expert this way).
+// Columns past the last whole 16, and rows whose 16-value loads would pass nnz, go bit by bit.
+template <int VD>
+SE_AVX512_TARGET void decode_bitmap_row(const void* values, int64_t nnz, int64_t in_features, const uint8_t* bits,
+                                        int64_t p, float* dense) {
+  int64_t c = 0;
+  for (; c + 16 <= in_features && p + 16 <= nnz; c += 16) {
+    const unsigned m = bits[c / 8] | static_cast<unsigned>(bits[c / 8 + 1]) << 8;
+    _mm512_storeu_ps(dense + c, _mm512_maskz_expand_ps(static_cast<__mmask16>(m), load16<VD>(values, p)));
+    p += __builtin_popcount(m);
+  }
+  for (; c < in_features; ++c) dense[c] = (bits[c / 8] >> (c % 8)) & 1 ? se_values::load_value<VD>(values, p++) : 0.f;
+}
+
 // The AVX-512 path is tested against SIMDe's emulation of its intrinsics (CI has no AVX-512), not
 // on every CPU it may meet: once per process, before the library chooses it, it must reproduce a
 // scalar float64 sum on a small random problem for every value type, format and the prefill tile

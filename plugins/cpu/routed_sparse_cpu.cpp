@@ -727,7 +727,55 @@ int routed_sparse_matmul(const se_experts* e, const float* router_weight, const 
   return 0;
 }
 
+// Row r of expert k into dense[0, in), zeros where pruned: bitmap rows with vexpandps where the
+// CPU has AVX-512 (4096 x 11008 at 50%: ~10x faster than the bit-walk below), else zeros then
+// every kept value at its column.
+template <int VD>
+void decode_row(const se_experts* e, int64_t k, int64_t r, float* dense) {
+  const int64_t in = e->in_features;
+  int64_t p = row_begin(e, k, r);
+  if (e->format == SE_CSR16) {
+    std::fill(dense, dense + in, 0.f);
+    const auto* cols = static_cast<const uint16_t*>(e->indices);
+    for (const int64_t end = row_end(e, k, r); p < end; ++p) dense[cols[p]] = se_values::load_value<VD>(e->values, p);
+    return;
+  }
+  const int64_t nbytes = (in + 7) / 8;
+  const auto* bits = static_cast<const uint8_t*>(e->indices) + (k * e->out_features + r) * nbytes;
+#if SE_X86
+  if (cpu_isa() == Isa::Avx512) return se_avx512::decode_bitmap_row<VD>(e->values, e->nnz, in, bits, p, dense);
+#endif
+  std::fill(dense, dense + in, 0.f);
+  for (int64_t byte = 0; byte < nbytes; ++byte)
+    for (unsigned m = bits[byte]; m; m &= m - 1) dense[byte * 8 + __builtin_ctz(m)] = se_values::load_value<VD>(e->values, p++);
+}
+
+int decode_expert(const se_experts* e, int64_t k, float* dense, Executor exec, char* err, size_t err_len) {
+  if (k < 0 || k >= e->num_experts) return fail(err, err_len, "expert index out of range"), 1;
+  const int64_t rows = e->out_features, in = e->in_features;
+  const int64_t block = 64;  // rows per task
+  auto body = [&](int64_t t) {
+    for (int64_t r = t * block; r < std::min(rows, (t + 1) * block); ++r) {
+      float* row = dense + r * in;
+      if (e->value_dtype == SE_F32) decode_row<SE_F32>(e, k, r, row);
+      else if (e->value_dtype == SE_F16) decode_row<SE_F16>(e, k, r, row);
+      else decode_row<SE_BF16>(e, k, r, row);
+    }
+  };
+  exec.serial_if(rows * in < kSerialWork).for_each((rows + block - 1) / block, body);
+  return 0;
+}
+
 }  // namespace se_cpu
+
+extern "C" SE_API int se_decode_expert(const se_experts* e, int64_t k, float* dense, int32_t threads, char* err,
+                                       size_t err_len) {
+  try {
+    return decode_expert(e, k, dense, openmp(threads), err, err_len);
+  } catch (const std::exception& ex) {
+    return fail(err, err_len, ex.what()), 1;
+  }
+}
 
 extern "C" SE_API int se_route(const void* x, int32_t x_dtype, int64_t tokens, int64_t in_features, int64_t num_experts,
                                const float* router_weight, const float* router_bias, int32_t* expert_ids,

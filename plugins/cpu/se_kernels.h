@@ -60,6 +60,13 @@ SE_API int se_routed_sparse_matmul(const se_experts* experts, const float* route
                                    const void* x, int32_t x_dtype, int64_t tokens, const int32_t* expert_ids_in,
                                    int32_t* expert_ids_out, void* y, int32_t threads, char* err, size_t err_len);
 
+// Expert k as a dense fp32 [out, in] matrix, zeros where pruned: for hosts that multiply a large
+// token group with their own dense GEMM (at moderate sparsity a compute-bound GEMM beats the
+// sparse tile; the PyTorch binding does this for prefill). The experts must have passed
+// se_check_experts; k is range-checked. threads <= 0 uses the OpenMP default. Returns 0 on success.
+SE_API int se_decode_expert(const se_experts* experts, int64_t k, float* dense, int32_t threads, char* err,
+                            size_t err_len);
+
 // A host's thread pool: runs body(ctx, i) for every i in [0, count), possibly in parallel, and
 // returns when all have finished. Lets a host (ONNX Runtime's intra-op pool) run the kernel on its
 // own threads instead of a second OpenMP team that would fight it for the cores.
@@ -73,7 +80,8 @@ SE_API int se_routed_sparse_matmul_on(const se_experts* experts, const float* ro
                                       int32_t* expert_ids_out, void* y, se_parallel_for parallel_for, void* pool,
                                       char* err, size_t err_len);
 
-// "avx2" or "portable": which code path this machine runs; SE_KERNELS_ISA=portable forces it.
+// "avx512", "avx2", "neon" or "portable": which code path this machine runs; SE_KERNELS_ISA=avx2
+// or SE_KERNELS_ISA=portable caps it (a path the CPU lacks is never taken).
 SE_API const char* se_kernel_isa(void);
 
 #ifdef __cplusplus

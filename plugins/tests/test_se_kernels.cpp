@@ -66,6 +66,14 @@ int run_case(const Case& c, std::mt19937& rng) {
       if (std::fabs(ref - y[t * c.out + r]) > 1e-4 * (1 + std::fabs(ref))) ++failures;
     }
   }
+  // se_decode_expert: every expert exactly its dense copy (stored values, zeros where pruned)
+  std::vector<float> decoded(c.out * c.in);
+  for (int64_t k = 0; k < c.K; ++k) {
+    if (se_decode_expert(&e, k, decoded.data(), 0, err, sizeof(err))) ++failures;
+    for (int64_t i = 0; i < c.out * c.in; ++i)
+      if (decoded[i] != static_cast<float>(re.dense[k * c.out * c.in + i])) ++failures;
+  }
+  if (!se_decode_expert(&e, c.K, decoded.data(), 0, err, sizeof(err))) ++failures;  // k out of range
   // corrupt inputs are rejected before any kernel runs
   std::vector<int32_t> bad_ids(c.tokens, static_cast<int32_t>(c.K));
   if (!se_routed_sparse_matmul(&e, G.data(), b.data(), x.data(), SE_F32, c.tokens, bad_ids.data(), nullptr, y.data(), 0,
