@@ -100,3 +100,15 @@ def test_worker_command_forwards_the_grid_and_splits_the_threads(quality):
     assert cmd[0] == sys.executable and cmd[1].endswith("quality.py")
     assert cmd[2:] == ["--grid", "main", "--only", "se K=2", "--eval-windows", "0",
                        "--threads", "1", "--quiet", "--no-report"]
+
+
+def test_a_seed_row_is_labelled_and_kept_out_of_the_claim(quality):
+    cfg = quality.Config("se", "0.9", 16, seed=1)
+    assert cfg.label == "se K=16 @ 0.9 (seed=1)"
+    assert quality.cache_key(cfg, {}) != quality.cache_key(quality.Config("se", "0.9", 16), {})
+    base = [5.0, 6.0]
+    rows = [row("sparsegpt", "0.9", base), row("se", "0.9", [v - 0.2 for v in base], 16)]
+    seeded = row("se", "0.9", [v + 1.0 for v in base], 16)
+    seeded["label"] = cfg.label
+    claim = quality.claim_check([seeded, *rows])
+    assert claim["rows"][0]["ratio"] == pytest.approx(math.exp(-0.2))  # the seed-0 row, not the seeded one
