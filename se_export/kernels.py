@@ -188,7 +188,8 @@ class BoundExperts:
                            threads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Route, run the large dense-enough groups as decoded GEMMs, the rest on the sparse kernel."""
         ids = ids_in if ids_in is not None else route(flat, g, b, threads)
-        counts = torch.bincount(ids.clamp(min=0).long(), minlength=self.packed.num_experts)
+        k_all = self.packed.num_experts  # out-of-range ids count in bucket k_all (the kernel rejects them)
+        counts = torch.bincount(ids.long().clamp(0, k_all), minlength=k_all + 1)
         dense = [k for k in self.dense_candidates if int(counts[k]) >= self.dense_group_tokens]
         if not dense:
             return self._sparse(flat, g, b, ids, threads)

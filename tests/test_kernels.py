@@ -152,6 +152,10 @@ def test_out_of_range_inputs_are_rejected_before_the_kernel_runs():
     bound = kernels.BoundExperts(packed)
     with pytest.raises(SEError, match="outside"):
         bound.matmul(x, g, b, torch.tensor([0, 1, 3, 0, 0], dtype=torch.int32))
+    grouped = kernels.BoundExperts(packed, dense_group_tokens=2)  # the dense-group path checks them too
+    for bad_id in (3, -1, 2**31 - 1):
+        with pytest.raises(SEError, match="outside"):
+            grouped.matmul(x, g, b, torch.tensor([0, 0, 0, bad_id, 0], dtype=torch.int32))
     bad = packed.indices.clone()
     bad[0] = 20  # column == in_features
     with pytest.raises(SEError, match="column"):
