@@ -32,8 +32,9 @@ def expert_rows(report: dict) -> list[dict]:
     for layer in report["layers"]:
         for group in layer["groups"]:
             part = "down" if any("down" in name for name in group["linears"]) else "gate/up"
-            for size, error in zip(group["cluster_sizes"], group["reconstruction_error"], strict=True):
-                rows.append({"layer": layer["layer"], "part": part, "tokens": int(size), "error": float(error)})
+            for k, (size, error) in enumerate(zip(group["cluster_sizes"], group["reconstruction_error"], strict=True)):
+                rows.append({"layer": layer["layer"], "linears": group["linears"], "part": part, "expert": k,
+                             "tokens": int(size), "error": float(error)})
     return rows
 
 
@@ -76,17 +77,11 @@ def heldout_errors(checkpoint: Path, base_model: str, windows: int) -> dict[tupl
     return {key: num / den for key, (num, den) in sums.items() if den > 0}
 
 
-def attach_heldout(rows: list[dict], report: dict, heldout: dict[tuple[int, str, int], float]) -> None:
+def attach_heldout(rows: list[dict], heldout: dict[tuple[int, str, int], float]) -> None:
     """Per row (an expert of a linear group): the mean held-out error over the group's linears."""
-    groups = {(layer["layer"], i): group["linears"] for layer in report["layers"]
-              for i, group in enumerate(layer["groups"])}
-    counters: dict[tuple[int, str], int] = {}
     for row in rows:
-        index = 0 if row["part"] == "gate/up" else 1
-        linears = groups[(row["layer"], index)]
-        k = counters.setdefault((row["layer"], row["part"]), 0)
-        counters[(row["layer"], row["part"])] = k + 1
-        values = [heldout[(row["layer"], lin, k)] for lin in linears if (row["layer"], lin, k) in heldout]
+        keys = [(row["layer"], lin, row["expert"]) for lin in row["linears"]]
+        values = [heldout[key] for key in keys if key in heldout]
         if values:
             row["heldout_error"] = sum(values) / len(values)
 
@@ -121,7 +116,7 @@ def main() -> None:
     report = json.loads((args.checkpoint / "expand_report.json").read_text())
     rows = expert_rows(report)
     if args.heldout_windows:
-        attach_heldout(rows, report, heldout_errors(args.checkpoint, report["base_model"], args.heldout_windows))
+        attach_heldout(rows, heldout_errors(args.checkpoint, report["base_model"], args.heldout_windows))
     table = bucket_table(rows)
     print("| linears | cluster tokens | experts | median error, own calibration | median error, held out | "
           "median held out / own |")

@@ -175,7 +175,7 @@ SE_AVX512_TARGET void decode_bitmap_row(const void* values, int64_t nnz, int64_t
     _mm512_storeu_ps(dense + c, _mm512_maskz_expand_ps(static_cast<__mmask16>(m), load16<VD>(values, p)));
     p += __builtin_popcount(m);
   }
-  for (; c < in_features; ++c) dense[c] = (bits[c / 8] >> (c % 8)) & 1 ? se_values::load_value<VD>(values, p++) : 0.f;
+  se_values::decode_bits<VD>(values, bits, c / 8, in_features, p, dense);
 }
 
 // The AVX-512 path is tested against SIMDe's emulation of its intrinsics (CI has no AVX-512), not

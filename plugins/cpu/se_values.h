@@ -1,8 +1,10 @@
 // The scalar pieces every kernel path shares (portable, AVX2, AVX-512, NEON): the prefetch
-// distance, one stored value widened to fp32, and the bit-by-bit walk of bitmap bytes that the portable decode runs for a
-// whole row and the vector paths run for their tails (partial last byte, last values of the array).
+// distance, one stored value widened to fp32, and the bit-by-bit walks of bitmap bytes (a dot
+// product, and a row written out dense) that the portable code runs for a whole row and the
+// vector paths run for their tails (partial last byte, last values of the array).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "se_half.h"
@@ -52,6 +54,14 @@ inline float bitmap_bits(const void* values, const uint8_t* bits, int64_t byte, 
     }
   }
   return s;
+}
+
+// Columns [8 * byte, in) of a bitmap row written out dense (zeros where pruned), values from p
+template <int VD>
+inline void decode_bits(const void* values, const uint8_t* bits, int64_t byte, int64_t in, int64_t p, float* dense) {
+  std::fill(dense + 8 * byte, dense + in, 0.f);
+  for (; 8 * byte < in; ++byte)
+    for (unsigned m = bits[byte]; m; m &= m - 1) dense[8 * byte + __builtin_ctz(m)] = load_value<VD>(values, p++);
 }
 
 }  // namespace se_values
