@@ -61,6 +61,65 @@ def bench_ort(folders: list[Path], prompt_len: int = 128, decode_tokens: int = 3
     return {"runs": rows, "threads": threads}
 
 
+def _greedy(logits: np.ndarray) -> np.ndarray:
+    return logits[:, -1].astype(np.float32).argmax(-1)[:, None]
+
+
+def bench_interleaved(folders: list[Path], prompt_len: int = 128, decode_tokens: int = 32, blocks: int = 8,
+                      threads: int = 0) -> dict:
+    """Decode tokens/s of every export, timed in alternating blocks (A, B, A, B, ...).
+
+    Why: a shared VM's speed drifts by tens of percent between minutes, so a ratio of two exports
+    is only fair between timings taken seconds apart; each block's ratio to the first export is
+    paired in time, and their median is quoted. Every block restarts from the same prefill cache,
+    so all blocks time the same steps (and decode the same tokens, which the result keeps).
+    """
+    if blocks < 1 or decode_tokens < 1:
+        raise ValueError("interleaved timing needs at least one block of at least one decode step")
+    models = [OrtCausalLM(Path(f), threads=threads) for f in folders]
+    ids = np.random.default_rng(0).integers(0, models[0].manifest["vocab_size"], size=(1, prompt_len))
+    starts = []
+    for lm in models:
+        lm.run(ids[:, :8])  # warm-up
+        logits, past, _ = lm.run(ids)
+        starts.append((_greedy(logits), past))
+    speed: list[list[float]] = [[] for _ in models]
+    tokens: list[np.ndarray] = [np.zeros((1, 0), np.int64)] * len(models)
+    for _ in range(blocks):
+        for i, lm in enumerate(models):
+            token, past = starts[i]
+            out = []
+            t = time.perf_counter()
+            for _ in range(decode_tokens):
+                logits, past, _ = lm.run(token, past)
+                token = _greedy(logits)
+                out.append(token)
+            speed[i].append(decode_tokens / (time.perf_counter() - t))
+            tokens[i] = np.concatenate(out, axis=1)
+    rows = []
+    for i, folder in enumerate(folders):
+        ratios = [a / b for a, b in zip(speed[i], speed[0], strict=True)]
+        rows.append({"onnx_dir": str(folder), "custom_op_nodes": models[i].manifest.get("custom_op_nodes", 0),
+                     "decode_tokens_per_s": statistics.median(speed[i]), "block_tokens_per_s": speed[i],
+                     "decode_speedup_vs_first": statistics.median(ratios),
+                     "decode_speedup_range": [min(ratios), max(ratios)], "tokens": tokens[i].tolist(),
+                     "model_bytes": sum(p.stat().st_size for p in Path(folder).glob("model.onnx*"))})
+    return {"interleaved_blocks": blocks, "prompt_len": prompt_len, "decode_tokens": decode_tokens,
+            "threads": threads, "runs": rows}
+
+
+def format_interleaved_table(results: dict) -> str:
+    lines = [f"decode in {results['interleaved_blocks']} alternating blocks of {results['decode_tokens']} steps "
+             f"(past {results['prompt_len']}); ratios paired per block",
+             "| export | custom ops | decode tok/s (median) | decode vs first (median) | range over blocks | model MB |",
+             "|---|---:|---:|---:|---|---:|"]
+    for r in results["runs"]:
+        lo, hi = r["decode_speedup_range"]
+        lines.append(f"| {r['onnx_dir']} | {r['custom_op_nodes']} | {r['decode_tokens_per_s']:.1f} | "
+                     f"{r['decode_speedup_vs_first']:.2f}x | {lo:.2f}-{hi:.2f}x | {r['model_bytes'] / 1e6:.1f} |")
+    return "\n".join(lines)
+
+
 def format_table(results: dict) -> str:
     lines = ["| export | custom ops | prefill ms | decode tok/s | decode vs first | prefill vs first | model MB |",
              "|---|---:|---:|---:|---:|---:|---:|"]

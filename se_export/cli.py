@@ -320,15 +320,25 @@ def bench_ort_cmd(
     decode_tokens: Annotated[int, typer.Option(help="decode steps timed")] = 32,
     repeats: Annotated[int, typer.Option(help="timed repeats (median reported)")] = 3,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0: default)")] = 0,
+    interleave: Annotated[int, typer.Option(
+        help="time decode only, in this many alternating blocks per export, ratios paired per block "
+             "(for machines whose speed drifts; 0: prefill and decode, export after export)")] = 0,
     out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
 ) -> None:
     """Prefill latency and decode tokens/s in ONNX Runtime (CPU), every export in one run."""
     from .atomic import atomic_write_text
-    from .bench_ort import bench_ort, format_table
+    from .bench_ort import bench_interleaved, bench_ort, format_interleaved_table, format_table
 
-    results = bench_ort(onnx_dirs, prompt_len=prompt_len, decode_tokens=decode_tokens, repeats=repeats,
-                        threads=threads)
-    print(format_table(results))
+    if interleave < 0:
+        raise SEError(f"--interleave must be >= 0, got {interleave}")
+    if interleave:
+        results = bench_interleaved(onnx_dirs, prompt_len=prompt_len, decode_tokens=decode_tokens,
+                                    blocks=interleave, threads=threads)
+        print(format_interleaved_table(results))
+    else:
+        results = bench_ort(onnx_dirs, prompt_len=prompt_len, decode_tokens=decode_tokens, repeats=repeats,
+                            threads=threads)
+        print(format_table(results))
     if out:
         atomic_write_text(out, json.dumps(results, indent=1))
 

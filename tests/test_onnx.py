@@ -248,3 +248,26 @@ def test_bench_ort_times_every_export_in_one_run(exports):
     assert all(r["prefill_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in runs)
     assert runs[0]["decode_speedup_vs_first"] == 1.0
     assert "llama-se-fp32" in format_table(result)
+
+
+def test_bench_ort_interleaved_blocks_decode_what_generate_decodes(exports):
+    """Every block restarts from the same prefill cache: each block of each export must decode
+    exactly the greedy tokens of an uninterrupted generation, with the other export's blocks
+    running in between."""
+    from se_export.bench_ort import bench_interleaved, format_interleaved_table
+    from se_export.ort_runtime import OrtCausalLM
+
+    folders = [exports["llama-dense"], exports["llama-se-fp32"]]
+    result = bench_interleaved(folders, prompt_len=8, decode_tokens=3, blocks=3)
+    ids = np.random.default_rng(0).integers(0, OrtCausalLM(folders[0]).manifest["vocab_size"], size=(1, 8))
+    for folder, run in zip(folders, result["runs"], strict=True):
+        expected = OrtCausalLM(folder).generate(ids, 4)[:, 1:]
+        np.testing.assert_array_equal(np.array(run["tokens"]), expected)
+        assert len(run["block_tokens_per_s"]) == 3 and min(run["block_tokens_per_s"]) > 0
+    first, second = result["runs"]
+    assert first["decode_speedup_vs_first"] == 1.0 and first["decode_speedup_range"] == [1.0, 1.0]
+    ratios = [a / b for a, b in zip(second["block_tokens_per_s"], first["block_tokens_per_s"], strict=True)]
+    assert second["decode_speedup_vs_first"] == pytest.approx(sorted(ratios)[1])
+    assert "alternating blocks" in format_interleaved_table(result)
+    with pytest.raises(ValueError, match="at least one block"):
+        bench_interleaved(folders, prompt_len=8, decode_tokens=3, blocks=0)

@@ -2,6 +2,7 @@
 // the very source the library compiles natively, built here against SIMDe's portable
 // implementations of the intrinsics, and checked against a float64 sum of the decoded values
 //  * on every one of the 65,536 16-bit mask patterns, for each value type;
+//  * the bitmap decode of several rows in lock step (every row position in its group);
 //  * on random rows: widths that are not multiples of 8 or 16 (tail columns), densities from
 //    empty to full, and the last rows of the values array (where 16-value loads would overrun
 //    and the kernel must fall back to scalar code); bitmap and csr16 alike;
@@ -47,7 +48,16 @@ void decode_rows(std::mt19937& gen, int random_sets) {
   auto csr16 = [](const Rows& r, int64_t i) {
     return se_avx512::dot_csr16<VD>(r.values<VD>(), r.cols.data(), r.row_ptr[i], r.row_ptr[i + 1], r.x.data());
   };
-  se_test::check_decode_kernels(gen, random_sets, VD, bitmap, csr16);
+  auto bitmap_rows = [bitmap](const Rows& r, int64_t i) {  // row i inside its group of rows in lock step
+    constexpr int64_t n = se_avx512::kDecodeRows;
+    const int64_t g = i / n * n;
+    if (g + n > r.rows()) return bitmap(r, i);
+    float out[n];
+    se_avx512::dot_bitmap_rows<VD>(r.values<VD>(), r.nnz(), r.in, r.bits.data() + g * r.nbytes, r.nbytes,
+                                   r.row_ptr.data() + g, r.x.data(), out);
+    return out[i - g];
+  };
+  se_test::check_decode_kernels(gen, random_sets, VD, bitmap, csr16, bitmap_rows);
 }
 
 // The dense decode of bitmap rows (the PyTorch binding's large prefill groups): exact, every
