@@ -502,12 +502,12 @@ void run_groups(const Problem& pb, const Executor& exec) {
           if (isa == Isa::Avx512 && bitmap && in <= kDecodeRowsMaxIn) {  // short rows: several at once
             for (; r + se_avx512::kDecodeRows <= r1; r += se_avx512::kDecodeRows) {
               int64_t p[se_avx512::kDecodeRows + 1];
-              for (int i = 0; i < se_avx512::kDecodeRows; ++i) p[i] = row_begin(e, k, r + i);
+              for (int j = 0; j < se_avx512::kDecodeRows; ++j) p[j] = row_begin(e, k, r + j);
               p[se_avx512::kDecodeRows] = row_end(e, k, r + se_avx512::kDecodeRows - 1);
               se_avx512::dot_bitmap_rows<VD>(e->values, e->nnz, in, bitmap + (k * out + r) * nbytes, nbytes, p, xv,
                                              yv + r);
               if (bias)
-                for (int i = 0; i < se_avx512::kDecodeRows; ++i) yv[r + i] += bias[r + i];
+                for (int j = 0; j < se_avx512::kDecodeRows; ++j) yv[r + j] += bias[r + j];
             }
           }
 #endif
