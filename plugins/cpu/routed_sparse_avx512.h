@@ -108,6 +108,7 @@ SE_AVX512_TARGET float dot_bitmap(const void* values, int64_t nnz, int64_t in_fe
 // weights already in cache, so the caller uses it for short rows only. Rows whose loads could pass
 // the end of values take dot_bitmap one by one.
 constexpr int kDecodeRows = 4;
+constexpr int64_t kDecodeRowsMaxIn = 1024;  // the callers' limit: wider rows go one at a time
 
 template <int VD>
 SE_AVX512_TARGET void dot_bitmap_rows(const void* values, int64_t nnz, int64_t in_features, const uint8_t* bits,

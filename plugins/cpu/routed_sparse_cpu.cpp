@@ -55,9 +55,6 @@ constexpr int64_t kRowsPerItem = 32;
 constexpr int64_t kTile = 64;       // tokens per register tile in the prefill path
 constexpr int64_t kSmallTile = 8;   // tile for groups of at most 16 tokens (no padding to 64)
 constexpr int64_t kGemvMaxTokens = 2;
-// AVX-512 bitmap decode takes rows this short several at a time (paired, DRAM-cold, 30% kept:
-// 576 wide 1.06-1.11x; 1536 wide 0.92-0.98x)
-constexpr int64_t kDecodeRowsMaxIn = 1024;
 constexpr int64_t kColBlock = 128;  // columns per L1 block of a prefill tile (128 x 64 fp32 = 32 KB)
 
 // ------------------------------------------------------------------ number formats
@@ -499,7 +496,7 @@ void run_groups(const Problem& pb, const Executor& exec) {
           float* yv = pb.y + tok * out;
           int64_t r = item.r0;
 #if SE_X86
-          if (isa == Isa::Avx512 && bitmap && in <= kDecodeRowsMaxIn) {  // short rows: several at once
+          if (isa == Isa::Avx512 && bitmap && in <= se_avx512::kDecodeRowsMaxIn) {  // short rows: several at once
             for (; r + se_avx512::kDecodeRows <= r1; r += se_avx512::kDecodeRows) {
               int64_t p[se_avx512::kDecodeRows + 1];
               for (int j = 0; j < se_avx512::kDecodeRows; ++j) p[j] = row_begin(e, k, r + j);
