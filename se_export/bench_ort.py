@@ -1,7 +1,9 @@
 """``se-export bench ort``: prefill latency and decode tokens/s of exports in ONNX Runtime (CPU).
 
 All exports run in one process, one after another, on the same prompt, so their numbers compare.
-Decode is timed step by step with the KV cache after a prefill of ``prompt_len`` tokens.
+Decode is timed step by step with the KV cache after a prefill of ``prompt_len`` tokens; with
+``--interleave N`` the exports take turns in N decode blocks each, so every ratio pairs timings
+taken seconds apart (``bench_interleaved``).
 """
 
 from __future__ import annotations
