@@ -26,6 +26,15 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _greedy(logits: np.ndarray) -> np.ndarray:
+    """The next token of each sequence: argmax of the last position's logits."""
+    return logits[:, -1].astype(np.float32).argmax(-1)[:, None]
+
+
+def _model_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("model.onnx*"))
+
+
 def bench_one(folder: Path, prompt_len: int, decode_tokens: int, repeats: int, threads: int) -> dict:
     rss0 = _rss_mb()
     t0 = time.perf_counter()
@@ -39,18 +48,18 @@ def bench_one(folder: Path, prompt_len: int, decode_tokens: int, repeats: int, t
         t = time.perf_counter()
         logits, past, _ = lm.run(ids)
         prefill.append(time.perf_counter() - t)
-        token = logits[:, -1].astype(np.float32).argmax(-1)[:, None]
+        token = _greedy(logits)
         t = time.perf_counter()
         for _ in range(decode_tokens):
             logits, past, _ = lm.run(token, past)
-            token = logits[:, -1].astype(np.float32).argmax(-1)[:, None]
+            token = _greedy(logits)
         decode.append(decode_tokens / (time.perf_counter() - t))
     m = lm.manifest
     return {"onnx_dir": str(folder), "dtype": m["dtype"], "portable": m["portable"],
             "custom_op_nodes": m.get("custom_op_nodes", 0), "prompt_len": prompt_len, "decode_tokens": decode_tokens,
             "prefill_ms": statistics.median(prefill) * 1e3, "decode_tokens_per_s": statistics.median(decode),
             "session_load_s": round(load_s, 2), "rss_growth_mb": round(_rss_mb() - rss0, 1),
-            "model_bytes": sum(p.stat().st_size for p in folder.glob("model.onnx*"))}
+            "model_bytes": _model_bytes(folder)}
 
 
 def bench_ort(folders: list[Path], prompt_len: int = 128, decode_tokens: int = 32, repeats: int = 3,
@@ -61,10 +70,6 @@ def bench_ort(folders: list[Path], prompt_len: int = 128, decode_tokens: int = 3
         r["decode_speedup_vs_first"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         r["prefill_speedup_vs_first"] = base["prefill_ms"] / r["prefill_ms"]
     return {"runs": rows, "threads": threads}
-
-
-def _greedy(logits: np.ndarray) -> np.ndarray:
-    return logits[:, -1].astype(np.float32).argmax(-1)[:, None]
 
 
 def bench_interleaved(folders: list[Path], prompt_len: int = 128, decode_tokens: int = 32, blocks: int = 8,
@@ -105,7 +110,7 @@ def bench_interleaved(folders: list[Path], prompt_len: int = 128, decode_tokens:
                      "decode_tokens_per_s": statistics.median(speed[i]), "block_tokens_per_s": speed[i],
                      "decode_speedup_vs_first": statistics.median(ratios),
                      "decode_speedup_range": [min(ratios), max(ratios)], "tokens": tokens[i].tolist(),
-                     "model_bytes": sum(p.stat().st_size for p in Path(folder).glob("model.onnx*"))})
+                     "model_bytes": _model_bytes(folder)})
     return {"interleaved_blocks": blocks, "prompt_len": prompt_len, "decode_tokens": decode_tokens,
             "threads": threads, "runs": rows}
 

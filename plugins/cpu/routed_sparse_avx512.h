@@ -72,6 +72,16 @@ SE_AVX512_TARGET inline __m512 bitmap_step(const void* values, int64_t& p, unsig
   return _mm512_fmadd_ps(w, _mm512_loadu_ps(x), acc);
 }
 
+// The rest of a bitmap row from mask byte `byte` on, added to the row's accumulator: two mask
+// bytes at a time while the 16-value loads stay inside the values, then bit by bit
+template <int VD>
+SE_AVX512_TARGET inline float finish_row(const void* values, int64_t nnz, const uint8_t* bits, int64_t byte,
+                                         int64_t full, int64_t nbytes, int64_t& p, const float* x, __m512 acc) {
+  for (; byte + 2 <= full && p + 16 <= nnz; byte += 2)
+    acc = bitmap_step<VD>(values, p, bits[byte] | static_cast<unsigned>(bits[byte + 1]) << 8, x + byte * 8, acc);
+  return se_values::bitmap_bits<VD>(values, bits, byte, nbytes, p, x, hsum16(acc));
+}
+
 // One bitmap row (nbytes mask bytes, values from p up to end) times x. Sixteen columns (two mask
 // bytes) per step, four accumulators per 64 columns. Every 16-value load stays inside the nnz
 // values; the columns of a partial last byte and rows at the very end of the array run scalar.
@@ -94,10 +104,8 @@ SE_AVX512_TARGET float dot_bitmap(const void* values, int64_t nnz, int64_t in_fe
       a3 = bitmap_step<VD>(values, p, static_cast<unsigned>(m >> 48), xb + 48, a3);
     }
   }
-  for (; byte + 2 <= full && p + 16 <= nnz; byte += 2)
-    a0 = bitmap_step<VD>(values, p, bits[byte] | static_cast<unsigned>(bits[byte + 1]) << 8, x + byte * 8, a0);
-  float s = hsum16(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  return se_values::bitmap_bits<VD>(values, bits, byte, nbytes, p, x, s);
+  return finish_row<VD>(values, nnz, bits, byte, full, nbytes, p, x,
+                        _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
 // kDecodeRows consecutive bitmap rows of one expert (their values start at p[0..kDecodeRows) and
@@ -140,13 +148,8 @@ SE_AVX512_TARGET void dot_bitmap_rows(const void* values, int64_t nnz, int64_t i
       b[i] = bitmap_step<VD>(values, pos[i], static_cast<unsigned>(m >> 48), xb + 48, b[i]);
     }
   }
-  for (int i = 0; i < kDecodeRows; ++i) {
-    const uint8_t* row = bits + i * nbytes;
-    int64_t tail = byte;
-    for (; tail + 2 <= full; tail += 2)
-      a[i] = bitmap_step<VD>(values, pos[i], row[tail] | static_cast<unsigned>(row[tail + 1]) << 8, x + tail * 8, a[i]);
-    out[i] = se_values::bitmap_bits<VD>(values, row, tail, nbytes, pos[i], x, hsum16(_mm512_add_ps(a[i], b[i])));
-  }
+  for (int i = 0; i < kDecodeRows; ++i)
+    out[i] = finish_row<VD>(values, nnz, bits + i * nbytes, byte, full, nbytes, pos[i], x, _mm512_add_ps(a[i], b[i]));
 }
 
 // One csr16 row (values and 16-bit columns in [b, end)) times x: 16 columns widened to 32 bits
