@@ -29,7 +29,8 @@ _FORMATS = {"bitmap": 0, "csr16": 1}
 KERNELS_LIB = "libse_kernels.so"
 ORT_LIB = "libse_ort_ops.so"
 # An expert's tokens go through a decoded dense GEMM when it gets at least this many tokens in one
-# call and keeps at least this fraction of its weights (bench/kernels.py, "dense groups" column)
+# call and keeps at least this fraction of its weights (bench/kernels.py, "dense groups" column);
+# the same policy as the ONNX Runtime op's (SE_DENSE_GROUP_* in plugins/cpu/se_kernels.h, tested equal)
 DENSE_GROUP_TOKENS = 128
 DENSE_GROUP_DENSITY = 0.4
 

@@ -188,3 +188,14 @@ def test_module_uses_kernels_and_matches_the_reference_op():
 def test_isa_reports_a_known_path():
     assert kernels.isa() in ("avx512", "avx2", "neon", "portable")
     assert isinstance(kernels.require(), ctypes.CDLL)
+
+
+def test_dense_group_policy_is_the_same_in_pytorch_and_onnx_runtime():
+    """The PyTorch binding and the ONNX Runtime op must send the same experts to a dense GEMM."""
+    import re
+    from pathlib import Path
+
+    header = (Path(__file__).parents[1] / "plugins" / "cpu" / "se_kernels.h").read_text()
+    defines = dict(re.findall(r"#define (SE_DENSE_GROUP_\w+) ([0-9.]+)", header))
+    assert int(defines["SE_DENSE_GROUP_TOKENS"]) == kernels.DENSE_GROUP_TOKENS
+    assert float(defines["SE_DENSE_GROUP_DENSITY"]) == kernels.DENSE_GROUP_DENSITY

@@ -217,6 +217,63 @@ def test_ort_op_matches_the_torch_op(seed, k, out, inn, tokens, fmt, vdtype, fp1
     assert np.allclose(y.astype(np.float32), ref.float().numpy(), rtol=tol, atol=tol)
 
 
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 1000), k=st.integers(1, 4), out=st.integers(1, 24), inn=st.integers(1, 40),
+       tokens=st.sampled_from([3, 17, 64]), min_group=st.sampled_from([1, 3, 8]),
+       fmt=st.sampled_from(["bitmap", "csr16"]), vdtype=st.sampled_from([torch.float32, torch.float16]),
+       fp16_x=st.booleans(), with_bias=st.booleans(), with_ids=st.booleans())
+def test_ort_op_dense_groups_on_ort_gemm_match_the_torch_op(seed, k, out, inn, tokens, min_group, fmt, vdtype, fp16_x,
+                                                            with_bias, with_ids, monkeypatch):
+    """Large groups of dense-enough experts go through ONNX Runtime's Gemm (invoked from the op);
+    sparser experts and small groups stay on the sparse kernel. Every case against the golden op."""
+    monkeypatch.setenv("SE_ORT_DENSE_GROUP_TOKENS", str(min_group))
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.tensor([0.7, 0.2, 0.5, 1.0][:k]).view(k, 1, 1)  # some experts above the 0.4 density bar, some below
+    mask = torch.rand(k, out, inn, generator=gen) < keep
+    packed = pack_experts(torch.randn(k, out, inn, generator=gen) * mask, mask, fmt, vdtype)
+    g, b = torch.randn(inn, k, generator=gen), torch.randn(k, generator=gen)
+    bias = torch.randn(k, out, generator=gen) if with_bias else None
+    x = torch.randn(tokens, inn, generator=gen).to(torch.float16 if fp16_x else torch.float32)
+    ids = torch.randint(0, k, (tokens,), generator=gen, dtype=torch.int32) if with_ids else None
+    if with_ids and seed % 2:
+        ids.fill_(0)  # all tokens on one expert
+    sess = _single_node(packed, g, b, bias, with_ids, TensorProto.FLOAT16 if fp16_x else TensorProto.FLOAT)
+    y, got_ids = sess.run(None, {"x": x.numpy()} | ({"ids": ids.numpy()} if with_ids else {}))
+    ref, ref_ids = ops.routed_sparse_matmul(x, g, b, packed.values, packed.indices, packed.row_ptr, bias, ids, out, fmt)
+    assert np.array_equal(got_ids, ref_ids.numpy())
+    tol = 1e-4 if not fp16_x else 1e-2
+    assert np.allclose(y.astype(np.float32), ref.float().numpy(), rtol=tol, atol=tol)
+
+
+def test_ort_op_dense_groups_are_taken_and_rejected_ids_still_fail(monkeypatch):
+    """With the threshold at 1 token every dense-enough expert runs on ORT's Gemm: the result must
+    still equal the sparse-only run, and out-of-range ids must still be rejected."""
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.rand(3, 16, 32, generator=gen) < 0.8
+    packed = pack_experts(torch.randn(3, 16, 32, generator=gen) * mask, mask, "bitmap", torch.float16)
+    g, b = torch.randn(32, 3, generator=gen), torch.randn(3, generator=gen)
+    x = np.random.default_rng(1).standard_normal((40, 32)).astype(np.float32)
+    results = {}
+    for threshold in ("0", "1"):
+        monkeypatch.setenv("SE_ORT_DENSE_GROUP_TOKENS", threshold)
+        sess = _single_node(packed, g, b, None, True)
+        results[threshold] = sess.run(None, {"x": x, "ids": (np.arange(40) % 3).astype(np.int32)})[0]
+        with pytest.raises(Exception, match="outside"):
+            sess.run(None, {"x": x, "ids": np.full(40, 3, np.int32)})
+    assert np.abs(results["0"] - results["1"]).max() <= 1e-4
+    # Proof the GEMM ran: it multiplies the pruned zeros too, so an infinite activation in a column
+    # that a row pruned gives NaN there, where the sparse kernel (which skips pruned weights) does not.
+    x_inf = x.copy()
+    x_inf[:, 0] = np.inf
+    pruned_col0 = ~mask[:, :, 0].numpy()  # [K, out]
+    assert pruned_col0.any()
+    ids = (np.arange(40) % 3).astype(np.int32)
+    for threshold, expect_nan in (("0", False), ("1", True)):
+        monkeypatch.setenv("SE_ORT_DENSE_GROUP_TOKENS", threshold)
+        y = _single_node(packed, g, b, None, True).run(None, {"x": x_inf, "ids": ids})[0]
+        assert np.isnan(y[pruned_col0[ids]]).all() == expect_nan, threshold
+
+
 def test_ort_op_reports_invalid_inputs_as_errors():
     gen = torch.Generator().manual_seed(0)
     mask = torch.rand(3, 5, 12, generator=gen) < 0.5
@@ -271,3 +328,91 @@ def test_bench_ort_interleaved_blocks_decode_what_generate_decodes(exports):
     assert "alternating blocks" in format_interleaved_table(result)
     with pytest.raises(ValueError, match="at least one block"):
         bench_interleaved(folders, prompt_len=8, decode_tokens=3, blocks=0)
+
+
+def _rms_norm_graph(extra_reciprocal_use: bool) -> onnx.ModelProto:
+    """``x * Reciprocal(Sqrt(mean(x^2) + eps)) * w`` as torch.onnx writes RMSNorm (optionally with a
+    second consumer of the reciprocal, which must block the rewrite)."""
+    nodes = [
+        helper.make_node("Pow", ["x", "two"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["mean"], keepdims=1),
+        helper.make_node("Add", ["mean", "eps"], ["var"]),
+        helper.make_node("Sqrt", ["var"], ["std"]),
+        helper.make_node("Reciprocal", ["std"], ["inv"]),
+        helper.make_node("Mul", ["x", "inv"], ["normed"]),
+        helper.make_node("Mul", ["w", "normed"], ["y"]),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 8])]
+    if extra_reciprocal_use:
+        nodes.append(helper.make_node("Identity", ["inv"], ["inv_out"]))
+        outputs.append(helper.make_tensor_value_info("inv_out", TensorProto.FLOAT, ["b", "s", 1]))
+    inits = [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+             numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+             numpy_helper.from_array(np.linspace(0.5, 1.5, 8, dtype=np.float32), "w")]
+    graph = helper.make_graph(nodes, "rms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 8])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _fused_ops(model: onnx.ModelProto, tmp_path) -> list[str]:
+    """Op types of ``model`` after ONNX Runtime's own graph optimizer."""
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
+
+@pytest.mark.parametrize("extra_use", [False, True])
+def test_rms_norm_rewrite_is_exact_and_lets_ort_fuse_the_norm(extra_use, tmp_path):
+    from se_export.onnx_rewrites import simplify_for_runtimes
+
+    original = _rms_norm_graph(extra_use)
+    rewritten = simplify_for_runtimes(copy.deepcopy(original))
+    onnx.checker.check_model(rewritten, full_check=True)
+    ops_after = [n.op_type for n in rewritten.graph.node]
+    assert ("Reciprocal" in ops_after) == extra_use  # a reciprocal used elsewhere is left alone
+    x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32) * 3
+    ref = x.astype(np.float64) / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5)
+    ref *= np.linspace(0.5, 1.5, 8)
+    for model in (original, rewritten):
+        y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        assert np.abs(y - ref).max() <= 1e-5
+    if not extra_use:
+        assert "SimplifiedLayerNormalization" in _fused_ops(rewritten, tmp_path)
+        assert "SimplifiedLayerNormalization" not in _fused_ops(original, tmp_path)
+
+
+def test_exported_graph_uses_fusable_norms_and_plain_attention(exports, models):
+    """Every RMSNorm reaches ONNX Runtime in the fusable Div form, attention as MatMul/Softmax/MatMul
+    (no SDPA key-transpose chain, no IsNaN guard)."""
+    for name in ("llama-dense", "llama-se-fp32"):
+        ops_in_graph = [n.op_type for n in onnx.load(str(exports[name] / MODEL_FILE), load_external_data=False).graph.node]
+        assert "Reciprocal" not in ops_in_graph and "IsNaN" not in ops_in_graph, name
+        assert ops_in_graph.count("Softmax") == models["llama-dense"].config.num_hidden_layers, name
+
+
+def test_export_keeps_the_models_attention_implementation(tiny_tokenizer, tmp_path):
+    model = build_tiny_model("llama", tiny_tokenizer)
+    model.set_attn_implementation("sdpa")
+    export_onnx(model, tiny_tokenizer, tmp_path / "x", source="test")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_left_padded_batch_matches_pytorch(exports, models):
+    """Padded rows (attention_mask 0 on the left) must not disturb the real tokens of any row."""
+    lm = OrtCausalLM(exports["llama-se-fp32"])
+    model = models["llama-se"]
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, model.config.vocab_size, size=(3, 10))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    positions = np.clip(mask.cumsum(-1) - 1, 0, None)
+    got = lm.session.run(None, {**lm.feeds(ids, None, mask), "position_ids": positions})[0]
+    with torch.no_grad(), decoded_expert_cache(1 << 30):
+        ref = model(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    position_ids=torch.from_numpy(positions)).logits.numpy()
+    real = mask.astype(bool)
+    assert np.isfinite(got).all()
+    assert np.abs(got[real] - ref[real]).max() <= 1e-4

@@ -690,9 +690,82 @@ namespace se_cpu {
 
 Executor openmp(int32_t threads) { return Executor{nullptr, nullptr, resolve_threads(threads)}; }
 
+// The host's dense GEMM for large expert groups (se_routed_sparse_matmul_gemm_on); none by default.
+struct DenseGroups {
+  se_dense_gemm gemm = nullptr;
+  void* ctx = nullptr;
+  int64_t min_tokens = 0;
+  bool on() const { return gemm != nullptr && min_tokens > 0; }
+};
+
+int decode_expert(const se_experts* e, int64_t k, float* dense, Executor exec, char* err, size_t err_len);
+
+inline int64_t tokens_of(const std::vector<int64_t>& start) { return start.back(); }
+
+inline double expert_density(const se_experts* e, int64_t k) {
+  const int64_t end = k + 1 < e->num_experts ? row_begin(e, k + 1, 0) : e->nnz;
+  return static_cast<double>(end - row_begin(e, k, 0)) / static_cast<double>(e->out_features * e->in_features);
+}
+
+// Runs every expert with enough tokens and weights as decode + gather + host GEMM + scatter (+ bias)
+// into y, and removes its tokens from (order, start) so the sparse kernel skips them.
+int run_dense_groups(const se_experts* e, const float* x, float* y, std::vector<int32_t>& order,
+                     std::vector<int64_t>& start, const DenseGroups& dense, const Executor& exec, char* err,
+                     size_t err_len) {
+  const int64_t K = e->num_experts, in = e->in_features, out = e->out_features;
+  std::vector<char> taken(static_cast<size_t>(K), 0);
+  bool any = false;
+  // Buffers per thread, reused across calls and layers: a fresh out x in (or tokens x out) buffer
+  // per call costs page faults and zero fills comparable to the decode itself.
+  thread_local std::vector<float> weight, a, c;
+  auto reserve = [](std::vector<float>& v, int64_t n) {
+    if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+  };
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t n = start[k + 1] - start[k];
+    if (n < dense.min_tokens || expert_density(e, k) < SE_DENSE_GROUP_DENSITY) continue;
+    reserve(weight, out * in);
+    if (decode_expert(e, k, weight.data(), exec, err, err_len)) return 1;
+    const int32_t* toks = order.data() + start[k];
+    // all tokens in their own order (one expert took the whole call): no gather, no scatter
+    const bool whole = n == tokens_of(start) && toks[0] == 0 && toks[n - 1] == n - 1;
+    const float* rows = x;
+    if (!whole) {
+      reserve(a, n * in);
+      for (int64_t t = 0; t < n; ++t) std::memcpy(&a[t * in], x + static_cast<int64_t>(toks[t]) * in, sizeof(float) * in);
+      rows = a.data();
+    }
+    float* result = whole ? y : (reserve(c, n * out), c.data());
+    if (dense.gemm(dense.ctx, n, out, in, rows, weight.data(), result))
+      return fail(err, err_len, "the host's dense GEMM failed for expert " + std::to_string(k)), 1;
+    const float* bias = e->bias ? e->bias + k * out : nullptr;
+    for (int64_t t = 0; t < n; ++t) {
+      float* dst = y + static_cast<int64_t>(toks[t]) * out;
+      const float* src = result + t * out;
+      if (bias)
+        for (int64_t r = 0; r < out; ++r) dst[r] = src[r] + bias[r];
+      else if (!whole)
+        std::memcpy(dst, src, sizeof(float) * out);
+    }
+    taken[k] = 1;
+    any = true;
+  }
+  if (!any) return 0;
+  std::vector<int32_t> kept;
+  std::vector<int64_t> kept_start(static_cast<size_t>(K + 1), 0);
+  for (int64_t k = 0; k < K; ++k) {
+    if (!taken[k]) kept.insert(kept.end(), order.begin() + start[k], order.begin() + start[k + 1]);
+    kept_start[k + 1] = static_cast<int64_t>(kept.size());
+  }
+  order.swap(kept);
+  start.swap(kept_start);
+  return 0;
+}
+
 int routed_sparse_matmul(const se_experts* e, const float* router_weight, const float* router_bias, const void* x,
                          int32_t x_dtype, int64_t tokens, const int32_t* expert_ids_in, int32_t* expert_ids_out,
-                         void* y, const Executor& exec, char* err, size_t err_len) {
+                         void* y, const Executor& exec, char* err, size_t err_len,
+                         const DenseGroups& dense = DenseGroups{}) {
   if (x_dtype != SE_F32 && x_dtype != SE_F16) return fail(err, err_len, "x must be fp32 or fp16"), 1;
   if (tokens < 0) return fail(err, err_len, "negative token count"), 1;
   if (tokens == 0) return 0;
@@ -727,6 +800,8 @@ int routed_sparse_matmul(const se_experts* e, const float* router_weight, const 
 
   std::vector<float> ybuf;
   float* y32 = x_dtype == SE_F32 ? static_cast<float*>(y) : (ybuf.resize(static_cast<size_t>(tokens * out)), ybuf.data());
+  if (dense.on() && tokens >= dense.min_tokens && run_dense_groups(e, x32, y32, order, start, dense, exec, err, err_len))
+    return 1;
   Problem pb{e, x32, y32, order.data(), start.data(), (in + 7) / 8};
   const Executor run = exec.serial_if(tokens * (e->nnz / K) < kSerialWork);
   switch (e->value_dtype) {
@@ -823,6 +898,21 @@ extern "C" SE_API int se_routed_sparse_matmul_on(const se_experts* e, const floa
   try {
     return routed_sparse_matmul(e, router_weight, router_bias, x, x_dtype, tokens, expert_ids_in, expert_ids_out, y,
                                 Executor{parallel_for, pool, 1}, err, err_len);
+  } catch (const std::exception& ex) {
+    return fail(err, err_len, ex.what()), 1;
+  }
+}
+
+extern "C" SE_API int se_routed_sparse_matmul_gemm_on(const se_experts* e, const float* router_weight,
+                                                      const float* router_bias, const void* x, int32_t x_dtype,
+                                                      int64_t tokens, const int32_t* expert_ids_in,
+                                                      int32_t* expert_ids_out, void* y, se_parallel_for parallel_for,
+                                                      void* pool, se_dense_gemm gemm, void* gemm_ctx,
+                                                      int64_t min_group_tokens, char* err, size_t err_len) {
+  try {
+    return routed_sparse_matmul(e, router_weight, router_bias, x, x_dtype, tokens, expert_ids_in, expert_ids_out, y,
+                                Executor{parallel_for, pool, 1}, err, err_len,
+                                DenseGroups{gemm, gemm_ctx, min_group_tokens});
   } catch (const std::exception& ex) {
     return fail(err, err_len, ex.what()), 1;
   }

@@ -9,6 +9,7 @@
 #include <onnxruntime_cxx_api.h>
 #include <onnxruntime_lite_custom_op.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -50,12 +51,59 @@ void ort_parallel_for(void* context, size_t count, void (*body)(void*, size_t), 
   for (size_t i = 0; i < count; ++i) body(ctx, i);
 }
 
+// Prefill's large expert groups run on ONNX Runtime's own GEMM (MLAS, on the session's pool),
+// invoked from inside the op (OrtApi::InvokeOp on a standalone Gemm kernel, transB = 1), over
+// buffers the kernel library owns: see se_routed_sparse_matmul_gemm_on.
+struct OrtGemm {
+  Ort::Op op{nullptr};
+  const OrtKernelContext* context = nullptr;
+};
+
+int ort_gemm(void* host, int64_t m, int64_t n, int64_t k, const float* a, const float* w, float* c) {
+  auto* g = static_cast<OrtGemm*>(host);
+  try {
+    const auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    const int64_t a_shape[2] = {m, k}, w_shape[2] = {n, k}, c_shape[2] = {m, n};
+    Ort::Value inputs[2] = {
+        Ort::Value::CreateTensor<float>(mem, const_cast<float*>(a), static_cast<size_t>(m * k), a_shape, 2),
+        Ort::Value::CreateTensor<float>(mem, const_cast<float*>(w), static_cast<size_t>(n * k), w_shape, 2)};
+    Ort::Value output = Ort::Value::CreateTensor<float>(mem, c, static_cast<size_t>(m * n), c_shape, 2);
+    g->op.Invoke(g->context, inputs, 2, &output, 1);
+    return 0;
+  } catch (const std::exception&) {
+    return 1;
+  }
+}
+
+// SE_ORT_DENSE_GROUP_TOKENS overrides the group size at which an expert goes to the GEMM (0: never).
+int64_t dense_group_tokens() {
+  const char* env = std::getenv("SE_ORT_DENSE_GROUP_TOKENS");
+  return env && *env ? std::strtoll(env, nullptr, 10) : SE_DENSE_GROUP_TOKENS;
+}
+
 template <typename TX, typename TV, typename TI>
 struct RoutedSparseMatMulKernel {
   RoutedSparseMatMulKernel(const OrtApi* /*api*/, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
     out_features_ = ki.GetAttribute<int64_t>("out_features");
     format_ = ki.GetAttribute<std::string>("format");
+    min_group_tokens_ = dense_group_tokens();
+    if (min_group_tokens_ > 0) {
+      try {
+        const char* type_names[] = {"T"};
+        const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+        // a standalone kernel gets no schema defaults: every attribute the Gemm kernel reads is given
+        const int64_t zero = 0, one = 1;
+        const float unit = 1.f;
+        const Ort::OpAttr attrs[] = {Ort::OpAttr("transA", &zero, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
+                                     Ort::OpAttr("transB", &one, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
+                                     Ort::OpAttr("alpha", &unit, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
+                                     Ort::OpAttr("beta", &unit, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT)};
+        gemm_.op = Ort::Op::Create(info, "Gemm", "", 13, type_names, types, 1, attrs, 4, 2, 1);
+      } catch (const Ort::Exception&) {  // e.g. a minimal build without standalone kernels: sparse tile only
+        min_group_tokens_ = 0;
+      }
+    }
   }
 
   Ort::Status Compute(OrtKernelContext* context, const Tensor<TX>& x, const Tensor<float>& router_weight, const Tensor<float>& router_bias,
@@ -130,9 +178,17 @@ struct RoutedSparseMatMulKernel {
       std::vector<int64_t> is(xs.begin(), xs.end() - 1);
       ids_out = (*expert_ids_out)->Allocate(is);
     }
-    if (se_routed_sparse_matmul_on(&e, router_weight.Data(), router_bias.Data(), x.Data(), dtype_code<TX>(), tokens,
-                                   ids_in, ids_out, y_data, ort_parallel_for, context, err, sizeof(err)))
+    if (min_group_tokens_ > 0 && tokens >= min_group_tokens_) {
+      std::lock_guard<std::mutex> lock(gemm_mu_);  // one invocation context at a time per node
+      gemm_.context = context;
+      if (se_routed_sparse_matmul_gemm_on(&e, router_weight.Data(), router_bias.Data(), x.Data(), dtype_code<TX>(),
+                                          tokens, ids_in, ids_out, y_data, ort_parallel_for, context, ort_gemm, &gemm_,
+                                          min_group_tokens_, err, sizeof(err)))
+        return invalid(err);
+    } else if (se_routed_sparse_matmul_on(&e, router_weight.Data(), router_bias.Data(), x.Data(), dtype_code<TX>(),
+                                          tokens, ids_in, ids_out, y_data, ort_parallel_for, context, err, sizeof(err))) {
       return invalid(err);
+    }
     return Ort::Status(nullptr);
   }
 
@@ -150,6 +206,9 @@ struct RoutedSparseMatMulKernel {
 
   int64_t out_features_ = 0;
   std::string format_;
+  int64_t min_group_tokens_ = 0;
+  OrtGemm gemm_;
+  std::mutex gemm_mu_;
   std::mutex mu_;
   se_experts checked_{};
   bool has_checked_ = false;

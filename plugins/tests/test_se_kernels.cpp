@@ -1,7 +1,8 @@
 // C++ check of se_routed_sparse_matmul against a float64 reference built from a dense copy of
 // the experts (random_experts.h), for both formats, fp32/fp16/bf16 values, several token counts (decode and
 // prefill paths), in_features not a multiple of 8, plus rejection of corrupt inputs. The host-pool
-// entry (se_routed_sparse_matmul_on: ONNX Runtime's pool) must give bit-identical results.
+// entry (se_routed_sparse_matmul_on: ONNX Runtime's pool) must give bit-identical results, and the
+// host-GEMM entry (se_routed_sparse_matmul_gemm_on) the same product through the host's GEMM.
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -28,6 +29,72 @@ void thread_pool(void* /*pool*/, size_t count, void (*body)(void*, size_t), void
       for (size_t i = w; i < count; i += 3) body(ctx, i);
     });
   for (auto& t : workers) t.join();
+}
+
+// The host GEMM stand-in: a plain loop (c = a w^T), counting the rows it was given.
+struct CountingGemm {
+  int64_t calls = 0, rows = 0;
+  bool fail = false;
+};
+
+int reference_gemm(void* ctx, int64_t m, int64_t n, int64_t k, const float* a, const float* w, float* c) {
+  auto* g = static_cast<CountingGemm*>(ctx);
+  if (g->fail) return 1;
+  ++g->calls;
+  g->rows += m;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double acc = 0;
+      for (int64_t q = 0; q < k; ++q) acc += static_cast<double>(a[i * k + q]) * w[j * k + q];
+      c[i * n + j] = static_cast<float>(acc);
+    }
+  return 0;
+}
+
+// se_routed_sparse_matmul_gemm_on: the same product as the sparse kernel (float64 reference), the
+// host GEMM called once per expert with >= min tokens and >= SE_DENSE_GROUP_DENSITY kept, for
+// exactly those tokens; a failing GEMM is an error, not a wrong answer.
+int check_gemm_entry(const Case& c, se_test::RandomExperts& re, const std::vector<int32_t>& ids,
+                     const std::vector<float>& y) {
+  char err[256];
+  int failures = 0;
+  for (int64_t min_tokens : {int64_t{1}, int64_t{4}, c.tokens + 1}) {
+    CountingGemm gemm;
+    std::vector<float> y_gemm(y.size());
+    std::vector<int32_t> ids_gemm(c.tokens);
+    if (se_routed_sparse_matmul_gemm_on(&re.e, re.G.data(), re.b.data(), re.x.data(), SE_F32, c.tokens, nullptr,
+                                        ids_gemm.data(), y_gemm.data(), thread_pool, nullptr, reference_gemm, &gemm,
+                                        min_tokens, err, sizeof(err))) {
+      std::printf("gemm entry failed: %s\n", err);
+      return 1;
+    }
+    if (ids_gemm != ids) ++failures;
+    for (size_t i = 0; i < y.size(); ++i)
+      if (std::fabs(y_gemm[i] - y[i]) > 1e-4 * (1 + std::fabs(y[i]))) ++failures;
+    int64_t expect_calls = 0, expect_rows = 0;
+    for (int64_t k = 0; k < c.K; ++k) {
+      int64_t n = 0;
+      for (int32_t id : ids) n += id == k;
+      const int64_t begin = re.e.row_ptr[k * c.out];
+      const int64_t end = k + 1 < c.K ? re.e.row_ptr[(k + 1) * c.out] : re.e.nnz;
+      const bool dense = static_cast<double>(end - begin) >= SE_DENSE_GROUP_DENSITY * static_cast<double>(c.out * c.in);
+      if (dense && n >= min_tokens && c.tokens >= min_tokens) ++expect_calls, expect_rows += n;
+    }
+    if (gemm.calls != expect_calls || gemm.rows != expect_rows) {
+      std::printf("gemm calls %lld rows %lld, expected %lld and %lld (min %lld)\n", static_cast<long long>(gemm.calls),
+                  static_cast<long long>(gemm.rows), static_cast<long long>(expect_calls),
+                  static_cast<long long>(expect_rows), static_cast<long long>(min_tokens));
+      ++failures;
+    }
+    if (expect_calls) {
+      gemm.fail = true;
+      if (!se_routed_sparse_matmul_gemm_on(&re.e, re.G.data(), re.b.data(), re.x.data(), SE_F32, c.tokens, nullptr,
+                                           nullptr, y_gemm.data(), nullptr, nullptr, reference_gemm, &gemm, min_tokens,
+                                           err, sizeof(err)))
+        ++failures;
+    }
+  }
+  return failures;
 }
 
 int run_case(const Case& c, std::mt19937& rng) {
@@ -58,6 +125,7 @@ int run_case(const Case& c, std::mt19937& rng) {
         std::memcmp(y_pool.data(), y.data(), y.size() * sizeof(float)) != 0 || ids_pool != ids)
       ++failures;
   }
+  failures += check_gemm_entry(c, re, ids, y);
   for (int64_t t = 0; t < c.tokens; ++t) {
     const int64_t k = ids[t];
     if (!re.routing_ok(t, k)) ++failures;
