@@ -1,7 +1,7 @@
 """``se-export validate``: an exported graph against the PyTorch model it came from.
 
 Per backend run: logits on fixed prompts (max/mean abs diff, cosine, top-1 agreement) against
-tolerances (fp32: |diff| <= 1e-4 + 1e-5 |logit|; fp16: cosine of each output >= 0.999 and top-1
+tolerances (fp32: |diff| <= 1e-4 + 1e-5 max |logit| of the position; fp16: cosine of each output >= 0.999 and top-1
 agreement >= 0.99), routing
 agreement per expanded layer (fraction of tokens sent to the same expert), greedy generation with
 the KV cache (token-by-token agreement; fp32 must be identical, fp16 is reported), a decode step with past against
@@ -154,17 +154,21 @@ def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict:
     cos = (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1) + 1e-30)
     tol = TOLERANCES["fp32"]
     excess = diff - (tol["atol"] + tol["rtol"] * np.abs(ref))
+    # A logit is the final hidden state's dot product with one vocabulary row, so rounding in the
+    # hidden state reaches every logit of a position alike, small logits included: the relative
+    # part of the bound scales with the position's largest logit, not with each logit's own size.
+    row_excess = diff - (tol["atol"] + tol["rtol"] * np.abs(ref).max(-1, keepdims=True))
     whole = float((ref * got).sum() / (np.linalg.norm(ref) * np.linalg.norm(got) + 1e-30))
     return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "cosine": whole,
             "cosine_min": float(cos.min()),
             "top1": float((ref.argmax(-1) == got.argmax(-1)).mean()), "max_abs_ref": float(np.abs(ref).max()),
-            "allclose_excess": float(excess.max())}
+            "allclose_excess": float(excess.max()), "row_scaled_excess": float(row_excess.max())}
 
 
 def logits_ok(stats: dict, dtype: str) -> bool:
     tol = TOLERANCES[dtype]
     if dtype == "fp32":
-        return stats["allclose_excess"] <= 0
+        return stats["row_scaled_excess"] <= 0
     return stats["cosine"] >= tol["cosine"] and stats["top1"] >= tol["top1"]
 
 
@@ -249,7 +253,8 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
                   "cosine": min(s["cosine"] for s in stats), "cosine_min": min(s["cosine_min"] for s in stats),
                   "top1": float(np.mean([s["top1"] for s in stats])),
                   "max_abs_ref": max(s["max_abs_ref"] for s in stats),
-                  "allclose_excess": max(s["allclose_excess"] for s in stats)}
+                  "allclose_excess": max(s["allclose_excess"] for s in stats),
+                  "row_scaled_excess": max(s["row_scaled_excess"] for s in stats)}
         report.check("logits", logits_ok(merged, dtype), **merged, tolerance=TOLERANCES[dtype],
                      prompts=len(prompts), batch=int(batch.shape[0]))
 

@@ -416,3 +416,39 @@ def test_left_padded_batch_matches_pytorch(exports, models):
     real = mask.astype(bool)
     assert np.isfinite(got).all()
     assert np.abs(got[real] - ref[real]).max() <= 1e-4
+
+
+def test_fp32_logits_bound_scales_with_the_positions_largest_logit():
+    """Rounding in the last hidden state reaches every logit of a position alike: a 2e-4 error on a
+    small logit passes where the position's logits reach 30 (bound 1e-4 + 1e-5 * 30), fails where
+    they stay near 1, and a 1e-3 error (no summation-order effect at fp32) fails everywhere."""
+    from se_export.validate import compare_logits, logits_ok
+
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((1, 2, 50))
+    big[..., 0] = 30.0
+    small = rng.standard_normal((1, 2, 50)) * 0.3
+    for ref, err, ok in ((big, 2e-4, True), (small, 2e-4, False), (big, 1e-3, False)):
+        got = ref.copy()
+        got[0, 1, 7] += err  # a small logit
+        stats = compare_logits(ref.astype(np.float32), got.astype(np.float32))
+        assert logits_ok(stats, "fp32") == ok, (float(np.abs(ref).max()), err)
+    exact = compare_logits(big.astype(np.float32), big.astype(np.float32))
+    assert logits_ok(exact, "fp32") and exact["max_abs"] == 0
+
+
+def test_validate_fails_a_graph_with_one_weight_matrix_off_by_five_percent(tmp_path, tiny_tokenizer):
+    """The logits bound must still catch a real defect: one attention projection scaled by 1.05."""
+    model = _expanded("llama", tiny_tokenizer, seed=3)
+    save_checkpoint(model, tiny_tokenizer, tmp_path / "ckpt", {"method": "se"})
+    assert run_cli("onnx", tmp_path / "ckpt", "--out", tmp_path / "onnx").returncode == 0
+    path = tmp_path / "onnx" / MODEL_FILE
+    graph = onnx.load(str(path))
+    o_proj = next(i for i in graph.graph.initializer if "o_proj" in i.name or (i.dims and list(i.dims) == [64, 64]))
+    o_proj.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(o_proj) * np.float32(1.05), o_proj.name))
+    onnx.save(graph, str(path))
+    proc = run_cli("validate", tmp_path / "onnx", "--tokens", "0", "--ppl-windows", "0", "--json")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["checks"]["logits"]["passed"] is False
+    assert report["checks"]["logits"]["row_scaled_excess"] > 0
