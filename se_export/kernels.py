@@ -5,10 +5,10 @@ Runtime share one implementation. ``RoutedSparseLinear`` uses it on CPU when it 
 (``SE_EXPORT_KERNELS=0`` turns it off); the op's Python body stays the golden reference.
 
 Prefill: where one expert gets many tokens and keeps many weights, a compute-bound dense GEMM
-beats the sparse tile (on an AVX-512 Xeon the tile takes ~1.5x the dense time at 50%). There
-``BoundExperts.matmul`` decodes that expert once (``se_decode_expert``) and runs torch's GEMM
-for its tokens; the other tokens take the sparse kernel. ONNX Runtime custom ops have no GEMM to
-call, so the op keeps the sparse tile.
+beats the sparse tile (on an AVX-512 Xeon the tile takes ~1.5x the dense time at 50%). The
+library's ``se_routed_sparse_matmul_gemm`` decides which experts, decodes each once and calls
+back into torch's GEMM for their tokens; the other tokens take the sparse kernel. ONNX Runtime's
+op runs the same entry with ONNX Runtime's Gemm, so both backends share the policy and the code.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import threading
 from pathlib import Path
 
 import torch
@@ -35,17 +34,23 @@ DENSE_GROUP_TOKENS = 128
 DENSE_GROUP_DENSITY = 0.4
 
 
-_SCRATCH = threading.local()
+_GEMM_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
 
 
-def _decode_buffer(numel: int) -> torch.Tensor:
-    """This thread's reusable fp32 buffer for decoded experts, grown to the largest one so far: a
-    fresh 180 MB tensor (4096 x 11008) cost ~50 ms of page faults per call, more than the decode."""
-    buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=torch.float32)
-        _SCRATCH.buf = buf
-    return buf
+def _float_view(address: int, rows: int, cols: int) -> torch.Tensor:
+    """A zero-copy fp32 ``[rows, cols]`` tensor over memory the C library owns (valid during the call)."""
+    return torch.frombuffer((ctypes.c_float * (rows * cols)).from_address(address), dtype=torch.float32).view(rows, cols)
+
+
+@_GEMM_FN
+def _torch_gemm(_ctx, m: int, n: int, k: int, a: int, w: int, c: int) -> int:
+    """``c = a @ w.T`` with torch's GEMM, called back by the kernel library for a dense group."""
+    try:
+        torch.matmul(_float_view(a, m, k), _float_view(w, n, k).t(), out=_float_view(c, m, n))
+        return 0
+    except Exception:  # reported by the library as a failed GEMM; never unwinds through C
+        return 1
 
 
 class _Experts(ctypes.Structure):
@@ -82,6 +87,10 @@ def _lib() -> ctypes.CDLL | None:
                                             ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p,
                                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_char_p,
                                             ctypes.c_size_t]
+    lib.se_routed_sparse_matmul_gemm.argtypes = [ctypes.POINTER(_Experts), ctypes.c_void_p, ctypes.c_void_p,
+                                                 ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p,
+                                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, _GEMM_FN,
+                                                 ctypes.c_void_p, ctypes.c_int64, ctypes.c_char_p, ctypes.c_size_t]
     lib.se_decode_expert.argtypes = [ctypes.POINTER(_Experts), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
                                      ctypes.c_char_p, ctypes.c_size_t]
     lib.se_kernel_isa.restype = ctypes.c_char_p
@@ -166,48 +175,18 @@ class BoundExperts:
             ids_in = expert_ids.reshape(-1).to(torch.int32).contiguous()
             if ids_in.numel() != tokens:
                 raise SEError(f"expert_ids has {ids_in.numel()} entries for {tokens} tokens")
-        if self.dense_group_tokens and self.dense_candidates and tokens >= self.dense_group_tokens:
-            y, ids_out = self._with_dense_groups(flat, g, b, ids_in, threads)
-        else:
-            y, ids_out = self._sparse(flat, g, b, ids_in, threads)
-        return y.reshape(*x.shape[:-1], p.out_features), ids_out.reshape(x.shape[:-1])
-
-    def _sparse(self, flat: torch.Tensor, g: torch.Tensor, b: torch.Tensor, ids_in: torch.Tensor | None,
-                threads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = flat.shape[0]
-        y = torch.empty(tokens, self.packed.out_features, dtype=flat.dtype)
+        y = torch.empty(tokens, p.out_features, dtype=flat.dtype)
         ids_out = torch.empty(tokens, dtype=torch.int32)
         err = ctypes.create_string_buffer(512)
-        rc = require().se_routed_sparse_matmul(ctypes.byref(self.struct), _ptr(g), _ptr(b), _ptr(flat),
-                                               _DTYPES[flat.dtype], tokens, _ptr(ids_in), _ptr(ids_out), _ptr(y),
-                                               threads, err, 512)
+        args = (ctypes.byref(self.struct), _ptr(g), _ptr(b), _ptr(flat), _DTYPES[flat.dtype], tokens, _ptr(ids_in),
+                _ptr(ids_out), _ptr(y), threads)
+        if self.dense_group_tokens and self.dense_candidates and tokens >= self.dense_group_tokens:
+            rc = require().se_routed_sparse_matmul_gemm(*args, _torch_gemm, None, self.dense_group_tokens, err, 512)
+        else:
+            rc = require().se_routed_sparse_matmul(*args, err, 512)
         if rc:
             raise SEError(f"routed sparse kernel failed: {err.value.decode()}")
-        return y, ids_out
-
-    def _with_dense_groups(self, flat: torch.Tensor, g: torch.Tensor, b: torch.Tensor, ids_in: torch.Tensor | None,
-                           threads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Route, run the large dense-enough groups as decoded GEMMs, the rest on the sparse kernel."""
-        ids = ids_in if ids_in is not None else route(flat, g, b, threads)
-        k_all = self.packed.num_experts  # out-of-range ids count in bucket k_all (the kernel rejects them)
-        counts = torch.bincount(ids.long().clamp(0, k_all), minlength=k_all + 1)
-        dense = [k for k in self.dense_candidates if int(counts[k]) >= self.dense_group_tokens]
-        if not dense:
-            return self._sparse(flat, g, b, ids, threads)
-        y = torch.empty(flat.shape[0], self.packed.out_features, dtype=flat.dtype)
-        on_sparse = torch.ones(flat.shape[0], dtype=torch.bool)
-        for k in dense:
-            rows = (ids == k).nonzero().squeeze(1)
-            weight = self.decode_expert(k, threads, out=_decode_buffer(self.packed.out_features * self.packed.in_features))
-            yk = flat[rows].float() @ weight.t()
-            if self.bias is not None:
-                yk += self.bias[k]
-            y[rows] = yk.to(flat.dtype)
-            on_sparse[rows] = False
-        rest = on_sparse.nonzero().squeeze(1)
-        if rest.numel():  # their ids are range-checked by the kernel
-            y[rest] = self._sparse(flat[rest].contiguous(), g, b, ids[rest].contiguous(), threads)[0]
-        return y, ids
+        return y.reshape(*x.shape[:-1], p.out_features), ids_out.reshape(x.shape[:-1])
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, threads: int = 0) -> torch.Tensor:

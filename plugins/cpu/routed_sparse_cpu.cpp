@@ -918,6 +918,20 @@ extern "C" SE_API int se_routed_sparse_matmul_gemm_on(const se_experts* e, const
   }
 }
 
+extern "C" SE_API int se_routed_sparse_matmul_gemm(const se_experts* e, const float* router_weight,
+                                                   const float* router_bias, const void* x, int32_t x_dtype,
+                                                   int64_t tokens, const int32_t* expert_ids_in,
+                                                   int32_t* expert_ids_out, void* y, int32_t threads, se_dense_gemm gemm,
+                                                   void* gemm_ctx, int64_t min_group_tokens, char* err,
+                                                   size_t err_len) {
+  try {
+    return routed_sparse_matmul(e, router_weight, router_bias, x, x_dtype, tokens, expert_ids_in, expert_ids_out, y,
+                                openmp(threads), err, err_len, DenseGroups{gemm, gemm_ctx, min_group_tokens});
+  } catch (const std::exception& ex) {
+    return fail(err, err_len, ex.what()), 1;
+  }
+}
+
 extern "C" SE_API const char* se_kernel_isa(void) {
   switch (cpu_isa()) {
     case Isa::Avx512: return "avx512";

@@ -86,8 +86,8 @@ SE_API int se_routed_sparse_matmul_on(const se_experts* experts, const float* ro
 // rows are gathered and gemm computes them; every other token runs the sparse kernel. An expert
 // goes dense when it has >= min_group_tokens tokens in the call and keeps >= SE_DENSE_GROUP_DENSITY
 // of its weights. gemm must compute c[m, n] = a[m, k] w[n, k]^T (fp32, row-major) and return 0;
-// NULL gemm or min_group_tokens <= 0 is se_routed_sparse_matmul_on. The PyTorch binding applies
-// the same policy with torch's GEMM (se_export/kernels.py).
+// NULL gemm or min_group_tokens <= 0 is se_routed_sparse_matmul_on. ONNX Runtime's op passes its
+// own Gemm (invoked from the op), the PyTorch binding torch's matmul through the OpenMP variant.
 #define SE_DENSE_GROUP_TOKENS 128
 #define SE_DENSE_GROUP_DENSITY 0.4
 typedef int (*se_dense_gemm)(void* ctx, int64_t m, int64_t n, int64_t k, const float* a, const float* w, float* c);
@@ -96,6 +96,12 @@ SE_API int se_routed_sparse_matmul_gemm_on(const se_experts* experts, const floa
                                            const int32_t* expert_ids_in, int32_t* expert_ids_out, void* y,
                                            se_parallel_for parallel_for, void* pool, se_dense_gemm gemm,
                                            void* gemm_ctx, int64_t min_group_tokens, char* err, size_t err_len);
+// The same on an OpenMP team of `threads` (<= 0: the OpenMP default), like se_routed_sparse_matmul.
+SE_API int se_routed_sparse_matmul_gemm(const se_experts* experts, const float* router_weight,
+                                        const float* router_bias, const void* x, int32_t x_dtype, int64_t tokens,
+                                        const int32_t* expert_ids_in, int32_t* expert_ids_out, void* y,
+                                        int32_t threads, se_dense_gemm gemm, void* gemm_ctx,
+                                        int64_t min_group_tokens, char* err, size_t err_len);
 
 // "avx512", "avx2", "neon" or "portable": which code path this machine runs; SE_KERNELS_ISA=avx2
 // or SE_KERNELS_ISA=portable caps it (a path the CPU lacks is never taken).
