@@ -452,3 +452,21 @@ def test_validate_fails_a_graph_with_one_weight_matrix_off_by_five_percent(tmp_p
     report = json.loads(proc.stdout)
     assert report["checks"]["logits"]["passed"] is False
     assert report["checks"]["logits"]["row_scaled_excess"] > 0
+
+
+def test_ort_prefill_benchmark_runs_and_checks_both_paths(tmp_path):
+    """bench/ort_prefill.py on a small layer: it checks the sparse tile and the dense groups against
+    a numpy product before timing, and writes one row per (shape, batch, sparsity)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    out = tmp_path / "ort_prefill.json"
+    proc = subprocess.run([sys.executable, str(root / "bench" / "ort_prefill.py"), "--shapes", "40x24", "--batches", "130",
+                           "--sparsities", "0.5", "2:4", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["sparsity"]) for r in rows] == [(130, "0.5"), (130, "2:4")]
+    assert all(r["dense_groups_ms"] > 0 and r["sparse_tile_ms"] > 0 for r in rows)
