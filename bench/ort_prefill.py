@@ -19,6 +19,7 @@ round after round.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -64,24 +65,32 @@ def routed_model(packed):
                              ir_version=10)
 
 
+@contextlib.contextmanager
+def dense_group_setting(value: str | None):
+    """SE_ORT_DENSE_GROUP_TOKENS set to ``value`` (None: left alone) while sessions are built: the
+    op reads it when ONNX Runtime creates its kernels ("" = the default threshold, "0" = off)."""
+    saved = os.environ.get("SE_ORT_DENSE_GROUP_TOKENS")
+    if value is not None:
+        os.environ["SE_ORT_DENSE_GROUP_TOKENS"] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("SE_ORT_DENSE_GROUP_TOKENS", None)
+        else:
+            os.environ["SE_ORT_DENSE_GROUP_TOKENS"] = saved
+
+
 def session(model, threads: int, dense_group_tokens: str | None = None) -> ort.InferenceSession:
-    """A session; ``dense_group_tokens`` is the op's SE_ORT_DENSE_GROUP_TOKENS while it is built."""
+    """A session (with our op library when ``dense_group_tokens`` is given)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    saved = os.environ.get("SE_ORT_DENSE_GROUP_TOKENS")
     if dense_group_tokens is not None:
         opts.register_custom_ops_library(str(ort_library()))
-        os.environ["SE_ORT_DENSE_GROUP_TOKENS"] = dense_group_tokens
-    try:
+    with dense_group_setting(dense_group_tokens):
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    finally:
-        if dense_group_tokens is not None:
-            if saved is None:
-                os.environ.pop("SE_ORT_DENSE_GROUP_TOKENS", None)
-            else:
-                os.environ["SE_ORT_DENSE_GROUP_TOKENS"] = saved
 
 
 def bench(shapes: list[str], batches: list[int], sparsities: list[str], threads: int) -> list[dict]:
@@ -124,18 +133,11 @@ def bench(shapes: list[str], batches: list[int], sparsities: list[str], threads:
 def bench_e2e(dense_dir: Path, expanded_dir: Path, prompt_len: int, rounds: int, threads: int) -> dict:
     from se_export.ort_runtime import OrtCausalLM
 
-    def load(folder: Path, dense_group_tokens: str | None) -> OrtCausalLM:
-        saved = os.environ.get("SE_ORT_DENSE_GROUP_TOKENS")
-        if dense_group_tokens is not None:
-            os.environ["SE_ORT_DENSE_GROUP_TOKENS"] = dense_group_tokens
-        try:
+    def load(folder: Path, dense_group_tokens: str | None = None) -> OrtCausalLM:
+        with dense_group_setting(dense_group_tokens):
             return OrtCausalLM(folder, threads=threads)
-        finally:
-            os.environ.pop("SE_ORT_DENSE_GROUP_TOKENS", None) if saved is None else os.environ.update(
-                SE_ORT_DENSE_GROUP_TOKENS=saved)
 
-    models = {"dense": load(dense_dir, None), "sparse_tile": load(expanded_dir, "0"),
-              "dense_groups": load(expanded_dir, "")}
+    models = {"dense": load(dense_dir), "sparse_tile": load(expanded_dir, "0"), "dense_groups": load(expanded_dir, "")}
     ids = np.random.default_rng(0).integers(0, models["dense"].manifest["vocab_size"], (1, prompt_len))
     for lm in models.values():  # warm-up (and first-touch of the weights)
         lm.run(ids[:, : min(prompt_len, 256)])
