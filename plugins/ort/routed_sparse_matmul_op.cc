@@ -55,8 +55,8 @@ void ort_parallel_for(void* context, size_t count, void (*body)(void*, size_t), 
 // invoked from inside the op (OrtApi::InvokeOp on a standalone Gemm kernel, transB = 1), over
 // buffers the kernel library owns: see se_routed_sparse_matmul_gemm_on.
 struct OrtGemm {
-  Ort::Op op{nullptr};
-  const OrtKernelContext* context = nullptr;
+  Ort::Op* op;
+  const OrtKernelContext* context;
 };
 
 int ort_gemm(void* host, int64_t m, int64_t n, int64_t k, const float* a, const float* w, float* c) {
@@ -68,7 +68,7 @@ int ort_gemm(void* host, int64_t m, int64_t n, int64_t k, const float* a, const 
         Ort::Value::CreateTensor<float>(mem, const_cast<float*>(a), static_cast<size_t>(m * k), a_shape, 2),
         Ort::Value::CreateTensor<float>(mem, const_cast<float*>(w), static_cast<size_t>(n * k), w_shape, 2)};
     Ort::Value output = Ort::Value::CreateTensor<float>(mem, c, static_cast<size_t>(m * n), c_shape, 2);
-    g->op.Invoke(g->context, inputs, 2, &output, 1);
+    g->op->Invoke(g->context, inputs, 2, &output, 1);
     return 0;
   } catch (const std::exception&) {
     return 1;
@@ -99,7 +99,7 @@ struct RoutedSparseMatMulKernel {
                                      Ort::OpAttr("transB", &one, 1, OrtOpAttrType::ORT_OP_ATTR_INT),
                                      Ort::OpAttr("alpha", &unit, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT),
                                      Ort::OpAttr("beta", &unit, 1, OrtOpAttrType::ORT_OP_ATTR_FLOAT)};
-        gemm_.op = Ort::Op::Create(info, "Gemm", "", 13, type_names, types, 1, attrs, 4, 2, 1);
+        gemm_ = Ort::Op::Create(info, "Gemm", "", 13, type_names, types, 1, attrs, 4, 2, 1);
       } catch (const Ort::Exception&) {  // e.g. a minimal build without standalone kernels: sparse tile only
         min_group_tokens_ = 0;
       }
@@ -178,17 +178,13 @@ struct RoutedSparseMatMulKernel {
       std::vector<int64_t> is(xs.begin(), xs.end() - 1);
       ids_out = (*expert_ids_out)->Allocate(is);
     }
-    if (min_group_tokens_ > 0 && tokens >= min_group_tokens_) {
-      std::lock_guard<std::mutex> lock(gemm_mu_);  // one invocation context at a time per node
-      gemm_.context = context;
-      if (se_routed_sparse_matmul_gemm_on(&e, router_weight.Data(), router_bias.Data(), x.Data(), dtype_code<TX>(),
-                                          tokens, ids_in, ids_out, y_data, ort_parallel_for, context, ort_gemm, &gemm_,
-                                          min_group_tokens_, err, sizeof(err)))
-        return invalid(err);
-    } else if (se_routed_sparse_matmul_on(&e, router_weight.Data(), router_bias.Data(), x.Data(), dtype_code<TX>(),
-                                          tokens, ids_in, ids_out, y_data, ort_parallel_for, context, err, sizeof(err))) {
+    // with no Gemm (min_group_tokens_ 0) this is the plain sparse kernel on ONNX Runtime's pool
+    OrtGemm gemm{&gemm_, context};
+    if (se_routed_sparse_matmul_gemm_on(&e, router_weight.Data(), router_bias.Data(), x.Data(), dtype_code<TX>(), tokens,
+                                        ids_in, ids_out, y_data, ort_parallel_for, context,
+                                        min_group_tokens_ > 0 ? ort_gemm : nullptr, &gemm, min_group_tokens_, err,
+                                        sizeof(err)))
       return invalid(err);
-    }
     return Ort::Status(nullptr);
   }
 
@@ -207,8 +203,7 @@ struct RoutedSparseMatMulKernel {
   int64_t out_features_ = 0;
   std::string format_;
   int64_t min_group_tokens_ = 0;
-  OrtGemm gemm_;
-  std::mutex gemm_mu_;
+  Ort::Op gemm_{nullptr};  // a standalone Gemm kernel, created with the node
   std::mutex mu_;
   se_experts checked_{};
   bool has_checked_ = false;
