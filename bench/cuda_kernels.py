@@ -1,10 +1,26 @@
-"""Routed sparse CUDA kernels (plugins/cuda) vs dense cuBLAS (torch.matmul), same GPU, same run.
+"""Routed sparse CUDA kernels (plugins/cuda) vs dense cuBLAS (torch.mm), same GPU, same run.
 
-For real LLM MLP shapes (in x out, and transposes), batch 1/16/128 and sparsity 50/70/90%, it
-times the routed sparse layer (router + GEMV or grouped kernel, K experts, fp16 activations and
-values) and the dense fp16 layer, with CUDA events (median of repeats after warm-up), and reports
-time, achieved GB/s (bytes of the experts the batch touches + activations, over time) and the
-speed-up. Prints a Markdown table and writes JSON; without a GPU it says so and exits 0.
+For real LLM MLP shapes (in x out, and transposes), batches 1/16/128/512 and sparsity 50/70/90%,
+it times the routed sparse layer (router + GEMV or grouped kernel, K experts, fp16 activations and
+values, both storage formats) and the dense fp16 layer, and reports time, achieved GB/s, the
+speed-up and its share of the byte-ratio limit (dense bytes / bytes the batch's experts hold), and
+the router's share of the layer (routed call minus the same call with the routing given).
+
+How it times, so the ratios mean what they say:
+  * GPU time: a sequence of calls is captured once in a CUDA graph and replayed; the median over
+    replays (CUDA events) divided by the calls. Launch gaps and the ctypes call stay out. The
+    eager time per call (what a Python loop sees, host launch included) is reported beside it.
+  * Cold L2: the sequence rotates over enough copies of the dense weight and of the packed
+    experts (and, at batch 1, over the experts) that no call finds its weights in the L2 cache,
+    as in a real model where every other layer's weights pass through it between two calls.
+    Without this, one 4096x11008 expert at 70% (33 MB) sits in an H100's 50 MB L2 while the dense
+    weight (90 MB) does not.
+  * The experts are packed on the GPU by se_export.sparse_format (the checkpoint's own packer).
+  * Up to --gemv-sweep-max tokens it also times the path the default GEMV threshold does not
+    take (GEMV vs grouped), the evidence for that threshold.
+
+Prints a Markdown table and writes JSON (after every shape, atomically); without a GPU it says
+so and exits 0.
 
     .venv/bin/python bench/cuda_kernels.py                        # full grid
     .venv/bin/python bench/cuda_kernels.py --shapes 4096x11008 --batches 1 --sparsities 0.7
@@ -13,83 +29,191 @@ speed-up. Prints a Markdown table and writes JSON; without a GPU it says so and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from se_export.atomic import atomic_write_text
-from se_export.sparse_format import pack_experts
+from se_export.sparse_format import PackedExperts, pack_experts
 
 SHAPES = ["576x1536", "1536x576", "2048x8192", "8192x2048", "4096x11008", "11008x4096"]
+COLD_FACTOR = 3  # rotate over at least this many L2 capacities of weights
+GEMV_MAX_TOKENS = 16  # SE_CUDA_DEFAULT_GEMV_MAX_TOKENS (se_cuda_kernels.h): batches up to it run the GEMV
 
 
-def cuda_time_ms(fn, warmup: int = 5, repeats: int = 30) -> float:
-    for _ in range(warmup):
+def graph_ms(calls: list[Callable[[], object]], replays: int = 10) -> tuple[float, str]:
+    """Median GPU milliseconds per call of the sequence, captured in a CUDA graph (eager if the
+    capture fails, which the returned mode says)."""
+    for fn in calls:  # warm-up: sizes workspaces, loads modules, outside the capture
         fn()
+    torch.cuda.synchronize()
+    mode = "graph"
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for fn in calls:
+                fn()
+        run = graph.replay
+    except RuntimeError:
+        torch.cuda.synchronize()
+        mode = "eager"
+
+        def run() -> None:
+            for fn in calls:
+                fn()
+    run()
     times = []
-    for _ in range(repeats):
+    for _ in range(replays):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        run()
         stop.record()
         stop.synchronize()
-        times.append(start.elapsed_time(stop))
+        times.append(start.elapsed_time(stop) / len(calls))
+    return statistics.median(times), mode
+
+
+def eager_ms(calls: list[Callable[[], object]], replays: int = 5) -> float:
+    """Median milliseconds per call of a plain Python loop over the sequence (host launch included)."""
+    times = []
+    for _ in range(replays):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for fn in calls:
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3 / len(calls))
     return statistics.median(times)
 
 
-def make_experts(k: int, out: int, inn: int, sparsity: float, fmt: str, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    dense = torch.randn(k, out, inn, generator=gen, dtype=torch.float16)
-    mask = torch.rand(k, out, inn, generator=gen) >= sparsity
-    return pack_experts(dense.float() * mask, mask, fmt, torch.float16)
+def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy (bytes read + written over time): the memory ceiling of this card."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms, _ = graph_ms([lambda: b.copy_(a)], replays=10)
+    return 2 * nbytes / ms / 1e6
+
+
+def make_experts(k: int, out: int, inn: int, sparsity: float, fmt: str, seed: int) -> PackedExperts:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dense = torch.randn(k, out, inn, generator=gen, device="cuda", dtype=torch.float16)
+    mask = torch.rand(k, out, inn, generator=gen, device="cuda") >= sparsity
+    return pack_experts(dense * mask, mask, fmt, torch.float16)
+
+
+def clone_packed(p: PackedExperts) -> PackedExperts:
+    return dataclasses.replace(p, values=p.values.clone(), indices=p.indices.clone(), row_ptr=p.row_ptr.clone())
+
+
+def call_sequences(sets: list, weights: list[torch.Tensor], xs: list[torch.Tensor], given: list[torch.Tensor],
+                   y: torch.Tensor, n: int, per_set: int, gemv_max: int = 0) -> tuple[list, list, list]:
+    """``n`` calls each of the routed layer, the layer with the routing given (call ``i`` uses
+    expert set ``i // per_set`` and ids ``given[i]``, cyclically) and the dense layer; ``gemv_max``
+    is the routed calls' GEMV threshold (0: the kernels' default)."""
+    routed = [lambda i=i: sets[i % len(sets)].matmul(xs[i % len(xs)], out=y, gemv_max_tokens=gemv_max)
+              for i in range(n)]
+    with_ids = [lambda i=i: sets[(i // per_set) % len(sets)].matmul(xs[i % len(xs)], given[i % len(given)], out=y)
+                for i in range(n)]
+    dense = [lambda i=i: torch.mm(xs[i % len(xs)], weights[i % len(weights)].t(), out=y) for i in range(n)]
+    return routed, with_ids, dense
+
+
+def bench_shape(shape: str, args, l2_bytes: int, rows: list[dict]) -> None:
+    from se_export.cuda_kernels import CudaExperts
+
+    inn, out = map(int, shape.split("x"))
+    k = args.experts
+    w_bytes = out * inn * 2
+    dense_copies = max(1, math.ceil(COLD_FACTOR * l2_bytes / w_bytes))
+    weights = [torch.randn(out, inn, device="cuda", dtype=torch.float16) for _ in range(dense_copies)]
+    gen = torch.Generator().manual_seed(0)
+    g, b = torch.randn(inn, k, generator=gen), torch.randn(k, generator=gen)
+    for s in args.sparsities:
+        for fmt in args.formats:
+            packed = make_experts(k, out, inn, s, fmt, seed=inn + out)
+            total = packed.nbytes()
+            sets = [CudaExperts(p, g, b) for p in
+                    [packed, *(clone_packed(packed) for _ in range(math.ceil(COLD_FACTOR * l2_bytes / total) - 1))]]
+            per_expert = total / k
+            for batch in args.batches:
+                xs = [torch.randn(batch, inn, device="cuda", dtype=torch.float16) for _ in range(args.inputs)]
+                ys = torch.empty(batch, out, device="cuda", dtype=torch.float16)
+                routed = [sets[0].matmul(x)[1] for x in xs]
+                touched_experts = statistics.mean(len(torch.unique(r)) for r in routed)
+                if batch == 1:  # rotate the expert too: one expert of a big layer fits in L2
+                    given = [torch.full((1,), i % k, dtype=torch.int32, device="cuda") for i in range(k)]
+                    n = max(len(sets) * k, dense_copies, args.min_calls)
+                else:
+                    given = routed
+                    n = max(len(sets), dense_copies, args.min_calls)
+                sparse_routed, sparse_given, dense = call_sequences(sets, weights, xs, given, ys, n, k if batch == 1 else 1)
+                sparse_ms, mode_s = graph_ms(sparse_routed)
+                if 1 < batch <= args.gemv_sweep_max:  # the other path, for the GEMV threshold's choice
+                    forced = 1 if batch <= GEMV_MAX_TOKENS else 1_000_000
+                    other_ms, _ = graph_ms(call_sequences(sets, weights, xs, given, ys, n, 1, forced)[0])
+                else:
+                    other_ms = None
+                given_ms, _ = graph_ms(sparse_given)
+                dense_ms, mode_d = graph_ms(dense)
+                eager_sparse, eager_dense = eager_ms(sparse_routed), eager_ms(dense)
+                act = batch * (inn + out) * 2
+                touched = touched_experts * per_expert
+                row = {"shape": shape, "batch": batch, "sparsity": s, "format": fmt, "experts": k,
+                       "sparse_ms": sparse_ms, "sparse_given_ids_ms": given_ms, "dense_ms": dense_ms,
+                       "speedup": dense_ms / sparse_ms, "byte_ratio_limit": (w_bytes + act) / (touched + act),
+                       "router_share": max(0.0, 1 - given_ms / sparse_ms),
+                       "sparse_gbps": (touched + act) / sparse_ms / 1e6, "dense_gbps": (w_bytes + act) / dense_ms / 1e6,
+                       "eager_sparse_ms": eager_sparse, "eager_dense_ms": eager_dense,
+                       "eager_speedup": eager_dense / eager_sparse, "timing": f"{mode_s}/{mode_d}",
+                       "calls_per_sequence": n, "dense_copies": dense_copies, "expert_copies": len(sets),
+                       "touched_experts": touched_experts,
+                       "path": "gemv" if batch <= GEMV_MAX_TOKENS else "grouped", "other_path_ms": other_ms}
+                rows.append(row)
+                print(f"| {shape} | {batch} | {s:.0%} | {fmt} | {sparse_ms * 1e3:.1f} | {dense_ms * 1e3:.1f} | "
+                      f"{row['speedup']:.2f}x | {row['speedup'] / row['byte_ratio_limit']:.0%} | "
+                      f"{row['router_share']:.0%} | {row['sparse_gbps']:.0f} | {row['dense_gbps']:.0f} | "
+                      f"{row['eager_speedup']:.2f}x | {'-' if other_ms is None else f'{other_ms * 1e3:.1f}'} |", flush=True)
+            sets.clear()
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=SHAPES)
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 128])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 128, 512])
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.9])
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--formats", nargs="+", default=["bitmap", "csr16"])
+    parser.add_argument("--inputs", type=int, default=8, help="distinct activation sets the sequence rotates over")
+    parser.add_argument("--min-calls", type=int, default=32, help="calls per captured sequence, at least")
+    parser.add_argument("--gemv-sweep-max", type=int, default=16,
+                        help="up to this batch, also time the path the default threshold does not take")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cuda_kernels.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: skipping the CUDA kernel benchmark (run it where one is present)")
         return
-    from se_export.cuda_kernels import CudaExperts
-
-    device = torch.cuda.get_device_name()
-    rows = []
-    print(f"GPU: {device}, K={args.experts}, fp16 activations and values\n")
-    print("| in x out | batch | sparsity | format | sparse ms | dense ms | speed-up | sparse GB/s | dense GB/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    props = torch.cuda.get_device_properties(0)
+    l2_bytes = props.L2_cache_size
+    copy_gbps = copy_bandwidth_gbps()
+    meta = {"device": props.name, "torch": torch.__version__, "cuda": torch.version.cuda, "l2_bytes": l2_bytes,
+            "sms": props.multi_processor_count, "copy_gbps": copy_gbps, "experts": args.experts}
+    print(f"GPU: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes / 2**20:.0f} MiB, "
+          f"device copy {copy_gbps:.0f} GB/s; K={args.experts}, fp16 activations and values, GPU time "
+          "(CUDA graph replays, cold L2)\n")
+    print("| in x out | batch | sparsity | format | sparse µs | dense µs | speed-up | of byte limit | router | "
+          "sparse GB/s | dense GB/s | eager speed-up | other path µs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows: list[dict] = []
     for shape in args.shapes:
-        inn, out = map(int, shape.split("x"))
-        w = torch.randn(out, inn, device="cuda", dtype=torch.float16)
-        for s in args.sparsities:
-            for fmt in args.formats:
-                packed = make_experts(args.experts, out, inn, s, fmt, seed=inn + out)
-                gen = torch.Generator().manual_seed(0)
-                g, b = torch.randn(inn, args.experts, generator=gen), torch.randn(args.experts, generator=gen)
-                experts = CudaExperts(packed, g, b)
-                per_expert = packed.nbytes() / args.experts
-                for batch in args.batches:
-                    x = torch.randn(batch, inn, device="cuda", dtype=torch.float16)
-                    y = torch.empty(batch, out, device="cuda", dtype=torch.float16)
-                    sparse_ms = cuda_time_ms(lambda x=x, y=y, e=experts: e.matmul(x, out=y))
-                    dense_ms = cuda_time_ms(lambda x=x, w=w: torch.matmul(x, w.t()))
-                    act = batch * (inn + out) * 2
-                    touched = min(batch, args.experts) * per_expert
-                    row = {"shape": shape, "batch": batch, "sparsity": s, "format": fmt, "experts": args.experts,
-                           "sparse_ms": sparse_ms, "dense_ms": dense_ms, "speedup": dense_ms / sparse_ms,
-                           "sparse_gbps": (touched + act) / sparse_ms / 1e6,
-                           "dense_gbps": (out * inn * 2 + act) / dense_ms / 1e6}
-                    rows.append(row)
-                    print(f"| {shape} | {batch} | {s:.0%} | {fmt} | {sparse_ms:.4f} | {dense_ms:.4f} | "
-                          f"{row['speedup']:.2f}x | {row['sparse_gbps']:.0f} | {row['dense_gbps']:.0f} |", flush=True)
-    atomic_write_text(args.out, json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=1))
+        bench_shape(shape, args, l2_bytes, rows)
+        atomic_write_text(args.out, json.dumps({**meta, "rows": rows}, indent=1))
     print(f"\nwrote {args.out}")
 
 

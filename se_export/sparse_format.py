@@ -103,12 +103,12 @@ def mask_to_bitmap(mask: torch.Tensor) -> torch.Tensor:
     if pad:
         mask = torch.nn.functional.pad(mask, (0, pad))
     bits = mask.reshape(*mask.shape[:-1], -1, 8).to(torch.uint8)
-    return (bits * _BIT_WEIGHTS).sum(-1, dtype=torch.uint8)
+    return (bits * _BIT_WEIGHTS.to(bits.device)).sum(-1, dtype=torch.uint8)
 
 
 def bitmap_to_mask(bitmap: torch.Tensor, in_features: int) -> torch.Tensor:
     """uint8 ``[..., ceil(in/8)]`` to bool ``[..., in]``."""
-    bits = (bitmap.unsqueeze(-1) & _BIT_WEIGHTS) != 0
+    bits = (bitmap.unsqueeze(-1) & _BIT_WEIGHTS.to(bitmap.device)) != 0
     return bits.reshape(*bitmap.shape[:-1], -1)[..., :in_features]
 
 
@@ -126,7 +126,7 @@ def bitmap_row_counts(bitmap: torch.Tensor) -> torch.Tensor:
 
 def row_ptr_from_counts(counts: torch.Tensor) -> torch.Tensor:
     """int32 offset of every row's first value: the exclusive running sum of the row counts."""
-    row_ptr = torch.zeros(counts.numel(), dtype=torch.int64)
+    row_ptr = torch.zeros(counts.numel(), dtype=torch.int64, device=counts.device)
     row_ptr[1:] = torch.cumsum(counts.reshape(-1).to(torch.int64), 0)[:-1]
     return row_ptr.to(torch.int32)
 

@@ -18,6 +18,17 @@ def pytest_configure(config) -> None:
     if workers > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
+def random_experts(seed: int, k: int, out: int, inn: int, fmt: str, vdtype: torch.dtype, density: float = 0.5):
+    """Packed random experts keeping about ``density`` of their weights, a random router, and the
+    generator that drew them (for the activations)."""
+    from se_export.sparse_format import pack_experts
+
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(k, out, inn, generator=gen) < density
+    packed = pack_experts(torch.randn(k, out, inn, generator=gen) * mask, mask, fmt, vdtype)
+    return packed, torch.randn(inn, k, generator=gen), torch.randn(k, generator=gen), gen
+
+
 WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "as", "with", "by", "at", "from", "his", "her", "an", "are", "which", "that", "this", "river", "city", "king", "war", "music", "film", "song", "team", "game", "church", "school", "ship", "army", "party", "island", "north", "south", "east", "west", "old", "new", "great", "small", "first", "second", "early", "late", "long", "short", "high"]
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, random_experts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
@@ -25,7 +25,6 @@ from se_export.cuda_kernels import reference_matmul
 from se_export.expand import ExpandConfig, expand_model
 from se_export.onnx_export import MODEL_FILE, export_onnx, read_onnx_manifest
 from se_export.ort_runtime import OrtCausalLM
-from se_export.sparse_format import pack_experts
 from se_export.trt_build import ShapeRanges, profiles, trtexec_command
 from se_export.trt_onnx import prepare_for_tensorrt, prepare_graph
 
@@ -33,18 +32,11 @@ HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 HAS_GPU = torch.cuda.is_available()
 
 
-def _random_experts(seed, k, out, inn, fmt, vdtype, density=0.5):
-    gen = torch.Generator().manual_seed(seed)
-    mask = torch.rand(k, out, inn, generator=gen) < density
-    packed = pack_experts(torch.randn(k, out, inn, generator=gen) * mask, mask, fmt, vdtype)
-    return packed, torch.randn(inn, k, generator=gen), torch.randn(k, generator=gen), gen
-
-
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 1000), k=st.integers(1, 4), out=st.integers(1, 16), inn=st.integers(1, 40),
        fmt=st.sampled_from(["bitmap", "csr16"]), with_bias=st.booleans(), with_ids=st.booleans())
 def test_tensorrt_form_of_a_node_computes_the_same(seed, k, out, inn, fmt, with_bias, with_ids):
-    packed, g, b, gen = _random_experts(seed, k, out, inn, fmt, torch.float16)
+    packed, g, b, gen = random_experts(seed, k, out, inn, fmt, torch.float16)
     bias = torch.randn(k, out, generator=gen) if with_bias else None
     model = single_node_model(packed, g, b, bias, with_ids)
     model.graph.node[0].output.pop()  # as exported for an up projection: y only
@@ -143,7 +135,7 @@ def test_cuda_kernel_decomposition_matches_the_torch_op(seed, k, out, inn, token
                                                         with_bias):
     """The CPU reference runs the CUDA kernels' exact split (router chunks, GEMV lanes, 32-token
     tiles over 128-column chunks) with the shared indexing helpers; it must equal the op."""
-    packed, g, b, gen = _random_experts(seed, k, out, inn, fmt, vdtype, density)
+    packed, g, b, gen = random_experts(seed, k, out, inn, fmt, vdtype, density)
     bias = torch.randn(k, out, generator=gen) if with_bias else None
     x = torch.randn(tokens, inn, generator=gen).to(torch.float16 if fp16_x else torch.float32)
     ref, ref_ids = ops.routed_sparse_matmul(x, g, b, packed.values, packed.indices, packed.row_ptr, bias, None, out,
@@ -155,30 +147,6 @@ def test_cuda_kernel_decomposition_matches_the_torch_op(seed, k, out, inn, token
         assert torch.equal(ids, ref_ids)
     y, ids = reference_matmul(packed, g, b, x, bias)
     assert (ids == ref_ids).float().mean() >= 0.9, "routing differs only on near ties"
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("fmt", ["bitmap", "csr16"])
-@pytest.mark.parametrize("vdtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("fp16_x", [False, True])
-def test_cuda_kernels_match_the_torch_op(fmt, vdtype, fp16_x):
-    from se_export.cuda_kernels import CudaExperts
-
-    for seed, (k, out, inn, density) in enumerate([(16, 512, 576, 0.5), (8, 300, 1100, 0.3), (1, 64, 33, 0.1)]):
-        packed, g, b, gen = _random_experts(seed, k, out, inn, fmt, vdtype, density)
-        bias = torch.randn(k, out, generator=gen)
-        experts = CudaExperts(packed, g, b, bias)
-        for tokens in (1, 4, 5, 64, 300):
-            x = torch.randn(tokens, inn, generator=gen).to(torch.float16 if fp16_x else torch.float32)
-            ref, ref_ids = ops.routed_sparse_matmul(x, g, b, packed.values, packed.indices, packed.row_ptr, bias,
-                                                    None, out, fmt)
-            y, ids = experts.matmul(x.cuda(), ref_ids.cuda())
-            tol = 2e-2 if fp16_x else 1e-4
-            assert torch.allclose(y.float().cpu(), ref.float(), rtol=tol, atol=tol)
-            assert torch.equal(ids.cpu(), ref_ids), "given routing is passed through"
-            _, routed = experts.matmul(x.cuda())
-            assert (routed.cpu() == ref_ids).float().mean() >= 0.95
 
 
 @pytest.mark.gpu

@@ -1,39 +1,46 @@
 // CUDA implementation of se_cuda_kernels.h. Kernel structure (mirrored on CPU by
 // routed_sparse_cuda_reference.cpp, which CI runs):
-//  * route_kernel: one warp per token, experts scored 8 at a time (lane-strided dot products,
-//    shuffle reductions), argmin with ties to the lowest expert.
-//  * gemv_kernel (decode): one warp per (token, output row). Bitmap rows: each lane takes one
-//    32-column word, an inclusive shuffle scan of the lanes' popcounts gives every lane its first
-//    value; csr16 rows: lanes stride over the row's values. Loads of x hit L1/L2 (reused by all
-//    rows of the token).
-//  * grouped path (prefill): tokens are counted per expert, planned into tiles of <= 32 tokens
-//    (one per lane), scattered into an expert-sorted permutation; grouped_kernel then stages 128
-//    columns of the tile's activations in shared memory ([col][token], conflict free) and every
-//    warp walks 8 rows' kept weights in column order: each weight is one broadcast load used by
-//    32 tokens.
+//  * route_kernel: one block per token; threads stride over the input features, experts are
+//    scored 8 at a time (warp shuffles, then the block's warps), argmin with ties to the lowest.
+//  * gemv_kernel (decode): the token's activations are staged in shared memory (global reads
+//    past the device's shared-memory limit); one warp per output row walks it lane-per-column:
+//    lane l owns column 32w+l of bitmap word w (shuffled from the lane that loaded it), so the
+//    value loads of a warp are consecutive. csr16 rows: lanes stride over the row's values.
+//  * grouped path (prefill): tokens are counted per expert, planned into tiles of <= 32 tokens,
+//    scattered into an expert-sorted permutation; grouped_kernel decodes a 64-row x 64-column
+//    block of the expert into shared memory per step (lane-per-column bitmap, csr16 windows) and
+//    multiplies it with the tile's activations: tensor cores (WMMA, fp32 accumulation) for fp16
+//    activations with fp16/bf16 values, a register-blocked fp32 FMA loop otherwise.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math_constants.h>
+#include <mma.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
+#include <type_traits>
 
 #include "se_cuda_kernels.h"
 #include "se_sparse_index.h"
 
 namespace se_cuda {
 
+using se_index::kTileCols;
+using se_index::kTileRows;
 using se_index::kTileTokens;
 using se_index::kWarp;
 
 constexpr int kRouteChunk = 8;
 constexpr int kBlock = 256;
 constexpr int kWarpsPerBlock = kBlock / kWarp;
-constexpr int kRowsPerWarp = 8;
-constexpr int kRowsPerBlock = kWarpsPerBlock * kRowsPerWarp;  // 64
-constexpr int kColChunk = 128;
+constexpr int kGemvRowsPerWarp = 2;
+constexpr int kGemvRowsPerBlock = kWarpsPerBlock * kGemvRowsPerWarp;  // 16
+constexpr int kTileRowsPerWarp = kTileRows / kWarpsPerBlock;            // 8
 constexpr unsigned kFull = 0xffffffffu;
+static_assert(kTileCols == 2 * kWarp, "a grouped step decodes two bitmap words per row");
+static_assert(kTileRows == 4 * 16 && kTileTokens == 2 * 16 && kWarpsPerBlock == 8, "one 16x16 WMMA tile per warp");
 
 struct Experts {  // se_experts by value, typed for the kernels
   const void* values;
@@ -58,18 +65,24 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Word w of a bitmap row: one 32-bit load when rows are word-aligned, else byte by byte.
+__device__ __forceinline__ uint32_t load_word(const uint8_t* row, int64_t w, int64_t row_bytes, bool aligned) {
+  return aligned ? reinterpret_cast<const uint32_t*>(row)[w] : se_index::bitmap_word(row, w, row_bytes);
+}
+
 template <typename TX>
-__global__ void route_kernel(const TX* __restrict__ x, int64_t tokens, int64_t in, int64_t K,
-                             const float* __restrict__ G, const float* __restrict__ b, int32_t* __restrict__ ids) {
-  const int64_t t = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (t >= tokens) return;  // whole warps exit together (blockDim is a multiple of 32)
+__global__ void __launch_bounds__(kBlock) route_kernel(const TX* __restrict__ x, int64_t in, int64_t K,
+                                                       const float* __restrict__ G, const float* __restrict__ b,
+                                                       int32_t* __restrict__ ids) {
+  __shared__ float partial[kWarpsPerBlock][kRouteChunk];
+  const int64_t t = blockIdx.x;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const TX* xt = x + t * in;
   float best = CUDART_INF_F;
   int32_t best_k = 0;
   for (int64_t k0 = 0; k0 < K; k0 += kRouteChunk) {
     float acc[kRouteChunk] = {};
-    for (int64_t i = lane; i < in; i += kWarp) {
+    for (int64_t i = threadIdx.x; i < in; i += kBlock) {
       const float xi = to_float(xt[i]);
       const float* g = G + i * K + k0;
 #pragma unroll
@@ -80,55 +93,88 @@ __global__ void route_kernel(const TX* __restrict__ x, int64_t tokens, int64_t i
 #pragma unroll
     for (int j = 0; j < kRouteChunk; ++j) {
       const float s = warp_sum(acc[j]);
-      if (k0 + j < K && s + b[k0 + j] < best) {
-        best = s + b[k0 + j];
-        best_k = static_cast<int32_t>(k0 + j);
+      if (lane == 0) partial[warp][j] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int j = 0; j < kRouteChunk && k0 + j < K; ++j) {
+        float s = 0.0f;
+        for (int w = 0; w < kWarpsPerBlock; ++w) s += partial[w][j];
+        if (s + b[k0 + j] < best) {
+          best = s + b[k0 + j];
+          best_k = static_cast<int32_t>(k0 + j);
+        }
       }
     }
+    __syncthreads();
   }
-  if (lane == 0) ids[t] = best_k;
+  if (threadIdx.x == 0) ids[t] = best_k;
 }
 
-template <typename TX, typename TV, int FMT>
-__global__ void gemv_kernel(Experts e, const TX* __restrict__ x, const int32_t* __restrict__ ids, TX* __restrict__ y) {
-  const int64_t t = blockIdx.y;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (r >= e.out) return;
-  const int32_t expert = ids[t];
-  if (expert < 0 || expert >= e.num_experts) {
-    if (lane == 0) y[t * e.out + r] = from_float<TX>(0.0f);
-    return;
-  }
-  const int64_t row = expert * e.out + r, rows = e.num_experts * e.out;
-  const int64_t start = e.row_ptr[row];
+// One row's dot product with the staged activations, summed over the warp's lanes by the caller.
+template <typename TV, typename TX>
+__device__ __forceinline__ float bitmap_row_dot(const Experts& e, int64_t row, const TX* xs, int lane, int64_t words,
+                                                int64_t row_bytes, bool aligned) {
+  const uint8_t* bits = static_cast<const uint8_t*>(e.indices) + row * row_bytes;
   const TV* v = static_cast<const TV*>(e.values);
-  const TX* xt = x + t * e.in;
+  int64_t base = e.row_ptr[row];
   float acc = 0.0f;
-  if (FMT == SE_BITMAP) {
-    const int64_t row_bytes = se_index::bitmap_row_bytes(e.in), words = se_index::bitmap_row_words(e.in);
-    const uint8_t* bits = static_cast<const uint8_t*>(e.indices) + row * row_bytes;
-    int64_t base = start;
-    for (int64_t w0 = 0; w0 < words; w0 += kWarp) {
-      const int64_t w = w0 + lane;
-      uint32_t word = w < words ? se_index::bitmap_word(bits, w, row_bytes) : 0u;
-      const int count = se_index::popcount32(word);
-      int incl = count;  // inclusive scan of popcounts over lanes
-      for (int o = 1; o < kWarp; o *= 2) {
-        const int up = __shfl_up_sync(kFull, incl, o);
-        if (lane >= o) incl += up;
-      }
-      int64_t p = base + incl - count;
-      for (; word != 0; word &= word - 1) acc += to_float(v[p++]) * to_float(xt[w * 32 + se_index::lowest_bit(word)]);
-      base += __shfl_sync(kFull, incl, kWarp - 1);
+  for (int64_t w0 = 0; w0 < words; w0 += kWarp) {
+    const uint32_t mine = w0 + lane < words ? load_word(bits, w0 + lane, row_bytes, aligned) : 0u;
+#pragma unroll 8
+    for (int j = 0; j < kWarp; ++j) {
+      const uint32_t word = __shfl_sync(kFull, mine, j);
+      if (se_index::lane_has(word, lane))
+        acc += to_float(v[base + se_index::lane_value_offset(word, lane)]) * to_float(xs[(w0 + j) * kWarp + lane]);
+      base += se_index::popcount32(word);
     }
-  } else {
-    const uint16_t* cols = static_cast<const uint16_t*>(e.indices);
-    const int64_t end = se_index::row_end(e.row_ptr, row, rows, e.nnz);
-    for (int64_t p = start + lane; p < end; p += kWarp) acc += to_float(v[p]) * to_float(xt[cols[p]]);
   }
-  acc = warp_sum(acc);
-  if (lane == 0) y[t * e.out + r] = from_float<TX>(acc + (e.bias ? e.bias[row] : 0.0f));
+  return acc;
+}
+
+template <typename TV, typename TX>
+__device__ __forceinline__ float csr16_row_dot(const Experts& e, int64_t row, const TX* xs, int lane) {
+  const uint16_t* cols = static_cast<const uint16_t*>(e.indices);
+  const TV* v = static_cast<const TV*>(e.values);
+  const int64_t end = se_index::row_end(e.row_ptr, row, e.num_experts * e.out, e.nnz);
+  float acc = 0.0f;
+#pragma unroll 4
+  for (int64_t p = e.row_ptr[row] + lane; p < end; p += kWarp) acc += to_float(v[p]) * to_float(xs[cols[p]]);
+  return acc;
+}
+
+// kSmemX: the token's activations (padded to whole bitmap words with zeros) sit in dynamic shared
+// memory; otherwise they are read from global memory (in_features past the shared-memory limit).
+template <typename TX, typename TV, int FMT, bool kSmemX>
+__global__ void __launch_bounds__(kBlock) gemv_kernel(Experts e, const TX* __restrict__ x,
+                                                      const int32_t* __restrict__ ids, TX* __restrict__ y) {
+  extern __shared__ __align__(16) unsigned char gemv_smem[];
+  const int64_t t = blockIdx.y;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int32_t expert = ids[t];
+  const bool valid = expert >= 0 && expert < e.num_experts;
+  const int64_t words = se_index::bitmap_row_words(e.in), row_bytes = se_index::bitmap_row_bytes(e.in);
+  const bool aligned = row_bytes % 4 == 0 && reinterpret_cast<uintptr_t>(e.indices) % 4 == 0;
+  const TX* xt = x + t * e.in;
+  const TX* xs = xt;
+  if constexpr (kSmemX) {
+    TX* staged = reinterpret_cast<TX*>(gemv_smem);
+    for (int64_t i = threadIdx.x; i < words * kWarp; i += kBlock) staged[i] = i < e.in ? xt[i] : from_float<TX>(0.0f);
+    __syncthreads();
+    xs = staged;
+  }
+  for (int j = 0; j < kGemvRowsPerWarp; ++j) {
+    const int64_t r = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp) * kGemvRowsPerWarp + j;
+    if (r >= e.out) return;
+    const int64_t row = expert * e.out + r;
+    float acc = 0.0f;
+    if (valid) {
+      acc = FMT == SE_BITMAP ? bitmap_row_dot<TV>(e, row, xs, lane, words, row_bytes, aligned)
+                             : csr16_row_dot<TV>(e, row, xs, lane);
+      acc = warp_sum(acc) + (e.bias ? e.bias[row] : 0.0f);
+    }
+    if (lane == 0) y[t * e.out + r] = from_float<TX>(acc);
+  }
 }
 
 // --- grouped path: count -> plan -> scatter -> grouped product
@@ -158,64 +204,182 @@ __global__ void zero_invalid_kernel(const int32_t* __restrict__ ids, int64_t tok
   for (int64_t i = threadIdx.x; i < out * x_bytes; i += blockDim.x) row[i] = 0;
 }
 
+// Shared memory of one grouped block. Tensor cores (fp16 activations, fp16 or bf16 values, both
+// exact in fp16 for weights of LLM range): the decoded weights and activations in fp16 (WMMA
+// operands; rows padded by 16 bytes against bank conflicts), reused as the fp32 result tile at the
+// end. Otherwise (fp32 activations, or fp32 values, which fp16 would round): both tiles in fp32
+// (rows padded by one word) for the FMA loop.
+template <bool kTensorCores>
+struct GroupedTile;
+template <>
+struct GroupedTile<true> {
+  static constexpr int kLdW = kTileCols + 8, kLdX = kTileCols + 8, kLdC = kTileTokens + 4;
+  union {
+    struct {
+      __half w[kTileRows * kLdW];
+      __half x[kTileTokens * kLdX];
+    } in;
+    float c[kTileRows * kLdC];
+  };
+};
+template <>
+struct GroupedTile<false> {
+  static constexpr int kLdW = kTileCols + 1, kLdX = kTileCols + 1;
+  struct {
+    float w[kTileRows * kLdW];
+    float x[kTileTokens * kLdX];
+  } in;
+};
+
+// Decodes columns [c0, c0 + kTileCols) of the warp's kTileRowsPerWarp rows into `w` (row-major,
+// leading dimension ld), advancing each row's value cursor p[i] past what it consumed.
+template <typename TV, typename TW, int FMT, int LD>
+__device__ __forceinline__ void decode_step(const Experts& e, int64_t expert, int64_t r_first, int64_t c0,
+                                            int32_t (&p)[kTileRowsPerWarp], const int32_t (&end)[kTileRowsPerWarp],
+                                            TW* w, int lane, int64_t row_bytes, bool aligned8) {
+  const TV* v = static_cast<const TV*>(e.values);
+  if constexpr (FMT == SE_BITMAP) {
+    // lane i < 8 loads row i's two words of this step; every row's words are then shuffled out
+    uint32_t lo = 0u, hi = 0u;
+    const int64_t words = se_index::bitmap_row_words(e.in), w0 = c0 / kWarp;
+    if (lane < kTileRowsPerWarp && r_first + lane < e.out) {
+      const uint8_t* bits = static_cast<const uint8_t*>(e.indices) + (expert * e.out + r_first + lane) * row_bytes;
+      if (aligned8 && c0 / 8 + 8 <= row_bytes) {
+        const uint2 both = *reinterpret_cast<const uint2*>(bits + c0 / 8);
+        lo = both.x;
+        hi = both.y;
+      } else {
+        lo = se_index::bitmap_word(bits, w0, row_bytes);
+        hi = w0 + 1 < words ? se_index::bitmap_word(bits, w0 + 1, row_bytes) : 0u;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kTileRowsPerWarp; ++i) {
+      const uint32_t words2[2] = {__shfl_sync(kFull, lo, i), __shfl_sync(kFull, hi, i)};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t word = words2[h];
+        const float val =
+            se_index::lane_has(word, lane) ? to_float(v[p[i] + se_index::lane_value_offset(word, lane)]) : 0.0f;
+        w[i * LD + h * kWarp + lane] = static_cast<TW>(val);
+        p[i] += se_index::popcount32(word);
+      }
+    }
+  } else {
+    const uint16_t* cols = static_cast<const uint16_t*>(e.indices);
+#pragma unroll
+    for (int i = 0; i < kTileRowsPerWarp; ++i) {
+      w[i * LD + lane] = static_cast<TW>(0.0f);
+      w[i * LD + kWarp + lane] = static_cast<TW>(0.0f);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < kTileRowsPerWarp; ++i) {
+      int taken = 0;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t q = static_cast<int64_t>(p[i]) + h * kWarp + lane;
+        const uint16_t c = q < end[i] ? cols[q] : 0;
+        const bool ok = se_index::in_window(q, end[i], c, c0);
+        if (ok) w[i * LD + (c - c0)] = static_cast<TW>(to_float(v[q]));
+        taken += __popc(__ballot_sync(kFull, ok));
+      }
+      p[i] += taken;
+    }
+  }
+}
+
 template <typename TX, typename TV, int FMT>
 __global__ void __launch_bounds__(kBlock) grouped_kernel(Experts e, const TX* __restrict__ x,
                                                         const int32_t* __restrict__ perm,
                                                         const int32_t* __restrict__ tiles,
                                                         const int32_t* __restrict__ num_tiles, TX* __restrict__ y) {
+  constexpr bool kTensorCores = std::is_same<TX, __half>::value && !std::is_same<TV, float>::value;
+  using Tile = GroupedTile<kTensorCores>;
+  using TW = typename std::conditional<kTensorCores, __half, float>::type;
   if (static_cast<int32_t>(blockIdx.y) >= *num_tiles) return;
-  __shared__ float xs[kColChunk][kTileTokens + 1];
+  __shared__ __align__(128) Tile tile;
+  __shared__ int64_t token_row[kTileTokens];
   const int32_t expert = tiles[3 * blockIdx.y], first = tiles[3 * blockIdx.y + 1], len = tiles[3 * blockIdx.y + 2];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int64_t rows = e.num_experts * e.out;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp * kRowsPerWarp;
-  const TV* v = static_cast<const TV*>(e.values);
+  const int64_t rows = e.num_experts * e.out, r0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int64_t r_first = r0 + warp * kTileRowsPerWarp;  // this warp decodes rows r_first .. +7
   const int64_t row_bytes = se_index::bitmap_row_bytes(e.in);
+  const bool aligned8 = row_bytes % 8 == 0 && reinterpret_cast<uintptr_t>(e.indices) % 8 == 0;
+  if (threadIdx.x < kTileTokens) token_row[threadIdx.x] = threadIdx.x < len ? perm[first + threadIdx.x] : -1;
 
-  int64_t p[kRowsPerWarp], end[kRowsPerWarp];
-  float acc[kRowsPerWarp];
+  int32_t p[kTileRowsPerWarp], end[kTileRowsPerWarp];
 #pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    const int64_t row = expert * e.out + r0 + i;
-    const bool valid = r0 + i < e.out;
+  for (int i = 0; i < kTileRowsPerWarp; ++i) {
+    const int64_t row = expert * e.out + r_first + i;
+    const bool valid = r_first + i < e.out;
     p[i] = valid ? e.row_ptr[row] : 0;
-    end[i] = valid ? se_index::row_end(e.row_ptr, row, rows, e.nnz) : 0;
-    acc[i] = 0.0f;
+    end[i] = valid ? static_cast<int32_t>(se_index::row_end(e.row_ptr, row, rows, e.nnz)) : 0;
   }
-  for (int64_t c0 = 0; c0 < e.in; c0 += kColChunk) {
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < kColChunk * kTileTokens; idx += kBlock) {
-      const int col = idx % kColChunk, tok = idx / kColChunk;
-      xs[col][tok] = (tok < len && c0 + col < e.in) ? to_float(x[perm[first + tok] * e.in + c0 + col]) : 0.0f;
+  // fp16: warp (fm, fn) owns the 16x16 result block rows 16 fm.., tokens 16 fn..; fp32: thread
+  // (ty, tx) owns rows 2 ty, 2 ty + 1 and tokens 4 tx .. 4 tx + 3
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c_frag;
+  nvcuda::wmma::fill_fragment(c_frag, 0.0f);
+  const int fm = warp % 4, fn = warp / 4, ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+  float acc[2][4] = {};
+
+  for (int64_t c0 = 0; c0 < e.in; c0 += kTileCols) {
+    __syncthreads();  // the previous step's tiles are consumed (and token_row is written)
+    decode_step<TV, TW, FMT, Tile::kLdW>(e, expert, r_first, c0, p, end, tile.in.w + warp * kTileRowsPerWarp * Tile::kLdW,
+                                         lane, row_bytes, aligned8);
+    for (int i = threadIdx.x; i < kTileTokens * kTileCols; i += kBlock) {
+      const int tok = i / kTileCols, col = i % kTileCols;
+      const int64_t tr = token_row[tok];
+      const float xv = tr >= 0 && c0 + col < e.in ? to_float(x[tr * e.in + c0 + col]) : 0.0f;
+      tile.in.x[tok * Tile::kLdX + col] = static_cast<TW>(xv);
     }
     __syncthreads();
+    if constexpr (kTensorCores) {
+      using namespace nvcuda;
 #pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      if (r0 + i >= e.out) continue;
-      if (FMT == SE_BITMAP) {
-        const uint8_t* bits = static_cast<const uint8_t*>(e.indices) + (expert * e.out + r0 + i) * row_bytes;
-        for (int ww = 0; ww < kColChunk / 32; ++ww) {
-          for (uint32_t word = se_index::bitmap_word(bits, c0 / 32 + ww, row_bytes); word != 0; word &= word - 1) {
-            acc[i] += to_float(v[p[i]++]) * xs[ww * 32 + se_index::lowest_bit(word)][lane];
-          }
-        }
-      } else {
-        const uint16_t* cols = static_cast<const uint16_t*>(e.indices);
-        for (; p[i] < end[i]; ++p[i]) {
-          const int64_t c = cols[p[i]];
-          if (c >= c0 + kColChunk) break;
-          acc[i] += to_float(v[p[i]]) * xs[c - c0][lane];
+      for (int kk = 0; kk < kTileCols; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a_frag;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b_frag;
+        wmma::load_matrix_sync(a_frag, tile.in.w + fm * 16 * Tile::kLdW + kk, Tile::kLdW);
+        wmma::load_matrix_sync(b_frag, tile.in.x + fn * 16 * Tile::kLdX + kk, Tile::kLdX);
+        wmma::mma_sync(c_frag, a_frag, b_frag, c_frag);
+      }
+    } else {
+#pragma unroll 8
+      for (int k = 0; k < kTileCols; ++k) {
+        const float w0 = tile.in.w[(2 * ty) * Tile::kLdW + k], w1 = tile.in.w[(2 * ty + 1) * Tile::kLdW + k];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float xv = tile.in.x[(4 * tx + j) * Tile::kLdX + k];
+          acc[0][j] += w0 * xv;
+          acc[1][j] += w1 * xv;
         }
       }
     }
   }
-  if (lane >= len) return;
-  const int64_t t = perm[first + lane];
+  if constexpr (kTensorCores) {
+    __syncthreads();  // every warp is done with the operand tiles the result tile overlays
+    nvcuda::wmma::store_matrix_sync(tile.c + fm * 16 * Tile::kLdC + fn * 16, c_frag, Tile::kLdC,
+                                    nvcuda::wmma::mem_row_major);
+    __syncthreads();
+    for (int i = threadIdx.x; i < kTileRows * kTileTokens; i += kBlock) {
+      const int tok = i / kTileRows, tr = i % kTileRows;  // consecutive threads: consecutive rows of y
+      const int64_t r = r0 + tr;
+      if (tok < len && r < e.out) {
+        const float bias = e.bias ? e.bias[expert * e.out + r] : 0.0f;
+        y[token_row[tok] * e.out + r] = from_float<TX>(tile.c[tr * Tile::kLdC + tok] + bias);
+      }
+    }
+  } else {
 #pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    if (r0 + i < e.out) {
-      const int64_t row = expert * e.out + r0 + i;
-      y[t * e.out + r0 + i] = from_float<TX>(acc[i] + (e.bias ? e.bias[row] : 0.0f));
+    for (int i = 0; i < 2; ++i) {
+      const int64_t r = r0 + 2 * ty + i;
+      if (r >= e.out) continue;
+      const float bias = e.bias ? e.bias[expert * e.out + r] : 0.0f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (4 * tx + j < len) y[token_row[4 * tx + j] * e.out + r] = from_float<TX>(acc[i][j] + bias);
+      }
     }
   }
 }
@@ -254,12 +418,38 @@ int cuda_failed(char* err, size_t len, const char* where) {  // checks the last 
   return cuda_error(cudaGetLastError(), err, len, where);
 }
 
+// Whether the GEMV can stage `bytes` of activations in shared memory: always up to the 48 KB
+// every kernel gets; beyond, up to the device's opt-in limit (raised once per kernel). The
+// environment variable SE_CUDA_GEMV_SMEM_X=0 forces the global-memory variant (tests use it).
+bool gemv_smem_fits(const void* kernel, size_t bytes, char* err, size_t err_len) {
+  if (err && err_len) err[0] = '\0';
+  const char* force = std::getenv("SE_CUDA_GEMV_SMEM_X");
+  if (force && force[0] == '0') return false;
+  constexpr size_t kDefaultLimit = 48 * 1024;
+  if (bytes <= kDefaultLimit) return true;
+  int device = 0, optin = 0;
+  if (cuda_error(cudaGetDevice(&device), err, err_len, "cudaGetDevice") ||
+      cuda_error(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), err, err_len,
+                 "cudaDeviceGetAttribute"))
+    return false;
+  if (bytes > static_cast<size_t>(optin)) return false;
+  return !cuda_error(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+                     err, err_len, "cudaFuncSetAttribute");
+}
+
 template <typename TX, typename TV, int FMT>
 int run_product(const Experts& e, const TX* x, int64_t tokens, const int32_t* ids, bool ids_given, TX* y, bool gemv,
                 const Workspace& ws, cudaStream_t stream, char* err, size_t err_len) {
   if (gemv) {
-    const dim3 grid(static_cast<unsigned>((e.out + kWarpsPerBlock - 1) / kWarpsPerBlock), static_cast<unsigned>(tokens));
-    gemv_kernel<TX, TV, FMT><<<grid, kBlock, 0, stream>>>(e, x, ids, y);
+    const dim3 grid(static_cast<unsigned>((e.out + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock),
+                    static_cast<unsigned>(tokens));
+    const size_t smem = static_cast<size_t>(se_index::bitmap_row_words(e.in)) * kWarp * sizeof(TX);
+    if (gemv_smem_fits(reinterpret_cast<const void*>(gemv_kernel<TX, TV, FMT, true>), smem, err, err_len)) {
+      gemv_kernel<TX, TV, FMT, true><<<grid, kBlock, smem, stream>>>(e, x, ids, y);
+    } else {
+      if (err && err_len && err[0]) return 1;  // the attribute call itself failed
+      gemv_kernel<TX, TV, FMT, false><<<grid, kBlock, 0, stream>>>(e, x, ids, y);
+    }
     return cuda_failed(err, err_len, "gemv_kernel");
   }
   const unsigned blocks = static_cast<unsigned>((tokens + kBlock - 1) / kBlock);
@@ -277,7 +467,7 @@ int run_product(const Experts& e, const TX* x, int64_t tokens, const int32_t* id
                                                                             static_cast<int>(sizeof(TX)));
     if (cuda_failed(err, err_len, "zero_invalid_kernel")) return 1;
   }
-  const dim3 grid(static_cast<unsigned>((e.out + kRowsPerBlock - 1) / kRowsPerBlock),
+  const dim3 grid(static_cast<unsigned>((e.out + kTileRows - 1) / kTileRows),
                   static_cast<unsigned>(se_index::max_tiles(tokens, e.num_experts)));
   grouped_kernel<TX, TV, FMT><<<grid, kBlock, 0, stream>>>(e, x, ws.perm, ws.tiles, ws.num_tiles, y);
   return cuda_failed(err, err_len, "grouped_kernel");
@@ -307,11 +497,11 @@ int dispatch_values(const se_experts& s, const Experts& e, const void* x, int64_
 
 int launch_route(const void* x, int32_t x_dtype, int64_t tokens, int64_t in, int64_t K, const float* G,
                  const float* b, int32_t* ids, cudaStream_t stream, char* err, size_t err_len) {
-  const unsigned blocks = static_cast<unsigned>((tokens * kWarp + kBlock - 1) / kBlock);
+  const unsigned blocks = static_cast<unsigned>(tokens);  // one block per token
   if (x_dtype == SE_F32) {
-    route_kernel<float><<<blocks, kBlock, 0, stream>>>(static_cast<const float*>(x), tokens, in, K, G, b, ids);
+    route_kernel<float><<<blocks, kBlock, 0, stream>>>(static_cast<const float*>(x), in, K, G, b, ids);
   } else {
-    route_kernel<__half><<<blocks, kBlock, 0, stream>>>(static_cast<const __half*>(x), tokens, in, K, G, b, ids);
+    route_kernel<__half><<<blocks, kBlock, 0, stream>>>(static_cast<const __half*>(x), in, K, G, b, ids);
   }
   return cuda_failed(err, err_len, "route_kernel");
 }

@@ -1,7 +1,9 @@
 // CPU reference of the CUDA kernels (se_cuda_kernels.h): the same function, computed with the
-// same indexing helpers and the same decomposition (router chunks, GEMV warps with lane value
-// offsets, grouped tiles of <= 32 tokens in 128-column chunks), one emulated lane at a time.
-// CI has no GPU; this is how the kernels' indexing is exercised there.
+// same indexing helpers and the same decomposition (router thread strides and expert chunks,
+// lane-per-column GEMV warps, grouped tiles of <= 32 tokens x 64 rows decoded 64 columns per
+// step), one emulated lane at a time. CI has no GPU; this is how the kernels' indexing is
+// exercised there.
+#include <algorithm>
 #include <cstdio>
 #include <limits>
 #include <vector>
@@ -12,10 +14,13 @@
 
 namespace se_cuda_ref {
 
+using se_index::kTileCols;
+using se_index::kTileRows;
+using se_index::kTileTokens;
 using se_index::kWarp;
 
-constexpr int kRouteChunk = 8;    // experts scored per pass (registers per lane on the device)
-constexpr int64_t kColChunk = 128;  // columns staged per grouped step (shared memory on the device)
+constexpr int kRouteChunk = 8;     // experts scored per pass (registers per thread on the device)
+constexpr int kRouteThreads = 256;  // threads of the router's block (one block per token)
 
 float load(const void* p, int32_t dtype, int64_t i) {
   const auto* h = static_cast<const uint16_t*>(p);
@@ -31,24 +36,23 @@ void store(void* p, int32_t dtype, int64_t i, float v) {
   }
 }
 
-// Device: one warp per token; lane l sums columns l, l+32, ...; then a warp reduction per expert.
+// Device: one block per token; thread i sums columns i, i+256, ...; then the threads' sums per expert.
 int32_t route_token(const void* x, int32_t x_dtype, int64_t t, int64_t in, int64_t K, const float* G, const float* b) {
   float best = std::numeric_limits<float>::infinity();
   int32_t best_k = 0;
   for (int64_t k0 = 0; k0 < K; k0 += kRouteChunk) {
-    float lane_acc[kWarp][kRouteChunk] = {};
-    for (int lane = 0; lane < kWarp; ++lane) {
-      for (int64_t i = lane; i < in; i += kWarp) {
+    std::vector<float> thread_acc(static_cast<size_t>(kRouteThreads) * kRouteChunk, 0.0f);
+    for (int th = 0; th < kRouteThreads; ++th) {
+      for (int64_t i = th; i < in; i += kRouteThreads) {
         const float xi = load(x, x_dtype, t * in + i);
-        for (int j = 0; j < kRouteChunk && k0 + j < K; ++j) lane_acc[lane][j] += xi * G[i * K + k0 + j];
+        for (int j = 0; j < kRouteChunk && k0 + j < K; ++j) thread_acc[th * kRouteChunk + j] += xi * G[i * K + k0 + j];
       }
     }
     for (int j = 0; j < kRouteChunk && k0 + j < K; ++j) {
       float s = 0.0f;
-      for (int lane = 0; lane < kWarp; ++lane) s += lane_acc[lane][j];
-      s += b[k0 + j];
-      if (s < best) {
-        best = s;
+      for (int th = 0; th < kRouteThreads; ++th) s += thread_acc[th * kRouteChunk + j];
+      if (s + b[k0 + j] < best) {
+        best = s + b[k0 + j];
         best_k = static_cast<int32_t>(k0 + j);
       }
     }
@@ -56,8 +60,8 @@ int32_t route_token(const void* x, int32_t x_dtype, int64_t t, int64_t in, int64
   return best_k;
 }
 
-// Device GEMV: one warp per (token, row); bitmap words are split over lanes and each lane finds
-// its first value from the exclusive prefix of the lanes' popcounts; csr16 strides over values.
+// Device GEMV: one warp per (token, row). Bitmap: lane l owns column 32w+l of every word w and
+// finds its value after the word's kept weights below it; csr16: lanes stride over the values.
 float gemv_row(const se_experts& e, const void* x, int32_t x_dtype, int64_t t, int64_t row) {
   const int64_t in = e.in_features, rows = e.num_experts * e.out_features;
   const int64_t start = e.row_ptr[row], end = se_index::row_end(e.row_ptr, row, rows, e.nnz);
@@ -66,21 +70,14 @@ float gemv_row(const se_experts& e, const void* x, int32_t x_dtype, int64_t t, i
     const int64_t row_bytes = se_index::bitmap_row_bytes(in), words = se_index::bitmap_row_words(in);
     const auto* bits = static_cast<const uint8_t*>(e.indices) + row * row_bytes;
     int64_t base = start;
-    for (int64_t w0 = 0; w0 < words; w0 += kWarp) {
-      uint32_t word[kWarp];
-      int counts[kWarp];
+    for (int64_t w = 0; w < words; ++w) {
+      const uint32_t word = se_index::bitmap_word(bits, w, row_bytes);
       for (int lane = 0; lane < kWarp; ++lane) {
-        word[lane] = w0 + lane < words ? se_index::bitmap_word(bits, w0 + lane, row_bytes) : 0u;
-        counts[lane] = se_index::popcount32(word[lane]);
+        if (!se_index::lane_has(word, lane)) continue;
+        const float v = load(e.values, e.value_dtype, base + se_index::lane_value_offset(word, lane));
+        lane_acc[lane] += v * load(x, x_dtype, t * in + w * kWarp + lane);
       }
-      for (int lane = 0; lane < kWarp; ++lane) {
-        int64_t p = base + se_index::lane_offset(counts, lane);
-        for (uint32_t wd = word[lane]; wd != 0; wd &= wd - 1) {
-          const int64_t col = (w0 + lane) * 32 + se_index::lowest_bit(wd);
-          lane_acc[lane] += load(e.values, e.value_dtype, p++) * load(x, x_dtype, t * in + col);
-        }
-      }
-      base += se_index::lane_offset(counts, kWarp);
+      base += se_index::popcount32(word);
     }
   } else {
     const auto* cols = static_cast<const uint16_t*>(e.indices);
@@ -95,38 +92,62 @@ float gemv_row(const se_experts& e, const void* x, int32_t x_dtype, int64_t t, i
   return acc + (e.bias ? e.bias[row] : 0.0f);
 }
 
-// Device grouped tile: lane = token of the tile; the row's kept weights are walked in column
-// order, 128 staged columns at a time, the value pointer carried across chunks.
+// Device grouped block: kTileRows rows of one expert times a tile of <= 32 tokens. Each step
+// decodes kTileCols columns of every row (lane-per-column bitmap words; csr16 windows that
+// advance the row's cursor) into a dense block, rounded to fp16 where the device uses tensor cores
+// (fp16 activations, fp16/bf16 values: exact for weights of LLM range), and multiplies it with the
+// tokens' activations.
 void grouped_tile(const se_experts& e, const void* x, int32_t x_dtype, const int32_t* perm, const int32_t* tile,
                   void* y) {
   const int64_t in = e.in_features, out = e.out_features, rows = e.num_experts * out;
   const int32_t expert = tile[0], first = tile[1], len = tile[2];
-  for (int64_t r = 0; r < out; ++r) {
-    const int64_t row = expert * out + r;
-    int64_t p = e.row_ptr[row];
-    const int64_t end = se_index::row_end(e.row_ptr, row, rows, e.nnz);
-    float acc[se_index::kTileTokens] = {};
-    for (int64_t c0 = 0; c0 < in; c0 += kColChunk) {
-      if (e.format == SE_BITMAP) {
-        const int64_t row_bytes = se_index::bitmap_row_bytes(in);
-        const auto* bits = static_cast<const uint8_t*>(e.indices) + row * row_bytes;
-        for (int64_t w = c0 / 32; w < (c0 + kColChunk) / 32; ++w) {
-          for (uint32_t wd = se_index::bitmap_word(bits, w, row_bytes); wd != 0; wd &= wd - 1) {
-            const int64_t col = w * 32 + se_index::lowest_bit(wd);
-            const float v = load(e.values, e.value_dtype, p++);
-            for (int lane = 0; lane < len; ++lane) acc[lane] += v * load(x, x_dtype, perm[first + lane] * in + col);
+  const int64_t row_bytes = se_index::bitmap_row_bytes(in), words = se_index::bitmap_row_words(in);
+  const bool tensor_cores = x_dtype == SE_F16 && e.value_dtype != SE_F32;  // fp16 operands on the device
+  const auto round_w = [&](float v) { return tensor_cores ? se_half::f16_to_f32(se_half::f32_to_f16(v)) : v; };
+  for (int64_t r0 = 0; r0 < out; r0 += kTileRows) {
+    std::vector<float> acc(static_cast<size_t>(kTileRows) * kTileTokens, 0.0f), w(kTileCols);
+    std::vector<int64_t> p(kTileRows), end(kTileRows);
+    for (int64_t i = 0; i < kTileRows && r0 + i < out; ++i) {
+      p[i] = e.row_ptr[expert * out + r0 + i];
+      end[i] = se_index::row_end(e.row_ptr, expert * out + r0 + i, rows, e.nnz);
+    }
+    for (int64_t c0 = 0; c0 < in; c0 += kTileCols) {
+      for (int64_t i = 0; i < kTileRows && r0 + i < out; ++i) {
+        std::fill(w.begin(), w.end(), 0.0f);
+        if (e.format == SE_BITMAP) {
+          const auto* bits = static_cast<const uint8_t*>(e.indices) + (expert * out + r0 + i) * row_bytes;
+          for (int h = 0; h < 2; ++h) {
+            const int64_t wi = c0 / kWarp + h;
+            const uint32_t word = wi < words ? se_index::bitmap_word(bits, wi, row_bytes) : 0u;
+            for (int lane = 0; lane < kWarp; ++lane) {
+              if (se_index::lane_has(word, lane))
+                w[h * kWarp + lane] = load(e.values, e.value_dtype, p[i] + se_index::lane_value_offset(word, lane));
+            }
+            p[i] += se_index::popcount32(word);
           }
+        } else {
+          const auto* cols = static_cast<const uint16_t*>(e.indices);
+          int64_t taken = 0;
+          for (int64_t q = p[i]; q < p[i] + kTileCols; ++q) {
+            const uint16_t c = q < end[i] ? cols[q] : 0;
+            if (!se_index::in_window(q, end[i], c, c0)) continue;
+            w[c - c0] = load(e.values, e.value_dtype, q);
+            ++taken;
+          }
+          p[i] += taken;
         }
-      } else {
-        const auto* cols = static_cast<const uint16_t*>(e.indices);
-        for (; p < end && cols[p] < c0 + kColChunk; ++p) {
-          const float v = load(e.values, e.value_dtype, p);
-          for (int lane = 0; lane < len; ++lane) acc[lane] += v * load(x, x_dtype, perm[first + lane] * in + cols[p]);
+        for (int tok = 0; tok < len; ++tok) {
+          float s = 0.0f;
+          for (int64_t col = 0; col < kTileCols && c0 + col < in; ++col)
+            s += round_w(w[col]) * load(x, x_dtype, perm[first + tok] * in + c0 + col);
+          acc[i * kTileTokens + tok] += s;
         }
       }
     }
-    for (int lane = 0; lane < len; ++lane) {
-      store(y, x_dtype, perm[first + lane] * out + r, acc[lane] + (e.bias ? e.bias[row] : 0.0f));
+    for (int64_t i = 0; i < kTileRows && r0 + i < out; ++i) {
+      const float bias = e.bias ? e.bias[expert * out + r0 + i] : 0.0f;
+      for (int tok = 0; tok < len; ++tok)
+        store(y, x_dtype, perm[first + tok] * out + r0 + i, acc[i * kTileTokens + tok] + bias);
     }
   }
 }

@@ -27,7 +27,7 @@ typedef struct CUstream_st* se_cuda_stream;  // == cudaStream_t, without the CUD
 SE_API size_t se_cuda_workspace_size(int64_t tokens, int64_t num_experts);
 
 // Tokens up to which the GEMV path runs when gemv_max_tokens <= 0.
-#define SE_CUDA_DEFAULT_GEMV_MAX_TOKENS 4
+#define SE_CUDA_DEFAULT_GEMV_MAX_TOKENS 16
 
 // Routing only: expert_ids[t] = argmin_k (x[t] G + b)_k; x fp32 or fp16 [tokens, in].
 SE_API int se_cuda_route(const void* x, int32_t x_dtype, int64_t tokens, int64_t in_features, int64_t num_experts,

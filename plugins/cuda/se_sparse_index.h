@@ -1,8 +1,8 @@
 // Indexing helpers shared by the CUDA kernels (device) and their CPU references and tests (host).
 //
 // Everything that decides *which* weight meets *which* activation lives here, so CI (no GPU) runs
-// the exact indexing code the kernels run: bitmap words, row extents, lane value offsets and the
-// expert tile plan of the grouped (prefill) path.
+// the exact indexing code the kernels run: bitmap words, row extents, lane value offsets, the
+// csr16 column window of a grouped step and the expert tile plan of the grouped (prefill) path.
 #pragma once
 
 #include <stdint.h>
@@ -16,7 +16,9 @@
 namespace se_index {
 
 constexpr int kWarp = 32;
-constexpr int kTileTokens = 32;   // tokens per grouped tile (one per lane)
+constexpr int kTileTokens = 32;   // tokens per grouped tile
+constexpr int kTileRows = 64;     // output rows per grouped block
+constexpr int kTileCols = 64;     // columns of the expert decoded per grouped step (two bitmap words)
 
 // Bytes of one bitmap row of `in` columns (LSB-first bits, DESIGN.md section 3).
 SE_HD int64_t bitmap_row_bytes(int64_t in) { return (in + 7) / 8; }
@@ -57,12 +59,18 @@ SE_HD int64_t row_end(const int32_t* row_ptr, int64_t row, int64_t rows, int64_t
   return row + 1 < rows ? static_cast<int64_t>(row_ptr[row + 1]) : nnz;
 }
 
-// Exclusive prefix of per-lane counts: where lane `lane`'s first value sits relative to the
-// warp's base (the device code computes the same with an inclusive shuffle scan).
-SE_HD int lane_offset(const int* counts, int lane) {
-  int sum = 0;
-  for (int j = 0; j < lane; ++j) sum += counts[j];
-  return sum;
+// Lane-per-column bitmap walk (GEMV and the grouped path's tile decode): lane l of a warp owns
+// column 32w+l of word w. It holds a kept weight when its bit is set, and that weight sits after
+// the word's kept weights below the lane, so the warp's value loads are consecutive (coalesced).
+SE_HD bool lane_has(uint32_t word, int lane) { return ((word >> lane) & 1u) != 0; }
+
+SE_HD int lane_value_offset(uint32_t word, int lane) { return popcount32(word & ((1u << lane) - 1u)); }
+
+// csr16 window of a grouped step: of the (up to kTileCols) values a row holds from `p` on, the
+// ones whose column lies in [c0, c0 + kTileCols). Columns ascend within a row, so they are a
+// prefix; the check of both bounds keeps a corrupt (unsorted) row inside the tile's memory.
+SE_HD bool in_window(int64_t p, int64_t end, uint16_t col, int64_t c0) {
+  return p < end && col >= c0 && col < c0 + kTileCols;
 }
 
 // Upper bound on grouped tiles for `tokens` tokens over `experts` experts (sizes the grid and

@@ -1,10 +1,12 @@
 // GPU check of the CUDA kernels against their CPU reference (se_cuda_reference_matmul) and a
-// float64 dense reference: both paths, both formats, all value dtypes, fp32/fp16 activations.
+// float64 dense reference: both paths, both formats, all value dtypes, fp32/fp16 activations, the
+// GEMV's activations in default, opt-in and no shared memory.
 // ctest label "gpu"; exits 77 (ctest SKIP_RETURN_CODE) when no CUDA device is present.
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -113,6 +115,18 @@ int main() {
             failed += run_case({format, values, 16, 200, 1100, tokens, density}, x_dtype, 0, tokens == 40, rng);
             ++total;
           }
+  // the GEMV with its activations past the 48 KB default (opt-in shared memory: 20000 fp32 = 80 KB)
+  // and with the activations read from global memory (the variant for widths past the opt-in)
+  for (const char* smem_x : {"1", "0"}) {
+    setenv("SE_CUDA_GEMV_SMEM_X", smem_x, 1);
+    for (int format : {SE_BITMAP, SE_CSR16})
+      for (int x_dtype : {SE_F32, SE_F16})
+        for (int64_t in : {1100, 20000}) {
+          failed += run_case({format, SE_F16, 4, 40, in, 3, 0.3}, x_dtype, 0, false, rng);
+          ++total;
+        }
+  }
+  unsetenv("SE_CUDA_GEMV_SMEM_X");
   std::printf("%d/%d GPU kernel checks passed\n", total - failed, total);
   return failed ? 1 : 0;
 }

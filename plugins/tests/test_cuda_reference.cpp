@@ -1,5 +1,6 @@
 // CPU checks of the CUDA kernels' indexing and decomposition (no GPU needed, runs in CI):
-//  * the shared __host__ __device__ helpers (bitmap words at row ends, lane offsets, tile plan);
+//  * the shared __host__ __device__ helpers (bitmap words at row ends, lane value offsets, csr16
+//    windows, tile plan);
 //  * se_cuda_reference_matmul, which runs the kernels' exact decomposition on the host, against
 //    a float64 dense reference and against the CPU kernel library, for the GEMV and the grouped
 //    path, both formats, fp32/fp16/bf16 values, fp32/fp16 activations, odd widths (partial words,
@@ -44,12 +45,24 @@ int test_helpers(std::mt19937& rng) {
     for (int64_t i = 0; i < row_bytes; ++i) pop += se_index::popcount32(mem[i]);
     failures += check(seen == pop, "bitmap_word covers exactly the row's bytes");
   }
-  int counts[32];
-  for (int& v : counts) v = byte(rng) % 33;
-  int running = 0;
-  for (int lane = 0; lane <= 32; ++lane) {
-    failures += check(se_index::lane_offset(counts, lane) == running, "lane_offset");
-    if (lane < 32) running += counts[lane];
+  for (int trial = 0; trial < 200; ++trial) {  // lane-per-column offsets: each set bit's rank
+    const uint32_t word = trial == 0 ? 0u : trial == 1 ? 0xffffffffu
+                                          : static_cast<uint32_t>(byte(rng)) << 24 | static_cast<uint32_t>(byte(rng)) << 16 |
+                                                static_cast<uint32_t>(byte(rng)) << 8 | static_cast<uint32_t>(byte(rng));
+    int rank = 0;
+    for (int lane = 0; lane < 32; ++lane) {
+      const bool set = (word >> lane) & 1u;
+      failures += check(se_index::lane_has(word, lane) == set, "lane_has");
+      failures += check(se_index::lane_value_offset(word, lane) == rank, "lane_value_offset");
+      rank += set;
+    }
+    failures += check(rank == se_index::popcount32(word), "ranks end at the popcount");
+  }
+  {  // csr16 window: both bounds and the row's end
+    const int64_t c0 = 128;
+    failures += check(se_index::in_window(5, 9, 128, c0) && se_index::in_window(5, 9, 191, c0), "window inside");
+    failures += check(!se_index::in_window(5, 9, 192, c0) && !se_index::in_window(5, 9, 127, c0), "window edges");
+    failures += check(!se_index::in_window(9, 9, 130, c0), "window past the row's end");
   }
   for (int trial = 0; trial < 200; ++trial) {
     const int64_t K = 1 + byte(rng) % 20;
