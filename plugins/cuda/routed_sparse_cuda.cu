@@ -19,7 +19,6 @@
 
 #include <cstdio>
 #include <cstdlib>
-#include <limits>
 #include <type_traits>
 
 #include "se_cuda_kernels.h"
