@@ -118,6 +118,8 @@ class RoutedSparseLinear(nn.Module):
         self.router_group = router_group
         self.record_routing = False
         self.last_expert_ids: torch.Tensor | None = None
+        # set by validation to replay another backend's routing (one id per token of the next call)
+        self.forced_expert_ids: torch.Tensor | None = None
         self.register_buffer("router_weight", router_weight.to(torch.float32))
         self.register_buffer("router_bias", router_bias.to(torch.float32))
         self.register_buffer("values", packed.values)
@@ -132,7 +134,8 @@ class RoutedSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _CACHE.budget > 0:
             flat = x.reshape(-1, self.in_features)
-            ids = ops.route(flat, self.router_weight, self.router_bias)
+            forced = self.forced_ids(x)
+            ids = forced.reshape(-1) if forced is not None else ops.route(flat, self.router_weight, self.router_bias)
             y = ops.grouped_expert_matmul(
                 flat, ids, self.num_experts, self.out_features, lambda k: _CACHE.get(self, k), self.bias
             ).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -171,8 +174,14 @@ class RoutedSparseLinear(nn.Module):
             self._bound = bound
         return bound[1]
 
+    def forced_ids(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.forced_expert_ids is None:
+            return None
+        return self.forced_expert_ids.to(torch.int64).reshape(x.shape[:-1])
+
     def shared_expert_ids(self, x: torch.Tensor) -> torch.Tensor | None:
-        return shared_expert_ids(self.router_group, x)
+        forced = self.forced_ids(x)
+        return forced if forced is not None else shared_expert_ids(self.router_group, x)
 
     def remember_expert_ids(self, x: torch.Tensor, ids: torch.Tensor) -> None:
         remember_expert_ids(self.router_group, x, ids)

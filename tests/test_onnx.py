@@ -129,6 +129,34 @@ def test_validate_cli_on_an_expanded_checkpoint(tmp_path, tiny_tokenizer):
     assert report["checks"]["generation"]["agreement"] == 1.0
     proc = run_cli("onnx", tmp_path / "ckpt", "--out", tmp_path / "onnx")
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    # fp16: the logits are compared with the reference routed as the graph routed, the comparison
+    # with the reference's own routing is reported beside it
+    assert run_cli("onnx", tmp_path / "ckpt", "--out", tmp_path / "onnx16", "--dtype", "fp16").returncode == 0
+    proc = run_cli("validate", tmp_path / "onnx16", "--tokens", "0", "--ppl-windows", "0", "--json")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    logits = json.loads(proc.stdout)["checks"]["logits"]
+    assert logits["passed"] and logits["reference_routing"] == "the backend's"
+    assert logits["cosine"] >= logits["own_routing_cosine"] - 1e-6 and logits["cosine"] >= 0.999
+
+
+def test_reference_replays_a_given_routing(models):
+    """validate's fp16 comparison replays the backend's routing in the reference: the model's own
+    routing replayed gives its own logits, one group rerouted changes them, a group left out is an
+    error, and nothing stays forced afterwards."""
+    from se_export.errors import SEError
+    from se_export.validate import TorchCausalLM
+
+    lm = TorchCausalLM(copy.deepcopy(models["llama-se"]))
+    ids = np.random.default_rng(0).integers(0, lm.model.config.vocab_size, size=(2, 9))
+    own = lm.routing(ids)
+    free, _ = lm.run(ids)
+    assert np.array_equal(lm.run(ids, routing=own)[0], free)
+    group = next(iter(own))
+    moved = {**own, group: (own[group] + 1) % 4}
+    assert not np.allclose(lm.run(ids, routing=moved)[0], free, atol=1e-3)
+    with pytest.raises(SEError, match="no routing given"):
+        lm.run(ids, routing={group: own[group]})
+    assert np.array_equal(lm.run(ids)[0], free)
 
 
 def test_clear_errors_for_foreign_corrupt_or_unloadable_graphs(exports, tmp_path, monkeypatch):
