@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of this project in one call on a lent GPU machine (BENCHMARKS.md, "TensorRT and
 # CUDA kernels"): the machine's facts, the C++ kernel test (ctest label gpu), the pytest gpu tests,
-# compute-sanitizer memcheck and racecheck over the C++ kernel test, the CUDA kernel benchmark vs
-# cuBLAS, and the CPU kernels on the machine's own (AVX-512) host CPU.
+# the CUDA kernel benchmark vs cuBLAS, compute-sanitizer memcheck over the C++ kernel test and
+# racecheck over its --quick subset, and the CPU kernels on the machine's own (AVX-512) host CPU.
 #
 # It uses the machine's python3 (a CUDA build of torch) with this checkout on PYTHONPATH, and the
 # libraries built here by `make plugins` (carry build/plugins). Steps run in order of value, each
@@ -67,7 +67,7 @@ step bench_cuda ${BENCH_LIMIT:-240} bash -c "set -o pipefail; $PY bench/cuda_ker
   --shapes 4096x11008 11008x4096 2048x8192 8192x2048 576x1536 1536x576 | tee $OUT/cuda_kernels.md"
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 step memcheck 90 "$SANITIZER" --tool memcheck --leak-check full --error-exitcode 3 build/plugins/test_cuda_kernels
-step racecheck ${RACECHECK_LIMIT:-90} "$SANITIZER" --tool racecheck --error-exitcode 3 build/plugins/test_cuda_kernels
+step racecheck ${RACECHECK_LIMIT:-90} "$SANITIZER" --tool racecheck --error-exitcode 3 build/plugins/test_cuda_kernels --quick
 step cpu_kernels 150 bash -c cpu_kernels
 
 echo
