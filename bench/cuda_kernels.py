@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -44,7 +45,15 @@ from se_export.sparse_format import PackedExperts, pack_experts
 
 SHAPES = ["576x1536", "1536x576", "2048x8192", "8192x2048", "4096x11008", "11008x4096"]
 COLD_FACTOR = 3  # rotate over at least this many L2 capacities of weights
-GEMV_MAX_TOKENS = 16  # SE_CUDA_DEFAULT_GEMV_MAX_TOKENS (se_cuda_kernels.h): batches up to it run the GEMV
+KERNELS_HEADER = Path(__file__).resolve().parent.parent / "plugins" / "cuda" / "se_cuda_kernels.h"
+
+
+def default_gemv_max_tokens() -> int:
+    """SE_CUDA_DEFAULT_GEMV_MAX_TOKENS, read from the kernels' header: batches up to it run the GEMV."""
+    found = re.search(r"#define SE_CUDA_DEFAULT_GEMV_MAX_TOKENS (\d+)", KERNELS_HEADER.read_text())
+    if found is None:
+        raise SystemExit(f"SE_CUDA_DEFAULT_GEMV_MAX_TOKENS is not defined in {KERNELS_HEADER}")
+    return int(found.group(1))
 
 
 def graph_ms(calls: list[Callable[[], object]], replays: int = 10) -> tuple[float, str]:
@@ -129,6 +138,7 @@ def bench_shape(shape: str, args, l2_bytes: int, rows: list[dict]) -> None:
 
     inn, out = map(int, shape.split("x"))
     k = args.experts
+    gemv_max = default_gemv_max_tokens()
     w_bytes = out * inn * 2
     dense_copies = max(1, math.ceil(COLD_FACTOR * l2_bytes / w_bytes))
     weights = [torch.randn(out, inn, device="cuda", dtype=torch.float16) for _ in range(dense_copies)]
@@ -155,7 +165,7 @@ def bench_shape(shape: str, args, l2_bytes: int, rows: list[dict]) -> None:
                 sparse_routed, sparse_given, dense = call_sequences(sets, weights, xs, given, ys, n, k if batch == 1 else 1)
                 sparse_ms, mode_s = graph_ms(sparse_routed)
                 if 1 < batch <= args.gemv_sweep_max:  # the other path, for the GEMV threshold's choice
-                    forced = 1 if batch <= GEMV_MAX_TOKENS else 1_000_000
+                    forced = 1 if batch <= gemv_max else 1_000_000
                     other_ms, _ = graph_ms(call_sequences(sets, weights, xs, given, ys, n, 1, forced)[0])
                 else:
                     other_ms = None
@@ -173,7 +183,7 @@ def bench_shape(shape: str, args, l2_bytes: int, rows: list[dict]) -> None:
                        "eager_speedup": eager_dense / eager_sparse, "timing": f"{mode_s}/{mode_d}",
                        "calls_per_sequence": n, "dense_copies": dense_copies, "expert_copies": len(sets),
                        "touched_experts": touched_experts,
-                       "path": "gemv" if batch <= GEMV_MAX_TOKENS else "grouped", "other_path_ms": other_ms}
+                       "path": "gemv" if batch <= gemv_max else "grouped", "other_path_ms": other_ms}
                 rows.append(row)
                 print(f"| {shape} | {batch} | {s:.0%} | {fmt} | {sparse_ms * 1e3:.1f} | {dense_ms * 1e3:.1f} | "
                       f"{row['speedup']:.2f}x | {row['speedup'] / row['byte_ratio_limit']:.0%} | "

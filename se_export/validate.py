@@ -100,19 +100,23 @@ class TorchCausalLM:
 
     def routing(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
         """Expert of every token for every router group (one entry per group)."""
+        return self.run_recording_routing(input_ids)[1]
+
+    def run_recording_routing(self, input_ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Logits of a full-sequence run and the routing it took, in one forward pass."""
         from .checkpoint import expanded_modules
 
         mods = expanded_modules(self.model)
         for m in mods.values():
             m.record_routing = True
         try:
-            self.run(input_ids)
+            logits, _ = self.run(input_ids)
             out = {}
             for name, m in mods.items():
                 key = m.router_group or name
                 if key not in out and m.last_expert_ids is not None:
                     out[key] = m.last_expert_ids.reshape(-1).numpy().astype(np.int64)
-            return out
+            return logits, out
         finally:
             for m in mods.values():
                 m.record_routing = False
@@ -266,13 +270,15 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
         width = min(p.shape[1] for p in prompts)
         batch = np.concatenate([p[:, :width] for p in prompts[:3]])
         for ids in [*prompts, batch]:
-            ref, _ = torch_lm.run(ids)
+            ref, torch_ids = torch_lm.run_recording_routing(ids)
             got, _, named = backend_lm.run(ids)
             free.append(compare_logits(ref, got))
-            backend_routing = {g: named[v] for g, v in mapping.items()}
-            stats.append(compare_logits(torch_lm.run(ids, routing=backend_routing)[0], got) if replay else free[-1])
+            if replay:
+                backend_routing = {g: named[v] for g, v in mapping.items()}
+                stats.append(compare_logits(torch_lm.run(ids, routing=backend_routing)[0], got))
+            else:
+                stats.append(free[-1])
             if mapping and ids is not batch:
-                torch_ids = torch_lm.routing(ids)
                 for group, value in mapping.items():
                     if group in torch_ids:
                         same = float((named[value].reshape(-1).astype(np.int64) == torch_ids[group]).mean())
