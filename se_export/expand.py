@@ -47,7 +47,7 @@ from .modules import RoutedSparseLinear, decoded_expert_cache
 from .progress import progress_bar
 from .router import fit_router
 from .sparse_format import FORMATS, pack_experts
-from .sparsegpt import HessianAccumulator, reconstruction_error, sparsegpt_prune
+from .sparsegpt import HessianAccumulator, input_gram, reconstruction_error, sparsegpt_prune
 from .sparsity import SparsitySpec, parse_sparsity
 
 METHODS = ("se", "sparsegpt", "wanda", "magnitude")
@@ -241,7 +241,7 @@ def expand_group(
 
     if x is None and cfg.method not in DATA_FREE_METHODS:
         raise SEError(f"--method {cfg.method} needs calibration activations")
-    gram = None if x is None else (x.t() @ x).double()  # shared by the router's PCA and the Hessians
+    gram = None if x is None else input_gram(x).double()  # shared by the router's PCA and the Hessians
     lap("gram")
     if cfg.method == "se":
         router, labels, rrep = fit_router(

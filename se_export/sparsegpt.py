@@ -5,6 +5,13 @@ Every expert starts from the same dense weight but has its own Hessian ``H_k = 2
 expert dimension so K experts cost one Python loop over columns, not K. Rows of several linears
 that share an input (a gated MLP's gate and up) can be stacked and pruned together: masks are
 still chosen per linear via ``row_segments``.
+
+Speed (the sweep is most of an expansion's pruning time): the weights are swept transposed, so
+a column is a contiguous row; inside each 128-column block the rank-1 updates touch only a
+16-column sub-block and one batched GEMM carries the sub-block's errors to the rest of the
+block (the reference's lazy-batch idea applied once more); the inverse Hessian's Cholesky
+factor comes from one Cholesky and one triangular inverse. Same result up to rounding
+(tests/test_sparsegpt.py checks it against an immediate-update float64 reference).
 """
 
 from __future__ import annotations
@@ -24,6 +31,24 @@ class PruneResult:
     dead_inputs: list[int]  # inputs never active in the expert's cluster
 
 
+def input_gram(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """``x^T x`` ``[in, in]`` in fp32 for ``x [n, in]``, exactly symmetric.
+
+    Only the upper block triangle is multiplied (one GEMM per block row) and mirrored: ~1.3x
+    faster than the full product for 576-1536 features, since the Gram matrices of the
+    calibration inputs (router PCA, Hessians) are a large part of an expansion.
+    """
+    x = x.float()
+    n = x.shape[1]
+    if n <= block:
+        upper = x.t() @ x
+    else:
+        upper = torch.empty(n, n, dtype=x.dtype)
+        for a in range(0, n, block):
+            upper[a : a + block, a:] = x[:, a : a + block].t() @ x[:, a:]
+    return torch.triu(upper) + torch.triu(upper, 1).t()
+
+
 class HessianAccumulator:
     """Running ``sum x x^T`` per expert (fp32 products, fp64 sums) and token counts."""
 
@@ -39,7 +64,7 @@ class HessianAccumulator:
         """
         x = x.reshape(-1, x.shape[-1]).float()
         if labels is None:
-            self.sums[0] += (x.t() @ x).double() if total is None else total
+            self.sums[0] += input_gram(x).double() if total is None else total
             self.counts[0] += x.shape[0]
             return
         labels = labels.reshape(-1).long()
@@ -51,9 +76,9 @@ class HessianAccumulator:
         for k, size in enumerate(sizes):
             if size and k != derived:
                 xk = x.index_select(0, order[start : start + size])
-                gram = (xk.t() @ xk).double()
-                self.sums[k] += gram
-                partial += gram
+                xtx = input_gram(xk).double()
+                self.sums[k] += xtx
+                partial += xtx
             start += size
             self.counts[k] += size
         if derived >= 0:
@@ -66,38 +91,43 @@ class HessianAccumulator:
 
 
 def _select_prune_unstructured(score: torch.Tensor, fraction: float, segments: list[tuple[int, int]]) -> torch.Tensor:
-    """Prune mask ``[E, rows, cols]`` with exactly round(fraction * numel) per expert and segment."""
+    """Prune mask for ``score [E, cols, rows]`` (transposed weights) with exactly
+    round(fraction * numel) pruned per expert and row segment."""
     mask = torch.zeros_like(score, dtype=torch.bool)
     for r0, r1 in segments:
-        seg = score[:, r0:r1].reshape(score.shape[0], -1)
+        seg = score[:, :, r0:r1].reshape(score.shape[0], -1)
         count = round(seg.shape[1] * fraction)
         if count:
             idx = torch.topk(seg, count, dim=1, largest=False, sorted=False).indices
             sub = torch.zeros_like(seg, dtype=torch.bool).scatter_(1, idx, True)
-            mask[:, r0:r1] = sub.view(score.shape[0], r1 - r0, -1)
+            mask[:, :, r0:r1] = sub.view(score.shape[0], score.shape[1], r1 - r0)
     return mask
 
 
 def _cholesky_inverse_upper(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of ``(H + damp I)^-1`` per expert, raising damping where it fails.
+    """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` per expert, raising damping where it fails.
 
-    ``H^-1 = L^-T L^-1`` via a batched triangular solve: on CPU this is ~6x faster than
-    ``torch.cholesky_inverse`` for a batch of 1536x1536 Hessians.
+    With ``J`` the reversal permutation and ``J H J = L L^T``, ``H^-1 = (J L^-T J)(J L^-1 J)``, so
+    ``U = J L^-1 J``: one Cholesky and one triangular inverse, instead of inverting ``H`` and
+    factorising the inverse again (no GEMM, no second Cholesky: 1.2-1.4x faster at 576-1536).
     """
     n = h.shape[-1]
     eye = torch.eye(n, dtype=h.dtype)
     mean_diag = torch.diagonal(h, dim1=-2, dim2=-1).mean(-1)
     damp = torch.full((h.shape[0],), percdamp, dtype=h.dtype)
+    reversed_h = h.flip(-2, -1)
     for _ in range(12):
-        hd = h + (damp * mean_diag)[:, None, None] * eye
+        hd = reversed_h + (damp * mean_diag)[:, None, None] * eye
         low, info = torch.linalg.cholesky_ex(hd)
         ok = info == 0
         if bool(ok.all()):
-            low_inv = torch.linalg.solve_triangular(low, eye.expand_as(low), upper=False)
-            upper, info2 = torch.linalg.cholesky_ex(low_inv.transpose(-2, -1) @ low_inv, upper=True)
-            if bool((info2 == 0).all()):
+            upper = torch.linalg.solve_triangular(low, eye.expand_as(low), upper=False).flip(-2, -1)
+            # diag(U) = 1 / diag(L); damping bounds the condition number (<= 1 + n / percdamp),
+            # so the off-diagonal entries cannot overflow: checking the diagonal is enough
+            finite = torch.isfinite(torch.diagonal(upper, dim1=-2, dim2=-1)).all(1)
+            if bool(finite.all()):
                 return upper, damp
-            ok = info2 == 0
+            ok = finite
         damp = torch.where(ok, damp, damp * 10)
     raise RuntimeError("Cholesky failed even with damping x1e12; the calibration inputs are degenerate")
 
@@ -111,54 +141,74 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     row_segments: list[tuple[int, int]] | None = None,
     dtype: torch.dtype = torch.float32,
+    substep: int = 16,
 ) -> PruneResult:
     """Prune ``weight [out, in]`` (or ``[E, out, in]``) once per Hessian in ``hessians [E, in, in]``.
 
-    ``dtype`` is the working precision (fp32 like the reference code; fp64 for exact tests).
+    ``dtype`` is the working precision (fp32 like the reference code; fp64 for exact tests);
+    ``substep`` the width of the lazily updated sub-blocks inside a block (1 = the reference's
+    immediate updates).
     """
     num_experts, cols = hessians.shape[0], hessians.shape[-1]
-    w = weight.to(dtype).expand(num_experts, *weight.shape[-2:]).clone()
-    rows = w.shape[1]
+    # the sweep runs on transposed weights [E, in, out]: a column is then a contiguous row (each
+    # block is still copied out and back: sweeping the slices of the large tensor in place
+    # measured ~1.3x slower)
+    wt = weight.to(dtype).transpose(-2, -1).expand(num_experts, cols, weight.shape[-2]).clone()
+    rows = wt.shape[2]
     segments = row_segments or [(0, rows)]
     h = hessians.to(dtype).clone()
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     dead = diag == 0
     diag[dead] = 1.0
-    w.masked_fill_(dead[:, None, :], 0.0)
+    wt.masked_fill_(dead[:, :, None], 0.0)
     hinv, damp = _cholesky_inverse_upper(h, percdamp)
 
-    prune = torch.zeros_like(w, dtype=torch.bool)
+    prune = torch.zeros_like(wt, dtype=torch.bool)
+    err1 = torch.empty(num_experts, min(blocksize, cols), rows, dtype=dtype)
+    # lazy updates inside each block too: columns are swept in sub-blocks of ``step``, rank-1
+    # updates touch only the sub-block and one GEMM carries its errors to the rest of the block.
+    # Exact up to rounding; an N:M group never straddles a sub-block (``step`` is a multiple of M).
+    step = max(1, substep)
+    if spec.structured:
+        step = -(-step // spec.group_m) * spec.group_m
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        w1 = w[:, :, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
+        w1 = wt[:, i1:i2].contiguous()  # [E, count, rows]: column i of the block is w1[:, i]
         hinv1 = hinv[:, i1:i2, i1:i2]
         d = torch.diagonal(hinv1, dim1=-2, dim2=-1)  # [E, count]
         if spec.structured:
-            mask1 = torch.zeros_like(w1, dtype=torch.bool)
+            mask1 = prune[:, i1:i2]
         else:
-            mask1 = _select_prune_unstructured(w1**2 / (d**2)[:, None, :], spec.fraction, segments)
-        for i in range(count):
-            if spec.structured and i % spec.group_m == 0:
-                width = min(spec.group_m, count - i)
-                score = w1[:, :, i : i + width] ** 2 / (d[:, None, i : i + width] ** 2)
-                n_prune = min(spec.prune_n, width) if width == spec.group_m else round(width * spec.fraction)
-                if n_prune:
-                    idx = torch.argsort(score, dim=2, stable=True)[:, :, :n_prune]
-                    mask1[:, :, i : i + width].scatter_(2, idx, True)
-            col = w1[:, :, i]
-            q = col.masked_fill(mask1[:, :, i], 0.0)
-            q1[:, :, i] = q
-            err = (col - q) / d[:, i : i + 1]
-            w1[:, :, i:] -= err.unsqueeze(2) * hinv1[:, i : i + 1, i:]
-            err1[:, :, i] = err
-        w[:, :, i1:i2] = q1
-        prune[:, :, i1:i2] = mask1
+            mask1 = _select_prune_unstructured(w1**2 / (d**2)[:, :, None], spec.fraction, segments)
+            prune[:, i1:i2] = mask1
+        # err = (w - q) / d = w * mask / d and q = w * ~mask: one product each per column
+        err_scale = mask1 / d[:, :, None]
+        keep_scale = (~mask1).to(dtype)
+        for j1 in range(0, count, step):
+            j2 = min(j1 + step, count)
+            for i in range(j1, j2):
+                if spec.structured and i % spec.group_m == 0:
+                    width = min(spec.group_m, count - i)
+                    score = w1[:, i : i + width] ** 2 / (d[:, i : i + width, None] ** 2)
+                    n_prune = min(spec.prune_n, width) if width == spec.group_m else round(width * spec.fraction)
+                    if n_prune:
+                        idx = torch.argsort(score, dim=1, stable=True)[:, :n_prune]
+                        mask1[:, i : i + width].scatter_(1, idx, True)
+                        err_scale[:, i : i + width] = mask1[:, i : i + width] / d[:, i : i + width, None]
+                        keep_scale[:, i : i + width] = (~mask1[:, i : i + width]).to(dtype)
+                col = w1[:, i]
+                torch.mul(col, err_scale[:, i], out=err1[:, i])
+                col.mul_(keep_scale[:, i])  # w1 now holds the pruned column q
+                if i + 1 < j2:
+                    w1[:, i + 1 : j2].addcmul_(hinv1[:, i, i + 1 : j2, None], err1[:, i, None, :], value=-1.0)
+            if j2 < count:
+                w1[:, j2:] -= hinv1[:, j1:j2, j2:].transpose(1, 2) @ err1[:, j1:j2]
+        wt[:, i1:i2] = w1
         if i2 < cols:
-            w[:, :, i2:] -= err1 @ hinv[:, i1:i2, i2:]
-    return PruneResult(w, ~prune, damp.tolist(), dead.sum(1).tolist())
+            wt[:, i2:] -= hinv[:, i1:i2, i2:].transpose(1, 2) @ err1[:, :count]
+    w = wt.transpose(1, 2).contiguous()
+    return PruneResult(w, (~prune).transpose(1, 2).contiguous(), damp.tolist(), dead.sum(1).tolist())
 
 
 def reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, hessians: torch.Tensor) -> list[float]:

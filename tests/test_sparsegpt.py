@@ -4,7 +4,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from se_export.baselines import magnitude_mask, wanda_mask
-from se_export.sparsegpt import HessianAccumulator, reconstruction_error, sparsegpt_prune
+from se_export.sparsegpt import (
+    HessianAccumulator,
+    _cholesky_inverse_upper,
+    input_gram,
+    reconstruction_error,
+    sparsegpt_prune,
+)
 from se_export.sparsity import parse_sparsity
 
 
@@ -52,19 +58,45 @@ def _problem(out, inn, tokens, seed):
     return torch.randn(out, inn, generator=gen, dtype=torch.float64), (h + h.mT) / 2, x
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(out=st.integers(2, 12), inn=st.integers(8, 40), spec=st.sampled_from(["0.5", "0.7", "0.25", "2:4"]),
-       seed=st.integers(0, 999))
-def test_k1_matches_reference_sparsegpt(out, inn, spec, seed):
+       blocksize=st.sampled_from([8, 12, 32]), substep=st.sampled_from([1, 3, 5, 16]), seed=st.integers(0, 999))
+def test_k1_matches_reference_sparsegpt(out, inn, spec, blocksize, substep, seed):
+    """Lazy block and sub-block updates (any sub-block width, N:M groups kept whole) equal the
+    immediate-update reference."""
     parsed = parse_sparsity(spec)
     if parsed.structured and inn % 4:
         inn += 4 - inn % 4
     weight, h, _ = _problem(out, inn, 200, seed)
-    ref_w, ref_keep = reference_sparsegpt(weight, h[0], parsed.fraction, parsed.prune_n, parsed.group_m, blocksize=8)
-    res = sparsegpt_prune(weight, h, parsed, blocksize=8, dtype=torch.float64)
+    ref_w, ref_keep = reference_sparsegpt(weight, h[0], parsed.fraction, parsed.prune_n, parsed.group_m,
+                                          blocksize=blocksize)
+    res = sparsegpt_prune(weight, h, parsed, blocksize=blocksize, substep=substep, dtype=torch.float64)
     assert torch.equal(res.keep[0], ref_keep)
     assert torch.allclose(res.weight[0], ref_w, atol=1e-6, rtol=1e-6), float((res.weight[0] - ref_w).abs().max())
     assert res.dead_inputs == [1]
+
+
+def test_inverse_hessian_factor_matches_float64_cholesky_of_the_inverse():
+    """``U`` from the reversed Cholesky is the upper Cholesky factor of the damped inverse."""
+    _, h, _ = _problem(4, 48, 300, 5)
+    h = torch.cat([h, 3 * h])
+    upper, damp = _cholesky_inverse_upper(h, 0.01)
+    for k in range(2):
+        damped = h[k] + 0.01 * torch.diagonal(h[k]).mean() * torch.eye(48, dtype=h.dtype)
+        assert torch.allclose(upper[k], torch.linalg.cholesky(torch.linalg.inv(damped), upper=True), atol=1e-9)
+    assert damp.tolist() == [0.01, 0.01]
+
+
+def test_singular_hessian_raises_damping_until_it_factors():
+    h = torch.zeros(2, 6, 6, dtype=torch.float64)
+    h[0] = torch.eye(6)
+    h[1, :, :] = 1.0  # rank one
+    h[1] -= 1e-3 * torch.eye(6)  # and indefinite: 1% damping is not enough
+    upper, damp = _cholesky_inverse_upper(h, 0.0001)
+    assert damp[0] == pytest.approx(1e-4) and damp[1] > 1e-4
+    for k in range(2):
+        damped = h[k] + float(damp[k]) * torch.diagonal(h[k]).mean() * torch.eye(6, dtype=h.dtype)
+        assert torch.allclose(upper[k].T @ upper[k], torch.linalg.inv(damped), atol=1e-6)
 
 
 @settings(max_examples=10, deadline=None)
@@ -145,3 +177,14 @@ def test_baseline_masks():
         assert score[r][keep[r]].min() >= score[r][~keep[r]].max()
     nm = wanda_mask(weight, norms, parse_sparsity("2:4"))
     assert torch.all(nm.view(10, 10, 4).sum(-1) == 2)
+
+
+@settings(max_examples=15, deadline=None)
+@given(tokens=st.integers(1, 300), features=st.integers(1, 700), block=st.sampled_from([1, 7, 64, 256]),
+       seed=st.integers(0, 99))
+def test_input_gram_equals_float64_product_and_is_symmetric(tokens, features, block, seed):
+    x = torch.randn(tokens, features, generator=torch.Generator().manual_seed(seed))
+    g = input_gram(x, block=block)
+    assert torch.equal(g, g.t())
+    ref = x.double().t() @ x.double()
+    assert torch.allclose(g.double(), ref, atol=1e-4 * tokens ** 0.5, rtol=1e-5)
