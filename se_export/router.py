@@ -60,6 +60,14 @@ def column_mean64(x: torch.Tensor, block: int = 4096) -> torch.Tensor:
     return torch.stack([b.sum(0, dtype=torch.float32) for b in x.split(block)]).double().sum(0) / max(1, x.shape[0])
 
 
+def _leading_directions(cov: torch.Tensor, components: int) -> torch.Tensor:
+    """Top ``components`` eigenvectors ``[in, r]`` of a covariance, signs made deterministic."""
+    _, vecs = torch.linalg.eigh(cov.float())
+    p = vecs[:, -components:].flip(1)
+    signs = torch.sign(p[p.abs().argmax(0), torch.arange(p.shape[1])])
+    return p * signs
+
+
 def pca(x: torch.Tensor, components: int, gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and the top ``components`` principal directions ``[in, r]`` (deterministic signs).
 
@@ -73,11 +81,19 @@ def pca(x: torch.Tensor, components: int, gram: torch.Tensor | None = None) -> t
         xc = x.float() - mean64.float()
         cov = xc.t() @ xc / max(1, n - 1)
     else:
-        cov = ((gram - n * torch.outer(mean64, mean64)) / max(1, n - 1)).float()
-    _, vecs = torch.linalg.eigh(cov)
-    p = vecs[:, -components:].flip(1)
-    signs = torch.sign(p[p.abs().argmax(0), torch.arange(p.shape[1])])
-    return mean64.float(), p * signs
+        cov = (gram - n * torch.outer(mean64, mean64)) / max(1, n - 1)
+    return mean64.float(), _leading_directions(cov, components)
+
+
+def _pca_without(x: torch.Tensor, drop: torch.Tensor, components: int, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pca`` of the rows of ``x`` not flagged in ``drop``, from the Gram matrix of all rows:
+    the dropped rows' sums and outer products are subtracted, so the inliers are never copied
+    (a 400 MB copy of a down projection's calibration input)."""
+    out_x = x[drop].double()
+    n = x.shape[0] - out_x.shape[0]
+    mean64 = (column_mean64(x) * x.shape[0] - out_x.sum(0)) / max(1, n)
+    cov = (gram - out_x.t() @ out_x - n * torch.outer(mean64, mean64)) / max(1, n - 1)
+    return mean64.float(), _leading_directions(cov, components)
 
 
 def _sq_dist(z: torch.Tensor, centers: torch.Tensor, zz: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,21 +200,25 @@ def fit_router(
         outliers = torch.zeros_like(outliers)
         if max_out:
             outliers[norms.topk(max_out).indices] = True
-    inliers = x[~outliers] if bool(outliers.any()) else x
-    if inliers.shape[0] < num_experts:
-        inliers, outliers = x, torch.zeros_like(outliers)
+    any_outliers = bool(outliers.any())
+    if any_outliers and n - int(outliers.sum()) < num_experts:
+        outliers, any_outliers = torch.zeros_like(outliers), False
 
     components = in_features if pca_factor <= 1 else max(1, in_features // pca_factor)
     if components >= in_features:
-        mean = column_mean64(inliers).float()
+        mean = column_mean64(x[~outliers] if any_outliers else x).float()
         proj = torch.eye(in_features)
+    elif gram is not None and any_outliers:
+        mean, proj = _pca_without(x, outliers, components, gram)
     else:
-        if gram is not None and bool(outliers.any()):
-            out_x = x[outliers].double()
-            gram = gram - out_x.t() @ out_x
-        mean, proj = pca(inliers, components, gram)
-    z_all = (x - mean) @ proj  # every token in PCA space; the fit uses the inliers' rows
-    z = z_all[~outliers] if inliers is not x else z_all
+        mean, proj = pca(x[~outliers] if any_outliers else x, components, gram)
+    # every token in PCA space, centred chunk by chunk (no centred copy of x); the fit uses the
+    # inliers' rows
+    if components >= in_features:
+        z_all = x - mean
+    else:
+        z_all = torch.cat([(chunk - mean) @ proj for chunk in x.split(8192)])
+    z = z_all[~outliers] if any_outliers else z_all
     centers, _, _ = kmeans(z, num_experts, seed, restarts)
 
     merged = 0

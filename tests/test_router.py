@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from se_export.errors import SEError
-from se_export.router import fit_router, pca
+from se_export.router import _pca_without, fit_router, pca
 
 
 def _blobs(n_per: int, k: int, dim: int, seed: int) -> torch.Tensor:
@@ -69,3 +69,20 @@ def test_small_clusters_are_merged_and_reported():
 def test_more_experts_than_tokens_is_a_clear_error():
     with pytest.raises(SEError, match="larger than the 5 calibration tokens"):
         fit_router(torch.randn(5, 8), 16)
+
+
+def test_pca_without_outliers_from_the_gram_matrix_equals_pca_of_the_inliers():
+    """The Gram path subtracts the dropped rows instead of copying the inliers; same router."""
+    x = _blobs(150, 3, 24, 4)
+    x[:4] *= 300
+    drop = torch.zeros(x.shape[0], dtype=torch.bool)
+    drop[:4] = True
+    gram = x.double().t() @ x.double()
+    mean_a, proj_a = _pca_without(x, drop, 5, gram)
+    mean_b, proj_b = pca(x[~drop], 5)
+    assert torch.allclose(mean_a, mean_b, atol=1e-4)
+    assert torch.allclose(proj_a, proj_b, atol=1e-3)
+    _, labels_a, rep_a = fit_router(x, 3, pca_factor=4, seed=1, min_cluster_tokens=1, gram=gram)
+    _, labels_b, rep_b = fit_router(x, 3, pca_factor=4, seed=1, min_cluster_tokens=1)
+    assert rep_a.outliers_excluded == rep_b.outliers_excluded == 4
+    assert torch.equal(labels_a, labels_b)
