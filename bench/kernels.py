@@ -5,8 +5,8 @@ value precision, it times the routed sparse layer (both storage formats; the fas
 ``--format auto`` should pick) and the dense layer at the same precision, and reports time,
 achieved GB/s, speedup, and the speedup as a fraction of the byte-ratio limit
 (dense bytes / sparse bytes: what a purely memory-bound kernel would gain). Router time (K=16)
-is reported as a share of the layer. From batch ``kernels.DENSE_GROUP_TOKENS`` on, where the
-expert keeps at least ``DENSE_GROUP_DENSITY`` of its weights, it also times the PyTorch binding's
+is reported as a share of the layer. From the library's dense-group batch on, where the expert
+keeps at least its dense-group density (``kernels.dense_group_policy()``), it also times the PyTorch binding's
 prefill path (the expert decoded once per call, then torch's GEMM): "dense groups". Prints a
 Markdown table and writes JSON.
 
@@ -92,7 +92,7 @@ def bench_shape(inn: int, out: int, batches: list[int], sparsities: list[str], d
                 fns = {"dense": lambda xd=xd, w=dense_w: torch.matmul(xd, w.t())}
                 for fmt, bd in bound.items():
                     fns[fmt] = lambda x=x, bd=bd, g1=g1, b1=b1: bd.matmul(x, g1, b1, threads=threads)
-                grouped = batch >= kernels.DENSE_GROUP_TOKENS and bool(with_groups.dense_candidates)
+                grouped = batch >= with_groups.dense_group_tokens and bool(with_groups.dense_candidates)
                 if grouped:
                     fns["dense_groups"] = lambda x=x, wg=with_groups, g1=g1, b1=b1: wg.matmul(x, g1, b1, threads=threads)
                 times = time_rounds(fns)

@@ -27,11 +27,6 @@ _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _FORMATS = {"bitmap": 0, "csr16": 1}
 KERNELS_LIB = "libse_kernels.so"
 ORT_LIB = "libse_ort_ops.so"
-# An expert's tokens go through a decoded dense GEMM when it gets at least this many tokens in one
-# call and keeps at least this fraction of its weights (bench/kernels.py, "dense groups" column);
-# the same policy as the ONNX Runtime op's (SE_DENSE_GROUP_* in plugins/cpu/se_kernels.h, tested equal)
-DENSE_GROUP_TOKENS = 128
-DENSE_GROUP_DENSITY = 0.4
 
 
 _GEMM_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -94,6 +89,9 @@ def _lib() -> ctypes.CDLL | None:
     lib.se_decode_expert.argtypes = [ctypes.POINTER(_Experts), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
                                      ctypes.c_char_p, ctypes.c_size_t]
     lib.se_kernel_isa.restype = ctypes.c_char_p
+    if hasattr(lib, "se_dense_group_tokens"):
+        lib.se_dense_group_tokens.restype = ctypes.c_int64
+        lib.se_dense_group_density.restype = ctypes.c_double
     return lib
 
 
@@ -112,6 +110,16 @@ def isa() -> str:
     return require().se_kernel_isa().decode()
 
 
+def dense_group_policy() -> tuple[int, float]:
+    """``(tokens, density)``: an expert with at least ``tokens`` tokens in one call that keeps at
+    least ``density`` of its weights runs as a decoded dense GEMM (bench/kernels.py, "dense
+    groups" column). Read from the library, whose ONNX Runtime op applies the same policy."""
+    lib = require()
+    if not hasattr(lib, "se_dense_group_tokens"):
+        raise SEError(f"{KERNELS_LIB} predates the dense-group policy query: rebuild it with `make plugins`")
+    return int(lib.se_dense_group_tokens()), float(lib.se_dense_group_density())
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -120,9 +128,10 @@ class BoundExperts:
     """Packed experts checked once by the C++ validator and kept alive for repeated calls."""
 
     def __init__(self, packed: PackedExperts, bias: torch.Tensor | None = None,
-                 dense_group_tokens: int = DENSE_GROUP_TOKENS) -> None:
-        """``dense_group_tokens``: an expert with at least this many tokens in one call (and density
-        >= DENSE_GROUP_DENSITY) runs as a decoded dense GEMM; 0 keeps every token on the sparse kernel."""
+                 dense_group_tokens: int | None = None) -> None:
+        """``dense_group_tokens``: an expert with at least this many tokens in one call (and at least
+        the library's dense-group density) runs as a decoded dense GEMM; None takes the library's
+        threshold, 0 keeps every token on the sparse kernel."""
         if packed.values.dtype not in _DTYPES:
             raise SEError(f"values dtype {packed.values.dtype} is not supported: use fp32, fp16 or bf16")
         self.packed = packed
@@ -136,11 +145,13 @@ class BoundExperts:
         err = ctypes.create_string_buffer(512)
         if require().se_check_experts(ctypes.byref(self.struct), err, 512):
             raise SEError(f"invalid packed experts: {err.value.decode()}")
-        self.dense_group_tokens = dense_group_tokens
+        default_tokens, density = dense_group_policy()
+        self.dense_group_tokens = default_tokens if dense_group_tokens is None else dense_group_tokens
         out, k = packed.out_features, packed.num_experts
         starts = [*self.row_ptr[::out].to(torch.int64).tolist(), self.values.numel()]
         per_expert = out * packed.in_features
-        self.dense_candidates = [e for e in range(k) if starts[e + 1] - starts[e] >= DENSE_GROUP_DENSITY * per_expert]
+        # experts the library may send to the GEMM (it decides per call); none: skip that entry
+        self.dense_candidates = [e for e in range(k) if starts[e + 1] - starts[e] >= density * per_expert]
 
     def decode_expert(self, k: int, threads: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
         """Expert k as a dense fp32 ``[out, in]`` weight (the C++ decoder; zeros where pruned), written

@@ -190,12 +190,20 @@ def test_isa_reports_a_known_path():
     assert isinstance(kernels.require(), ctypes.CDLL)
 
 
-def test_dense_group_policy_is_the_same_in_pytorch_and_onnx_runtime():
-    """The PyTorch binding and the ONNX Runtime op must send the same experts to a dense GEMM."""
+def test_dense_group_policy_comes_from_the_library_the_onnx_runtime_op_uses():
+    """The PyTorch binding reads the policy from the library (no copy of the constants), so the
+    two backends send the same experts to a dense GEMM; candidates follow the library's density."""
     import re
     from pathlib import Path
 
     header = (Path(__file__).parents[1] / "plugins" / "cpu" / "se_kernels.h").read_text()
     defines = dict(re.findall(r"#define (SE_DENSE_GROUP_\w+) ([0-9.]+)", header))
-    assert int(defines["SE_DENSE_GROUP_TOKENS"]) == kernels.DENSE_GROUP_TOKENS
-    assert float(defines["SE_DENSE_GROUP_DENSITY"]) == kernels.DENSE_GROUP_DENSITY
+    tokens, density = kernels.dense_group_policy()
+    assert (tokens, density) == (int(defines["SE_DENSE_GROUP_TOKENS"]), float(defines["SE_DENSE_GROUP_DENSITY"]))
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.randn(3, 8, 50, generator=gen)
+    keep = torch.stack([torch.rand(8, 50, generator=gen) < d for d in (density - 0.15, density + 0.15, 1.0)])
+    bound = kernels.BoundExperts(pack_experts(weights * keep, keep, "bitmap", torch.float32))
+    assert bound.dense_group_tokens == tokens
+    assert bound.dense_candidates == [1, 2]
+    assert kernels.BoundExperts(bound.packed, dense_group_tokens=0).dense_group_tokens == 0

@@ -932,6 +932,10 @@ extern "C" SE_API int se_routed_sparse_matmul_gemm(const se_experts* e, const fl
   }
 }
 
+extern "C" SE_API int64_t se_dense_group_tokens(void) { return SE_DENSE_GROUP_TOKENS; }
+
+extern "C" SE_API double se_dense_group_density(void) { return SE_DENSE_GROUP_DENSITY; }
+
 extern "C" SE_API const char* se_kernel_isa(void) {
   switch (cpu_isa()) {
     case Isa::Avx512: return "avx512";

@@ -103,6 +103,11 @@ SE_API int se_routed_sparse_matmul_gemm(const se_experts* experts, const float* 
                                         int32_t threads, se_dense_gemm gemm, void* gemm_ctx,
                                         int64_t min_group_tokens, char* err, size_t err_len);
 
+// The dense-group policy above (SE_DENSE_GROUP_TOKENS, SE_DENSE_GROUP_DENSITY), for bindings that
+// want to know whether a call can take the GEMM path without repeating the constants.
+SE_API int64_t se_dense_group_tokens(void);
+SE_API double se_dense_group_density(void);
+
 // "avx512", "avx2", "neon" or "portable": which code path this machine runs; SE_KERNELS_ISA=avx2
 // or SE_KERNELS_ISA=portable caps it (a path the CPU lacks is never taken).
 SE_API const char* se_kernel_isa(void);
