@@ -123,7 +123,7 @@ def _lloyd(z: torch.Tensor, centers: torch.Tensor, iters: int, tol: float = 1e-6
     cluster is re-seeded at the worst-fit point.
 
     The nearest centre only needs ``||c||^2 - 2 z.c`` (one addmm; ``||z||^2`` is added to the
-    inertia as a constant) and the new centres a bincount and an index_add: ~1.4x faster per
+    inertia as a constant) and the new centres a bincount and an index_add: 1.2-1.5x faster per
     iteration on CPU than full distances and a one-hot product.
     """
     k = centers.shape[0]
