@@ -47,7 +47,7 @@ from .modules import RoutedSparseLinear, decoded_expert_cache
 from .progress import progress_bar
 from .router import fit_router
 from .sparse_format import FORMATS, pack_experts
-from .sparsegpt import HessianAccumulator, input_gram, reconstruction_error, sparsegpt_prune
+from .sparsegpt import ClusterHessians, input_gram, reconstruction_error, sparsegpt_prune
 from .sparsity import SparsitySpec, parse_sparsity
 
 METHODS = ("se", "sparsegpt", "wanda", "magnitude")
@@ -55,6 +55,7 @@ DATA_FREE_METHODS = ("magnitude",)  # the mask depends on the weights only: no c
 VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PARTIAL_DIR = ".se-partial"
 _LAYER_CACHE_BYTES = 4 << 30  # decoded experts of the layer being calibrated
+_PRUNE_BUDGET_BYTES = 2 << 30  # Hessians and their factors in one pruning pass (experts_per_chunk)
 
 
 @dataclass
@@ -255,30 +256,25 @@ def expand_group(
     num_experts = router_weight.shape[1]
     lap("router")
 
-    acc, hessians = None, None
-    if x is not None:
-        acc = HessianAccumulator(in_features, num_experts)
-        acc.add(x, labels, total=gram)
-        hessians = acc.hessians()
+    clusters = None if x is None else ClusterHessians(x, labels, num_experts, total=gram)
     lap("hessians")
     if cfg.method in ("se", "sparsegpt"):
-        result = sparsegpt_prune(weight, hessians, spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
-                                 row_segments=bounds)
-        pruned, keep = result.weight, result.keep
-        report["damping"] = result.damping
-        report["dead_inputs"] = result.dead_inputs
+        pruned, keep = _prune_experts(weight, clusters, spec, cfg, bounds, report, lap)
     else:
         if cfg.method == "wanda":
-            sq_norms = torch.diagonal(acc.sums[0]).float()
+            sq_norms = torch.diagonal(gram).float()
             masks = [baselines.wanda_mask(weight[a:b], sq_norms, spec) for a, b in bounds]
         else:
             masks = [baselines.magnitude_mask(weight[a:b], spec) for a, b in bounds]
         keep = torch.cat(masks).unsqueeze(0)
         pruned = weight.unsqueeze(0) * keep
-    lap("prune")
-    if acc is not None:
-        report["cluster_sizes"] = acc.counts.tolist()
-        report["reconstruction_error"] = reconstruction_error(weight, pruned, hessians)
+        lap("prune")
+        if clusters is not None:
+            hessians = clusters.hessians([0])
+            lap("hessians")
+            report["reconstruction_error"] = reconstruction_error(weight, pruned, hessians)
+    if clusters is not None:
+        report["cluster_sizes"] = clusters.counts.tolist()
 
     value_dtype = VALUE_DTYPES[cfg.value_dtype]
     group_name = f"{prefix}.{names[0]}"
@@ -294,6 +290,43 @@ def expand_group(
     report["timing"] = timing
     report["seconds"] = round(time.perf_counter() - start, 3)
     return modules, report
+
+
+def experts_per_chunk(in_features: int, num_experts: int, budget: int | None = None) -> int:
+    """How many experts' Hessians one pruning pass holds: ~8 fp32 ``[in, in]`` copies each live
+    at once (Hessian, damped and reversed copies, Cholesky factor, its inverse) within ``budget``
+    bytes, so a wide linear is pruned a few experts at a time instead of all K at once."""
+    budget = _PRUNE_BUDGET_BYTES if budget is None else budget
+    return max(1, min(num_experts, budget // (8 * 4 * in_features * in_features)))
+
+
+def _prune_experts(weight: torch.Tensor, clusters: ClusterHessians, spec: SparsitySpec, cfg: ExpandConfig,
+                   bounds: list[tuple[int, int]], report: dict, lap: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT for every expert, batched over as many experts as the memory budget allows;
+    fills the report's damping, dead inputs and reconstruction errors; returns (pruned, keep)."""
+    num_experts = clusters.num_experts
+    chunk = experts_per_chunk(weight.shape[1], num_experts)
+    order = list(range(num_experts)) if chunk >= num_experts else clusters.expert_order()
+    pruned = torch.empty(num_experts, *weight.shape)
+    keep = torch.empty(num_experts, *weight.shape, dtype=torch.bool)
+    damping, dead, errors = [0.0] * num_experts, [0] * num_experts, [0.0] * num_experts
+    for c in range(0, num_experts, chunk):
+        ids = order[c : c + chunk]
+        hessians = clusters.hessians(ids)
+        lap("hessians")
+        result = sparsegpt_prune(weight, hessians, spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
+                                 row_segments=bounds)
+        lap("prune")
+        index = torch.tensor(ids)
+        pruned[index], keep[index] = result.weight, result.keep
+        for i, k in enumerate(ids):
+            damping[k], dead[k] = result.damping[i], result.dead_inputs[i]
+        for k, error in zip(ids, reconstruction_error(weight, result.weight, hessians), strict=True):
+            errors[k] = error
+        del result, hessians
+        lap("pack")  # the reconstruction-error diagnostic is booked with packing, as before
+    report["damping"], report["dead_inputs"], report["reconstruction_error"] = damping, dead, errors
+    return pruned, keep
 
 
 # ---------------------------------------------------------------- partial (resume) state

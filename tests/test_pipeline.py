@@ -123,6 +123,28 @@ def test_same_seed_same_checkpoint_and_other_seed_differs(tiny_tokenizer, calib)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa if k.endswith("values"))
 
 
+@pytest.mark.parametrize("sparsity", ["0.5", "2:4"])
+def test_experts_pruned_in_chunks_equal_one_batched_pass(sparsity, tiny_tokenizer, calib, monkeypatch):
+    """A memory budget too small for all K Hessians prunes a few experts at a time (the derived
+    Hessian last): the same checkpoint and report as one pass over all experts."""
+    whole, whole_result = _expand("llama", tiny_tokenizer, calib, sparsity=sparsity)
+    in_features = max(m.in_features for m in whole.modules() if isinstance(m, RoutedSparseLinear))
+    budget = 8 * 4 * in_features * in_features  # one expert per pass at the widest linear
+    monkeypatch.setattr(expand_mod, "_PRUNE_BUDGET_BYTES", budget)
+    assert expand_mod.experts_per_chunk(in_features, 4) == 1
+    calls = []
+    real = expand_mod.sparsegpt_prune
+    monkeypatch.setattr(expand_mod, "sparsegpt_prune", lambda w, h, *a, **kw: calls.append(h.shape[0]) or real(w, h, *a, **kw))
+    chunked, chunked_result = _expand("llama", tiny_tokenizer, calib, sparsity=sparsity)
+    assert max(calls) < 4
+    sw, sc = whole.state_dict(), chunked.state_dict()
+    assert all(torch.equal(sw[k], sc[k]) for k in sw)
+    for lw, lc in zip(whole_result.layers, chunked_result.layers, strict=True):
+        for gw, gc in zip(lw["groups"], lc["groups"], strict=True):
+            for key in ("reconstruction_error", "damping", "dead_inputs", "cluster_sizes"):
+                assert gw[key] == gc[key], key
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_resume_equals_uninterrupted_run(family, tiny_tokenizer, calib, tmp_path):
     full, _ = _expand(family, tiny_tokenizer, calib)

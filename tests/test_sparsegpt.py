@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from se_export.baselines import magnitude_mask, wanda_mask
 from se_export.sparsegpt import (
+    ClusterHessians,
     HessianAccumulator,
     _cholesky_inverse_upper,
     input_gram,
@@ -188,3 +189,26 @@ def test_input_gram_equals_float64_product_and_is_symmetric(tokens, features, bl
     assert torch.equal(g, g.t())
     ref = x.double().t() @ x.double()
     assert torch.allclose(g.double(), ref, atol=1e-4 * tokens ** 0.5, rtol=1e-5)
+
+
+def test_cluster_hessians_on_demand_equal_direct_products_and_keep_the_derived_one_last():
+    """Any chunking of the experts gives each cluster's 2/n X^T X; the largest, derived by
+    subtraction from the total, is refused until every other non-empty cluster is taken."""
+    _, _, x = _problem(3, 10, 120, 6)
+    x = x.float()
+    labels = torch.tensor([0] * 50 + [2] * 40 + [3] * 30)  # expert 1 gets no tokens
+    total = input_gram(x).double()
+    clusters = ClusterHessians(x, labels, 4, total=total)
+    assert clusters.derived == 0 and clusters.expert_order() == [1, 2, 3, 0]
+    with pytest.raises(RuntimeError, match="every other"):
+        ClusterHessians(x, labels, 4, total=total).hessians([0, 2])
+    got = torch.cat([clusters.hessians([3, 1]), clusters.hessians([2]), clusters.hessians([0])])
+    with pytest.raises(RuntimeError, match="already taken"):
+        clusters.hessians([2])
+    for h, k in zip(got, [3, 1, 2, 0], strict=True):
+        xk = x[labels == k].double()
+        want = 2 / max(1, xk.shape[0]) * xk.t() @ xk
+        assert torch.allclose(h.double(), want, rtol=1e-4, atol=1e-4)
+    acc = HessianAccumulator(10, 4)
+    acc.add(x, labels, total=total)
+    assert torch.equal(acc.hessians()[[3, 1, 2, 0]], got)
