@@ -32,7 +32,7 @@ def _inputs(tokens: int, in_features: int, experts: int) -> tuple[torch.Tensor, 
 
 def run_variant(variant: str, tokens: int, in_features: int, out_features: int, experts: int) -> dict:
     from se_export import expand
-    from se_export.sparsegpt import ClusterHessians, HessianAccumulator, input_gram, sparsegpt_prune
+    from se_export.sparsegpt import ClusterHessians, input_gram, sparsegpt_prune
     from se_export.sparsity import parse_sparsity
 
     x, labels, weight = _inputs(tokens, in_features, experts)
@@ -42,9 +42,14 @@ def run_variant(variant: str, tokens: int, in_features: int, out_features: int, 
     start = time.perf_counter()
     gram = input_gram(x).double()
     if variant == "all-at-once":
-        acc = HessianAccumulator(in_features, experts)
-        acc.add(x, labels, total=gram)
-        result = sparsegpt_prune(weight, acc.hessians(), spec)
+        # the previous path: every expert's fp64 sum held at once, then their fp32 Hessians
+        clusters = ClusterHessians(x, labels, experts, total=gram)
+        order = clusters.expert_order()
+        sums = torch.empty(experts, in_features, in_features, dtype=torch.float64)
+        for k in order:
+            sums[k] = clusters.sum64(k)
+        scale = 2.0 / clusters.counts.clamp(min=1).double()
+        result = sparsegpt_prune(weight, (sums * scale[:, None, None]).float(), spec)
         kept = float(result.keep.float().mean())
     else:
         cfg = expand.ExpandConfig(experts=experts)

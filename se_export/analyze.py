@@ -132,7 +132,7 @@ def neuron_variants(x: torch.Tensor, weight_row: torch.Tensor, bias: float, dens
     """One neuron's outputs when its weights are pruned by SparseGPT (K=1) and by Sparse
     Expansion with K experts, each with its W1 distance to the dense outputs."""
     from .router import fit_router
-    from .sparsegpt import HessianAccumulator, sparsegpt_prune
+    from .sparsegpt import ClusterHessians, sparsegpt_prune
     from .sparsity import parse_sparsity
     from .wasserstein import wasserstein_between
 
@@ -144,9 +144,8 @@ def neuron_variants(x: torch.Tensor, weight_row: torch.Tensor, bias: float, dens
         else:
             _, labels, _ = fit_router(x, k, pca_factor=pca_factor, seed=seed, min_cluster_tokens=min_cluster_tokens)
         k_eff = int(labels.max()) + 1
-        acc = HessianAccumulator(x.shape[1], k_eff)
-        acc.add(x, labels)
-        pruned = sparsegpt_prune(weight_row.unsqueeze(0), acc.hessians(), spec).weight[:, 0]  # [K, in]
+        hessians = ClusterHessians(x, labels, k_eff).hessians(list(range(k_eff)))
+        pruned = sparsegpt_prune(weight_row.unsqueeze(0), hessians, spec).weight[:, 0]  # [K, in]
         y = (x * pruned[labels]).sum(1) + bias
         name = f"SparseGPT {spec}" if k == 1 else f"Sparse Expansion K={k}"
         out[name] = (y.float(), wasserstein_between(y, dense))

@@ -306,7 +306,7 @@ def _prune_experts(weight: torch.Tensor, clusters: ClusterHessians, spec: Sparsi
     fills the report's damping, dead inputs and reconstruction errors; returns (pruned, keep)."""
     num_experts = clusters.num_experts
     chunk = experts_per_chunk(weight.shape[1], num_experts)
-    order = list(range(num_experts)) if chunk >= num_experts else clusters.expert_order()
+    order = clusters.expert_order()  # the derived Hessian last, whatever the chunk size
     pruned = torch.empty(num_experts, *weight.shape)
     keep = torch.empty(num_experts, *weight.shape, dtype=torch.bool)
     damping, dead, errors = [0.0] * num_experts, [0] * num_experts, [0.0] * num_experts

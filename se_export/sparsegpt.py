@@ -113,29 +113,6 @@ class ClusterHessians:
         return out
 
 
-class HessianAccumulator:
-    """Running ``sum x x^T`` per expert (fp32 products, fp64 sums) and token counts, over any
-    number of ``add`` calls."""
-
-    def __init__(self, in_features: int, num_experts: int = 1) -> None:
-        self.sums = torch.zeros(num_experts, in_features, in_features, dtype=torch.float64)
-        self.counts = torch.zeros(num_experts, dtype=torch.int64)
-
-    def add(self, x: torch.Tensor, labels: torch.Tensor | None = None, total: torch.Tensor | None = None) -> None:
-        """Add tokens ``x [n, in]`` assigned to experts ``labels [n]`` (all to expert 0 if None);
-        ``total`` as in ``ClusterHessians``."""
-        batch = ClusterHessians(x, labels, self.sums.shape[0], total)
-        for k in batch.expert_order():
-            if int(batch.counts[k]):
-                self.sums[k] += batch.sum64(k)
-        self.counts += batch.counts
-
-    def hessians(self) -> torch.Tensor:
-        """``H_k = 2/n_k sum x x^T`` as fp32 ``[E, in, in]`` (zero for an expert without tokens)."""
-        scale = 2.0 / self.counts.clamp(min=1).double()
-        return (self.sums * scale[:, None, None]).float()
-
-
 def _select_prune_unstructured(score: torch.Tensor, fraction: float, segments: list[tuple[int, int]]) -> torch.Tensor:
     """Prune mask for ``score [E, cols, rows]`` (transposed weights) with exactly
     round(fraction * numel) pruned per expert and row segment."""

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from se_export.errors import SEError
-from se_export.router import _pca_without, fit_router, pca
+from se_export.router import fit_router, pca
 
 
 def _blobs(n_per: int, k: int, dim: int, seed: int) -> torch.Tensor:
@@ -78,7 +78,7 @@ def test_pca_without_outliers_from_the_gram_matrix_equals_pca_of_the_inliers():
     drop = torch.zeros(x.shape[0], dtype=torch.bool)
     drop[:4] = True
     gram = x.double().t() @ x.double()
-    mean_a, proj_a = _pca_without(x, drop, 5, gram)
+    mean_a, proj_a = pca(x, 5, gram, drop=drop)
     mean_b, proj_b = pca(x[~drop], 5)
     assert torch.allclose(mean_a, mean_b, atol=1e-4)
     assert torch.allclose(proj_a, proj_b, atol=1e-3)
