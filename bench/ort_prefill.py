@@ -1,8 +1,10 @@
 """Prefill of one routed sparse layer in ONNX Runtime vs ONNX Runtime's dense MatMul, same run.
 
 Why: the custom op's prefill either runs every token on the sparse tile or, for an expert with
-many tokens that keeps enough weights, decodes it once and invokes ONNX Runtime's own Gemm from
-inside the op ("dense groups", ``se_routed_sparse_matmul_gemm_on``). Both are timed against a
+many tokens that keeps enough weights, decodes it and invokes ONNX Runtime's own Gemm from inside
+the op ("dense groups", ``se_routed_sparse_matmul_gemm_on``), by default on 8 MiB bands of output
+rows, each multiplied while the decode's output is still in cache ("dense groups whole": the
+whole decoded expert in one Gemm, as before the bands). All are timed against a
 one-node ``MatMul`` graph of the same weight (fp32, as ONNX Runtime's CPU MatMul runs), in
 alternating rounds in one process, and each ratio is the median of the per-round ratios.
 One expert takes all tokens (K=1), as in ``bench/kernels.py``: the layer cost, not the routing.
@@ -12,8 +14,7 @@ One expert takes all tokens (K=1), as in ``bench/kernels.py``: the layer cost, n
     .venv/bin/python bench/ort_prefill.py --e2e out/onnx-dense out/demo-onnx --prompt-len 2048
 
 ``--e2e DENSE EXPANDED`` instead times the prefill of whole exported models in one process: the
-dense export, the expanded one on the sparse tile only, and the expanded one with dense groups,
-round after round.
+dense export and the expanded one in each variant above, round after round.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from kernels import cpu_model, sparse_mask, time_rounds
 
 from se_export import onnx_schema
 from se_export.atomic import atomic_write_text
-from se_export.ort_runtime import ort_library
+from se_export.ort_runtime import session_options
 from se_export.sparse_format import pack_experts
 
 
@@ -65,31 +66,36 @@ def routed_model(packed):
                              ir_version=10)
 
 
+# Op settings read when ONNX Runtime creates the op's kernels: the group size at which an expert goes
+# to ONNX Runtime's Gemm ("0": never) and the decoded bytes per Gemm call ("0": the whole expert).
+VARIANTS = {"sparse_tile": {"SE_ORT_DENSE_GROUP_TOKENS": "0"},
+            "dense_groups": {},
+            "dense_groups_whole": {"SE_ORT_DENSE_TILE_BYTES": "0"}}
+_OP_SETTINGS = ("SE_ORT_DENSE_GROUP_TOKENS", "SE_ORT_DENSE_TILE_BYTES")
+
+
 @contextlib.contextmanager
-def dense_group_setting(value: str | None):
-    """SE_ORT_DENSE_GROUP_TOKENS set to ``value`` (None: left alone) while sessions are built: the
-    op reads it when ONNX Runtime creates its kernels ("" = the default threshold, "0" = off)."""
-    saved = os.environ.get("SE_ORT_DENSE_GROUP_TOKENS")
-    if value is not None:
-        os.environ["SE_ORT_DENSE_GROUP_TOKENS"] = value
+def op_settings(values: dict[str, str]):
+    """Exactly ``values`` of the op's settings in the environment (the others unset: the op's
+    defaults) while sessions are built."""
+    saved = {name: os.environ.pop(name, None) for name in _OP_SETTINGS}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop("SE_ORT_DENSE_GROUP_TOKENS", None)
-        else:
-            os.environ["SE_ORT_DENSE_GROUP_TOKENS"] = saved
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
-def session(model, threads: int, dense_group_tokens: str | None = None) -> ort.InferenceSession:
-    """A session (with our op library when ``dense_group_tokens`` is given)."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    if dense_group_tokens is not None:
-        opts.register_custom_ops_library(str(ort_library()))
-    with dense_group_setting(dense_group_tokens):
+def session(model, threads: int, settings: dict[str, str] | None = None) -> ort.InferenceSession:
+    """A session (with our op library and these op settings when ``settings`` is given)."""
+    # The sessions take turns call by call: a pool left spinning after its call takes the cores from
+    # the next session's call (a variant timed right after another session's call ran 1.06-1.36x
+    # the time it took right after its own session's), so no pool here spins.
+    opts = session_options(threads, custom_ops=settings is not None, spinning=False)
+    with op_settings(settings or {}):
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
@@ -105,37 +111,36 @@ def bench(shapes: list[str], batches: list[int], sparsities: list[str], threads:
             packed = pack_experts((weight * mask)[None], mask[None], "bitmap", torch.float32)
             model = routed_model(packed)
             masked_t = (weight * mask).t().contiguous().numpy()
-            tile, groups = session(model, threads, "0"), session(model, threads, "")
+            sessions = {name: session(model, threads, settings) for name, settings in VARIANTS.items()}
             for batch in batches:
                 x = torch.randn(batch, inn, generator=gen).numpy()
-                fns = {"dense": lambda s=dense, x=x: s.run(None, {"x": x}),
-                       "sparse_tile": lambda s=tile, x=x: s.run(None, {"x": x}),
-                       "dense_groups": lambda s=groups, x=x: s.run(None, {"x": x})}
-                expected = x @ masked_t  # the product both op paths must give, else the timing means nothing
-                for name in ("sparse_tile", "dense_groups"):
+                fns = {"dense": lambda s=dense, x=x: s.run(None, {"x": x})}
+                fns |= {name: (lambda s=sess, x=x: s.run(None, {"x": x})) for name, sess in sessions.items()}
+                expected = x @ masked_t  # the product every op path must give, else the timing means nothing
+                for name in VARIANTS:
                     assert np.allclose(fns[name]()[0], expected, rtol=1e-3, atol=1e-3), name
                 times = time_rounds(fns, min_time=1.0, max_rounds=20)
                 row = {"in": inn, "out": out, "batch": batch, "sparsity": sparsity, "values": "fp32",
                        "rounds": len(times["dense"]), "dense_ms": statistics.median(times["dense"]) * 1e3}
-                for name in ("sparse_tile", "dense_groups"):
+                for name in VARIANTS:
                     row[f"{name}_ms"] = statistics.median(times[name]) * 1e3
                     row[f"{name}_vs_dense"] = statistics.median(
                         t / d for t, d in zip(times[name], times["dense"], strict=True))
                 rows.append(row)
-                print(f"{inn}x{out} b={batch} s={sparsity}: dense {row['dense_ms']:.1f} ms, sparse tile "
-                      f"{row['sparse_tile_ms']:.1f} ({row['sparse_tile_vs_dense']:.2f}x), dense groups "
-                      f"{row['dense_groups_ms']:.1f} ({row['dense_groups_vs_dense']:.2f}x)", flush=True)
+                print(f"{inn}x{out} b={batch} s={sparsity}: dense {row['dense_ms']:.1f} ms, "
+                      + ", ".join(f"{name.replace('_', ' ')} {row[name + '_ms']:.1f} ({row[name + '_vs_dense']:.2f}x)"
+                                  for name in VARIANTS), flush=True)
     return rows
 
 
 def bench_e2e(dense_dir: Path, expanded_dir: Path, prompt_len: int, rounds: int, threads: int) -> dict:
     from se_export.ort_runtime import OrtCausalLM
 
-    def load(folder: Path, dense_group_tokens: str | None = None) -> OrtCausalLM:
-        with dense_group_setting(dense_group_tokens):
-            return OrtCausalLM(folder, threads=threads)
+    def load(folder: Path, settings: dict[str, str]) -> OrtCausalLM:
+        with op_settings(settings):
+            return OrtCausalLM(folder, threads=threads, spinning=False)
 
-    models = {"dense": load(dense_dir), "sparse_tile": load(expanded_dir, "0"), "dense_groups": load(expanded_dir, "")}
+    models = {"dense": load(dense_dir, {})} | {name: load(expanded_dir, settings) for name, settings in VARIANTS.items()}
     ids = np.random.default_rng(0).integers(0, models["dense"].manifest["vocab_size"], (1, prompt_len))
     for lm in models.values():  # warm-up (and first-touch of the weights)
         lm.run(ids[:, : min(prompt_len, 256)])
@@ -147,22 +152,22 @@ def bench_e2e(dense_dir: Path, expanded_dir: Path, prompt_len: int, rounds: int,
             seconds[name].append(time.perf_counter() - start)
     result = {"dense_dir": str(dense_dir), "expanded_dir": str(expanded_dir), "prompt_len": prompt_len,
               "rounds": rounds, "seconds": seconds}
-    for name in ("sparse_tile", "dense_groups"):
+    for name in VARIANTS:
         result[f"{name}_vs_dense"] = statistics.median(
             t / d for t, d in zip(seconds[name], seconds["dense"], strict=True))
-    print(f"prefill of {prompt_len} tokens: dense {statistics.median(seconds['dense']):.2f} s, expanded on the sparse "
-          f"tile {result['sparse_tile_vs_dense']:.2f}x, with dense groups {result['dense_groups_vs_dense']:.2f}x "
-          f"the dense time (median of {rounds} paired rounds)")
+    print(f"prefill of {prompt_len} tokens: dense {statistics.median(seconds['dense']):.2f} s; expanded, x the dense "
+          f"time (median of {rounds} paired rounds): "
+          + ", ".join(f"{name.replace('_', ' ')} {result[name + '_vs_dense']:.2f}x" for name in VARIANTS))
     return result
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| shape (in x out) | tokens | sparsity | ORT MatMul ms | sparse tile ms (x dense) | dense groups ms (x dense) |",
-             "|---|---:|---|---:|---:|---:|"]
+    lines = ["| shape (in x out) | tokens | sparsity | ORT MatMul ms | "
+             + " | ".join(f"{name.replace('_', ' ')} ms (x dense)" for name in VARIANTS) + " |",
+             "|---|---:|---|---:|" + "---:|" * len(VARIANTS)]
     for r in rows:
         lines.append(f"| {r['in']} x {r['out']} | {r['batch']} | {r['sparsity']} | {r['dense_ms']:.1f} | "
-                     f"{r['sparse_tile_ms']:.1f} ({r['sparse_tile_vs_dense']:.2f}x) | "
-                     f"{r['dense_groups_ms']:.1f} ({r['dense_groups_vs_dense']:.2f}x) |")
+                     + " | ".join(f"{r[name + '_ms']:.1f} ({r[name + '_vs_dense']:.2f}x)" for name in VARIANTS) + " |")
     return "\n".join(lines)
 
 

@@ -38,6 +38,13 @@ def _float_view(address: int, rows: int, cols: int) -> torch.Tensor:
     return torch.frombuffer((ctypes.c_float * (rows * cols)).from_address(address), dtype=torch.float32).view(rows, cols)
 
 
+# Torch's GEMM takes the whole decoded expert at once: fed 8 MiB bands of it (the library's
+# gemm_tile_bytes, which bounds ONNX Runtime's op's scratch at no cost in speed) it took 1.39-1.46x
+# the dense time at in_features 11008 and 512 tokens, against 1.08-1.13x whole (BENCHMARKS.md,
+# twelfth session).
+_TORCH_GEMM_TILE_BYTES = 0
+
+
 @_GEMM_FN
 def _torch_gemm(_ctx, m: int, n: int, k: int, a: int, w: int, c: int) -> int:
     """``c = a @ w.T`` with torch's GEMM, called back by the kernel library for a dense group."""
@@ -85,7 +92,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.se_routed_sparse_matmul_gemm.argtypes = [ctypes.POINTER(_Experts), ctypes.c_void_p, ctypes.c_void_p,
                                                  ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p,
                                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, _GEMM_FN,
-                                                 ctypes.c_void_p, ctypes.c_int64, ctypes.c_char_p, ctypes.c_size_t]
+                                                 ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_char_p,
+                                                 ctypes.c_size_t]
     lib.se_decode_expert.argtypes = [ctypes.POINTER(_Experts), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
                                      ctypes.c_char_p, ctypes.c_size_t]
     lib.se_kernel_isa.restype = ctypes.c_char_p
@@ -192,7 +200,8 @@ class BoundExperts:
         args = (ctypes.byref(self.struct), _ptr(g), _ptr(b), _ptr(flat), _DTYPES[flat.dtype], tokens, _ptr(ids_in),
                 _ptr(ids_out), _ptr(y), threads)
         if self.dense_group_tokens and self.dense_candidates and tokens >= self.dense_group_tokens:
-            rc = require().se_routed_sparse_matmul_gemm(*args, _torch_gemm, None, self.dense_group_tokens, err, 512)
+            rc = require().se_routed_sparse_matmul_gemm(*args, _torch_gemm, None, self.dense_group_tokens,
+                                                          _TORCH_GEMM_TILE_BYTES, err, 512)
         else:
             rc = require().se_routed_sparse_matmul(*args, err, 512)
         if rc:

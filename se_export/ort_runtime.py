@@ -21,11 +21,16 @@ def ort_library() -> Path:
     return path
 
 
-def session_options(threads: int = 0, custom_ops: bool = True, profile_prefix: str | None = None):
+def session_options(threads: int = 0, custom_ops: bool = True, profile_prefix: str | None = None,
+                    spinning: bool = True):
+    """``spinning=False`` for sessions that take turns call by call in one process (benchmarks): a
+    pool left spinning after its call takes the cores from the next session's call."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:  # ONNX Runtime's per-node profiler (bench/ort_profile.py)
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
@@ -97,7 +102,7 @@ class OrtCausalLM(StepModel):
     """An exported causal LM in ONNX Runtime (CPU), with the Optimum-style past/present I/O."""
 
     def __init__(self, folder: Path, threads: int = 0, model_file: Path | None = None,
-                 profile_prefix: str | None = None) -> None:
+                 profile_prefix: str | None = None, spinning: bool = True) -> None:
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -108,7 +113,7 @@ class OrtCausalLM(StepModel):
         # memory per linear. Without the arena it is returned after every node (the arena would keep
         # the peak of the largest call); constant folding has nothing worth precomputing there.
         lazy = self.manifest.get("portable") and self.manifest.get("expanded_linears", 0) > 0
-        opts = session_options(threads, needs_op, profile_prefix)
+        opts = session_options(threads, needs_op, profile_prefix, spinning)
         if lazy:
             opts.enable_cpu_mem_arena = False
         try:

@@ -249,12 +249,14 @@ def test_ort_op_matches_the_torch_op(seed, k, out, inn, tokens, fmt, vdtype, fp1
 @given(seed=st.integers(0, 1000), k=st.integers(1, 4), out=st.integers(1, 24), inn=st.integers(1, 40),
        tokens=st.sampled_from([3, 17, 64]), min_group=st.sampled_from([1, 3, 8]),
        fmt=st.sampled_from(["bitmap", "csr16"]), vdtype=st.sampled_from([torch.float32, torch.float16]),
-       fp16_x=st.booleans(), with_bias=st.booleans(), with_ids=st.booleans())
+       fp16_x=st.booleans(), with_bias=st.booleans(), with_ids=st.booleans(), band_rows=st.sampled_from([0, 1, 5]))
 def test_ort_op_dense_groups_on_ort_gemm_match_the_torch_op(seed, k, out, inn, tokens, min_group, fmt, vdtype, fp16_x,
-                                                            with_bias, with_ids, monkeypatch):
-    """Large groups of dense-enough experts go through ONNX Runtime's Gemm (invoked from the op);
-    sparser experts and small groups stay on the sparse kernel. Every case against the golden op."""
+                                                            with_bias, with_ids, band_rows, monkeypatch):
+    """Large groups of dense-enough experts go through ONNX Runtime's Gemm (invoked from the op),
+    whole or in bands of output rows (SE_ORT_DENSE_TILE_BYTES; 0 = whole); sparser experts and small
+    groups stay on the sparse kernel. Every case against the golden op."""
     monkeypatch.setenv("SE_ORT_DENSE_GROUP_TOKENS", str(min_group))
+    monkeypatch.setenv("SE_ORT_DENSE_TILE_BYTES", str(band_rows * inn * 4))
     gen = torch.Generator().manual_seed(seed)
     keep = torch.tensor([0.7, 0.2, 0.5, 1.0][:k]).view(k, 1, 1)  # some experts above the 0.4 density bar, some below
     mask = torch.rand(k, out, inn, generator=gen) < keep

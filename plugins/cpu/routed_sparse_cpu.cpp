@@ -695,10 +695,17 @@ struct DenseGroups {
   se_dense_gemm gemm = nullptr;
   void* ctx = nullptr;
   int64_t min_tokens = 0;
+  int64_t tile_bytes = 0;  // decoded bytes per GEMM call; <= 0: the whole expert at once
   bool on() const { return gemm != nullptr && min_tokens > 0; }
+  // Output rows decoded and multiplied per GEMM call: as many as tile_bytes holds (at least one).
+  int64_t tile_rows(int64_t in, int64_t out) const {
+    if (tile_bytes <= 0) return out;
+    return std::min(out, std::max<int64_t>(1, tile_bytes / (static_cast<int64_t>(sizeof(float)) * std::max<int64_t>(in, 1))));
+  }
 };
 
 int decode_expert(const se_experts* e, int64_t k, float* dense, Executor exec, char* err, size_t err_len);
+void decode_rows(const se_experts* e, int64_t k, int64_t first, int64_t last, float* dense, const Executor& exec);
 
 inline int64_t tokens_of(const std::vector<int64_t>& start) { return start.back(); }
 
@@ -708,7 +715,9 @@ inline double expert_density(const se_experts* e, int64_t k) {
 }
 
 // Runs every expert with enough tokens and weights as decode + gather + host GEMM + scatter (+ bias)
-// into y, and removes its tokens from (order, start) so the sparse kernel skips them.
+// into y, and removes its tokens from (order, start) so the sparse kernel skips them. With a tile,
+// the expert is decoded and multiplied a band of output rows at a time, so the scratch kept per
+// thread is a band, not the whole expert.
 int run_dense_groups(const se_experts* e, const float* x, float* y, std::vector<int32_t>& order,
                      std::vector<int64_t>& start, const DenseGroups& dense, const Executor& exec, char* err,
                      size_t err_len) {
@@ -721,11 +730,11 @@ int run_dense_groups(const se_experts* e, const float* x, float* y, std::vector<
   auto reserve = [](std::vector<float>& v, int64_t n) {
     if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
   };
+  const int64_t tile = dense.tile_rows(in, out);
   for (int64_t k = 0; k < K; ++k) {
     const int64_t n = start[k + 1] - start[k];
     if (n < dense.min_tokens || expert_density(e, k) < SE_DENSE_GROUP_DENSITY) continue;
-    reserve(weight, out * in);
-    if (decode_expert(e, k, weight.data(), exec, err, err_len)) return 1;
+    reserve(weight, tile * in);
     const int32_t* toks = order.data() + start[k];
     // all tokens in their own order (one expert took the whole call): no gather, no scatter
     const bool whole = n == tokens_of(start) && toks[0] == 0 && toks[n - 1] == n - 1;
@@ -735,17 +744,23 @@ int run_dense_groups(const se_experts* e, const float* x, float* y, std::vector<
       for (int64_t t = 0; t < n; ++t) std::memcpy(&a[t * in], x + static_cast<int64_t>(toks[t]) * in, sizeof(float) * in);
       rows = a.data();
     }
-    float* result = whole ? y : (reserve(c, n * out), c.data());
-    if (dense.gemm(dense.ctx, n, out, in, rows, weight.data(), result))
-      return fail(err, err_len, "the host's dense GEMM failed for expert " + std::to_string(k)), 1;
+    const bool direct = whole && tile == out;
+    if (!direct) reserve(c, n * tile);
     const float* bias = e->bias ? e->bias + k * out : nullptr;
-    for (int64_t t = 0; t < n; ++t) {
-      float* dst = y + static_cast<int64_t>(toks[t]) * out;
-      const float* src = result + t * out;
-      if (bias)
-        for (int64_t r = 0; r < out; ++r) dst[r] = src[r] + bias[r];
-      else if (!whole)
-        std::memcpy(dst, src, sizeof(float) * out);
+    for (int64_t r0 = 0; r0 < out; r0 += tile) {
+      const int64_t w = std::min(tile, out - r0);
+      decode_rows(e, k, r0, r0 + w, weight.data(), exec);
+      float* result = direct ? y : c.data();
+      if (dense.gemm(dense.ctx, n, w, in, rows, weight.data(), result))
+        return fail(err, err_len, "the host's dense GEMM failed for expert " + std::to_string(k)), 1;
+      for (int64_t t = 0; t < n; ++t) {
+        float* dst = y + static_cast<int64_t>(toks[t]) * out + r0;
+        const float* src = result + t * w;
+        if (bias)
+          for (int64_t r = 0; r < w; ++r) dst[r] = src[r] + bias[r0 + r];
+        else if (!direct)
+          std::memcpy(dst, src, sizeof(float) * w);
+      }
     }
     taken[k] = 1;
     any = true;
@@ -836,19 +851,24 @@ void decode_row(const se_experts* e, int64_t k, int64_t r, float* dense) {
   se_values::decode_bits<VD>(e->values, bits, 0, in, p, dense);
 }
 
-int decode_expert(const se_experts* e, int64_t k, float* dense, Executor exec, char* err, size_t err_len) {
-  if (k < 0 || k >= e->num_experts) return fail(err, err_len, "expert index out of range"), 1;
-  const int64_t rows = e->out_features, in = e->in_features;
+// Rows [first, last) of expert k into dense (row first at dense[0]), on exec's threads.
+void decode_rows(const se_experts* e, int64_t k, int64_t first, int64_t last, float* dense, const Executor& exec) {
+  const int64_t in = e->in_features;
   const int64_t block = 64;  // rows per task
   auto body = [&](int64_t t) {
-    for (int64_t r = t * block; r < std::min(rows, (t + 1) * block); ++r) {
-      float* row = dense + r * in;
+    for (int64_t r = first + t * block; r < std::min(last, first + (t + 1) * block); ++r) {
+      float* row = dense + (r - first) * in;
       if (e->value_dtype == SE_F32) decode_row<SE_F32>(e, k, r, row);
       else if (e->value_dtype == SE_F16) decode_row<SE_F16>(e, k, r, row);
       else decode_row<SE_BF16>(e, k, r, row);
     }
   };
-  exec.serial_if(rows * in < kSerialWork).for_each((rows + block - 1) / block, body);
+  exec.serial_if((last - first) * in < kSerialWork).for_each((last - first + block - 1) / block, body);
+}
+
+int decode_expert(const se_experts* e, int64_t k, float* dense, Executor exec, char* err, size_t err_len) {
+  if (k < 0 || k >= e->num_experts) return fail(err, err_len, "expert index out of range"), 1;
+  decode_rows(e, k, 0, e->out_features, dense, exec);
   return 0;
 }
 
@@ -908,11 +928,12 @@ extern "C" SE_API int se_routed_sparse_matmul_gemm_on(const se_experts* e, const
                                                       int64_t tokens, const int32_t* expert_ids_in,
                                                       int32_t* expert_ids_out, void* y, se_parallel_for parallel_for,
                                                       void* pool, se_dense_gemm gemm, void* gemm_ctx,
-                                                      int64_t min_group_tokens, char* err, size_t err_len) {
+                                                      int64_t min_group_tokens, int64_t gemm_tile_bytes, char* err,
+                                                      size_t err_len) {
   try {
     return routed_sparse_matmul(e, router_weight, router_bias, x, x_dtype, tokens, expert_ids_in, expert_ids_out, y,
                                 Executor{parallel_for, pool, 1}, err, err_len,
-                                DenseGroups{gemm, gemm_ctx, min_group_tokens});
+                                DenseGroups{gemm, gemm_ctx, min_group_tokens, gemm_tile_bytes});
   } catch (const std::exception& ex) {
     return fail(err, err_len, ex.what()), 1;
   }
@@ -922,11 +943,12 @@ extern "C" SE_API int se_routed_sparse_matmul_gemm(const se_experts* e, const fl
                                                    const float* router_bias, const void* x, int32_t x_dtype,
                                                    int64_t tokens, const int32_t* expert_ids_in,
                                                    int32_t* expert_ids_out, void* y, int32_t threads, se_dense_gemm gemm,
-                                                   void* gemm_ctx, int64_t min_group_tokens, char* err,
-                                                   size_t err_len) {
+                                                   void* gemm_ctx, int64_t min_group_tokens, int64_t gemm_tile_bytes,
+                                                   char* err, size_t err_len) {
   try {
     return routed_sparse_matmul(e, router_weight, router_bias, x, x_dtype, tokens, expert_ids_in, expert_ids_out, y,
-                                openmp(threads), err, err_len, DenseGroups{gemm, gemm_ctx, min_group_tokens});
+                                openmp(threads), err, err_len,
+                                DenseGroups{gemm, gemm_ctx, min_group_tokens, gemm_tile_bytes});
   } catch (const std::exception& ex) {
     return fail(err, err_len, ex.what()), 1;
   }

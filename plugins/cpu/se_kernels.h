@@ -88,6 +88,11 @@ SE_API int se_routed_sparse_matmul_on(const se_experts* experts, const float* ro
 // of its weights. gemm must compute c[m, n] = a[m, k] w[n, k]^T (fp32, row-major) and return 0;
 // NULL gemm or min_group_tokens <= 0 is se_routed_sparse_matmul_on. ONNX Runtime's op passes its
 // own Gemm (invoked from the op), the PyTorch binding torch's matmul through the OpenMP variant.
+// gemm_tile_bytes > 0 decodes and multiplies an expert a band of output rows at a time (as many as
+// that many fp32 bytes hold, at least one; gemm then gets n = the band's rows), so the decode
+// scratch kept per calling thread is a band, not the whole expert. Whether narrower GEMMs cost
+// speed depends on the host's GEMM (ONNX Runtime's: no; torch's: yes), so the host chooses;
+// <= 0 is one GEMM per expert.
 #define SE_DENSE_GROUP_TOKENS 128
 #define SE_DENSE_GROUP_DENSITY 0.4
 typedef int (*se_dense_gemm)(void* ctx, int64_t m, int64_t n, int64_t k, const float* a, const float* w, float* c);
@@ -95,13 +100,15 @@ SE_API int se_routed_sparse_matmul_gemm_on(const se_experts* experts, const floa
                                            const float* router_bias, const void* x, int32_t x_dtype, int64_t tokens,
                                            const int32_t* expert_ids_in, int32_t* expert_ids_out, void* y,
                                            se_parallel_for parallel_for, void* pool, se_dense_gemm gemm,
-                                           void* gemm_ctx, int64_t min_group_tokens, char* err, size_t err_len);
+                                           void* gemm_ctx, int64_t min_group_tokens, int64_t gemm_tile_bytes,
+                                           char* err, size_t err_len);
 // The same on an OpenMP team of `threads` (<= 0: the OpenMP default), like se_routed_sparse_matmul.
 SE_API int se_routed_sparse_matmul_gemm(const se_experts* experts, const float* router_weight,
                                         const float* router_bias, const void* x, int32_t x_dtype, int64_t tokens,
                                         const int32_t* expert_ids_in, int32_t* expert_ids_out, void* y,
                                         int32_t threads, se_dense_gemm gemm, void* gemm_ctx,
-                                        int64_t min_group_tokens, char* err, size_t err_len);
+                                        int64_t min_group_tokens, int64_t gemm_tile_bytes, char* err,
+                                        size_t err_len);
 
 // The dense-group policy above (SE_DENSE_GROUP_TOKENS, SE_DENSE_GROUP_DENSITY), for bindings that
 // want to know whether a call can take the GEMM path without repeating the constants.

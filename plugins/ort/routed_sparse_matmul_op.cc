@@ -81,6 +81,17 @@ int64_t dense_group_tokens() {
   return env && *env ? std::strtoll(env, nullptr, 10) : SE_DENSE_GROUP_TOKENS;
 }
 
+// Decoded bytes per Gemm call: the op's decode scratch holds an 8 MiB band of an expert's output
+// rows instead of the whole expert (at 4096 x 11008: resident memory +30 MB over three 512-token
+// calls instead of +194 MB), at the same speed with ONNX Runtime's Gemm (BENCHMARKS.md, twelfth
+// session). SE_ORT_DENSE_TILE_BYTES overrides it (0: the whole expert in one Gemm).
+constexpr int64_t kDenseTileBytes = int64_t{8} << 20;
+
+int64_t dense_tile_bytes() {
+  const char* env = std::getenv("SE_ORT_DENSE_TILE_BYTES");
+  return env && *env ? std::strtoll(env, nullptr, 10) : kDenseTileBytes;
+}
+
 template <typename TX, typename TV, typename TI>
 struct RoutedSparseMatMulKernel {
   RoutedSparseMatMulKernel(const OrtApi* /*api*/, const OrtKernelInfo* info) {
@@ -88,6 +99,7 @@ struct RoutedSparseMatMulKernel {
     out_features_ = ki.GetAttribute<int64_t>("out_features");
     format_ = ki.GetAttribute<std::string>("format");
     min_group_tokens_ = dense_group_tokens();
+    tile_bytes_ = dense_tile_bytes();
     if (min_group_tokens_ > 0) {
       try {
         const char* type_names[] = {"T"};
@@ -182,7 +194,7 @@ struct RoutedSparseMatMulKernel {
     OrtGemm gemm{&gemm_, context};
     if (se_routed_sparse_matmul_gemm_on(&e, router_weight.Data(), router_bias.Data(), x.Data(), dtype_code<TX>(), tokens,
                                         ids_in, ids_out, y_data, ort_parallel_for, context,
-                                        min_group_tokens_ > 0 ? ort_gemm : nullptr, &gemm, min_group_tokens_, err,
+                                        min_group_tokens_ > 0 ? ort_gemm : nullptr, &gemm, min_group_tokens_, tile_bytes_, err,
                                         sizeof(err)))
       return invalid(err);
     return Ort::Status(nullptr);
@@ -203,6 +215,7 @@ struct RoutedSparseMatMulKernel {
   int64_t out_features_ = 0;
   std::string format_;
   int64_t min_group_tokens_ = 0;
+  int64_t tile_bytes_ = 0;
   Ort::Op gemm_{nullptr};  // a standalone Gemm kernel, created with the node
   std::mutex mu_;
   se_experts checked_{};

@@ -3,6 +3,7 @@
 // prefill paths), in_features not a multiple of 8, plus rejection of corrupt inputs. The host-pool
 // entry (se_routed_sparse_matmul_on: ONNX Runtime's pool) must give bit-identical results, and the
 // host-GEMM entry (se_routed_sparse_matmul_gemm_on) the same product through the host's GEMM.
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -33,7 +34,8 @@ void thread_pool(void* /*pool*/, size_t count, void (*body)(void*, size_t), void
 
 // The host GEMM stand-in: a plain loop (c = a w^T), counting the rows it was given.
 struct CountingGemm {
-  int64_t calls = 0, rows = 0;
+  int64_t calls = 0, rows = 0, cols = 0;  // GEMM calls, token rows (m) and output columns (n) summed
+  int64_t widest = 0;                     // largest n of a call
   bool fail = false;
 };
 
@@ -42,6 +44,8 @@ int reference_gemm(void* ctx, int64_t m, int64_t n, int64_t k, const float* a, c
   if (g->fail) return 1;
   ++g->calls;
   g->rows += m;
+  g->cols += n;
+  g->widest = std::max(g->widest, n);
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < n; ++j) {
       double acc = 0;
@@ -52,19 +56,23 @@ int reference_gemm(void* ctx, int64_t m, int64_t n, int64_t k, const float* a, c
 }
 
 // se_routed_sparse_matmul_gemm_on: the same product as the sparse kernel (float64 reference), the
-// host GEMM called once per expert with >= min tokens and >= SE_DENSE_GROUP_DENSITY kept, for
-// exactly those tokens; a failing GEMM is an error, not a wrong answer.
+// host GEMM called for every expert with >= min tokens and >= SE_DENSE_GROUP_DENSITY kept, for
+// exactly those tokens, once per band of output rows when tiled (bands of tile_bytes / (4 in) rows
+// covering all of out); a failing GEMM is an error, not a wrong answer.
 int check_gemm_entry(const Case& c, se_test::RandomExperts& re, const std::vector<int32_t>& ids,
-                     const std::vector<float>& y) {
+                     const std::vector<float>& y, int64_t min_tokens, int64_t band_rows) {
   char err[256];
   int failures = 0;
-  for (int64_t min_tokens : {int64_t{1}, int64_t{4}, c.tokens + 1}) {
+  {
+    const int64_t tile_bytes = band_rows * c.in * static_cast<int64_t>(sizeof(float));  // 0: whole expert
+    const int64_t band = band_rows > 0 ? std::min(band_rows, c.out) : c.out;
+    const int64_t bands = (c.out + band - 1) / band;
     CountingGemm gemm;
     std::vector<float> y_gemm(y.size());
     std::vector<int32_t> ids_gemm(c.tokens);
     if (se_routed_sparse_matmul_gemm_on(&re.e, re.G.data(), re.b.data(), re.x.data(), SE_F32, c.tokens, nullptr,
                                         ids_gemm.data(), y_gemm.data(), thread_pool, nullptr, reference_gemm, &gemm,
-                                        min_tokens, err, sizeof(err))) {
+                                        min_tokens, tile_bytes, err, sizeof(err))) {
       std::printf("gemm entry failed: %s\n", err);
       return 1;
     }
@@ -80,17 +88,24 @@ int check_gemm_entry(const Case& c, se_test::RandomExperts& re, const std::vecto
       const bool dense = static_cast<double>(end - begin) >= SE_DENSE_GROUP_DENSITY * static_cast<double>(c.out * c.in);
       if (dense && n >= min_tokens && c.tokens >= min_tokens) ++expect_calls, expect_rows += n;
     }
-    if (gemm.calls != expect_calls || gemm.rows != expect_rows) {
-      std::printf("gemm calls %lld rows %lld, expected %lld and %lld (min %lld)\n", static_cast<long long>(gemm.calls),
-                  static_cast<long long>(gemm.rows), static_cast<long long>(expect_calls),
-                  static_cast<long long>(expect_rows), static_cast<long long>(min_tokens));
+    const int64_t experts_dense = expect_calls;
+    expect_calls *= bands;
+    expect_rows *= bands;
+    if (gemm.calls != expect_calls || gemm.rows != expect_rows || gemm.cols != experts_dense * c.out ||
+        (experts_dense && gemm.widest != band)) {
+      std::printf("gemm calls %lld rows %lld cols %lld widest %lld, expected %lld, %lld, %lld, %lld (min %lld, band %lld)\n",
+                  static_cast<long long>(gemm.calls), static_cast<long long>(gemm.rows),
+                  static_cast<long long>(gemm.cols), static_cast<long long>(gemm.widest),
+                  static_cast<long long>(expect_calls), static_cast<long long>(expect_rows),
+                  static_cast<long long>(experts_dense * c.out), static_cast<long long>(band),
+                  static_cast<long long>(min_tokens), static_cast<long long>(band_rows));
       ++failures;
     }
     if (expect_calls) {
       gemm.fail = true;
       if (!se_routed_sparse_matmul_gemm_on(&re.e, re.G.data(), re.b.data(), re.x.data(), SE_F32, c.tokens, nullptr,
                                            nullptr, y_gemm.data(), nullptr, nullptr, reference_gemm, &gemm, min_tokens,
-                                           err, sizeof(err)))
+                                           tile_bytes, err, sizeof(err)))
         ++failures;
     }
   }
@@ -125,7 +140,9 @@ int run_case(const Case& c, std::mt19937& rng) {
         std::memcmp(y_pool.data(), y.data(), y.size() * sizeof(float)) != 0 || ids_pool != ids)
       ++failures;
   }
-  failures += check_gemm_entry(c, re, ids, y);
+  for (int64_t min_tokens : {int64_t{1}, int64_t{4}, c.tokens + 1})
+    for (int64_t band_rows : {int64_t{0}, int64_t{1}, int64_t{3}, c.out + 5})  // whole, bands, one oversized band
+      failures += check_gemm_entry(c, re, ids, y, min_tokens, band_rows);
   for (int64_t t = 0; t < c.tokens; ++t) {
     const int64_t k = ids[t];
     if (!re.routing_ok(t, k)) ++failures;
