@@ -5,7 +5,8 @@
 // libraries are dlopen'ed side by side and every repetition calls A and B back to back (order
 // alternating), and the median of the per-repetition ratios A/B is reported with its quartiles.
 //
-// Build and run (A = the library of the previous commit, B = the current one):
+// Build and run (A = the library of the previous commit, B = the current one; `make plugins` also
+// builds it as build/plugins/kernel_ab):
 //   g++ -O2 -std=c++17 -Iplugins/cpu bench/kernel_ab.cpp -ldl -o build/kernel_ab
 //   build/kernel_ab A.so B.so --shapes 576x1536,1536x576 --sets 1,90 --threads 1,2 --json out.json
 // Shapes are in x out; each weight set holds K random experts (--experts, 16) at a density

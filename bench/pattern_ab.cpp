@@ -6,10 +6,8 @@
 // back to back in every repetition (order alternating), on DRAM-cold weight sets, and the median
 // of the per-repetition ratios is reported.
 //
-// Build and run (after `make plugins`):
-//   g++ -O2 -std=c++17 -Iplugins/cpu bench/pattern_ab.cpp -Lbuild/plugins -lse_kernels
-//       -Wl,-rpath,$PWD/build/plugins -o build/pattern_ab     (one command)
-//   build/pattern_ab --threads 1,2 --json bench/results/pattern_ab_xeon.json
+// `make plugins` builds it (build/plugins/pattern_ab, beside the library it links):
+//   build/plugins/pattern_ab --threads 1,2 --json bench/results/pattern_ab_xeon.json
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
