@@ -14,6 +14,7 @@ import platform
 import sys
 
 from .cuda_kernels import CUDA_LIB
+from .errors import SEError
 from .kernels import KERNELS_LIB, ORT_LIB, find_library, library_dirs
 from .trt_build import TRT_PLUGIN_LIB
 
@@ -41,7 +42,11 @@ def cpu_kernels() -> dict:
             "SE_EXPORT_KERNELS": os.environ.get("SE_EXPORT_KERNELS")}
     if find_library(KERNELS_LIB) is None:
         return {**info, "isa": None, "used_by_pytorch": False}
-    return {**info, "isa": kernels.isa(), "used_by_pytorch": kernels.available()}
+    try:
+        isa = kernels.isa()
+    except SEError as exc:  # a stale build: say so instead of failing the whole report
+        return {**info, "isa": None, "used_by_pytorch": False, "problem": str(exc)}
+    return {**info, "isa": isa, "used_by_pytorch": kernels.available()}
 
 
 def gpus() -> dict:
@@ -76,7 +81,9 @@ def format_report(rep: dict) -> str:
     for name, path in rep["libraries"].items():
         lines.append(f"  {name:22s} {path or 'missing: run `make plugins` (' + LIBRARIES[name] + ')'}")
     k = rep["cpu_kernels"]
-    if k["isa"] is None:
+    if k.get("problem"):
+        lines.append(f"CPU kernels: {k['problem']}; PyTorch runs the reference op")
+    elif k["isa"] is None:
         lines.append(f"CPU kernels: not built ({k['machine']}); PyTorch runs the reference op")
     else:
         cap = f", capped by SE_KERNELS_ISA={k['SE_KERNELS_ISA']}" if k["SE_KERNELS_ISA"] else ""

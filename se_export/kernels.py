@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from .sparse_format import PackedExperts
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _FORMATS = {"bitmap": 0, "csr16": 1}
 KERNELS_LIB = "libse_kernels.so"
+KERNELS_ABI = 2  # SE_KERNELS_ABI of the se_kernels.h these argument lists follow
 ORT_LIB = "libse_ort_ops.so"
 
 
@@ -97,20 +99,43 @@ def _lib() -> ctypes.CDLL | None:
     lib.se_decode_expert.argtypes = [ctypes.POINTER(_Experts), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
                                      ctypes.c_char_p, ctypes.c_size_t]
     lib.se_kernel_isa.restype = ctypes.c_char_p
-    if hasattr(lib, "se_dense_group_tokens"):
+    if hasattr(lib, "se_kernels_abi"):
+        lib.se_kernels_abi.restype = ctypes.c_int32
         lib.se_dense_group_tokens.restype = ctypes.c_int64
         lib.se_dense_group_density.restype = ctypes.c_double
     return lib
 
 
+def _stale(lib: ctypes.CDLL) -> str | None:
+    """Why ``lib`` cannot be called with this binding's argument lists (None: it can)."""
+    built = int(lib.se_kernels_abi()) if hasattr(lib, "se_kernels_abi") else 1
+    if built == KERNELS_ABI:
+        return None
+    return (f"{KERNELS_LIB} was built from other sources (kernel ABI {built}, this checkout needs {KERNELS_ABI}): "
+            "rebuild it with `make plugins`")
+
+
+@functools.cache
+def _warn_stale(message: str) -> None:
+    warnings.warn(f"{message}; using the pure-torch reference op until then", stacklevel=3)
+
+
 def available() -> bool:
-    return os.environ.get("SE_EXPORT_KERNELS", "1") != "0" and _lib() is not None
+    """Whether PyTorch should run the C++ kernels: built, matching this checkout, not switched off."""
+    if os.environ.get("SE_EXPORT_KERNELS", "1") == "0" or (lib := _lib()) is None:
+        return False
+    if problem := _stale(lib):
+        _warn_stale(problem)
+        return False
+    return True
 
 
 def require() -> ctypes.CDLL:
     lib = _lib()
     if lib is None:
         raise SEError(f"{KERNELS_LIB} is not built: run `make plugins` (or set SE_EXPORT_LIB_DIR)")
+    if problem := _stale(lib):
+        raise SEError(problem)
     return lib
 
 
@@ -123,8 +148,6 @@ def dense_group_policy() -> tuple[int, float]:
     least ``density`` of its weights runs as a decoded dense GEMM (bench/kernels.py, "dense
     groups" column). Read from the library, whose ONNX Runtime op applies the same policy."""
     lib = require()
-    if not hasattr(lib, "se_dense_group_tokens"):
-        raise SEError(f"{KERNELS_LIB} predates the dense-group policy query: rebuild it with `make plugins`")
     return int(lib.se_dense_group_tokens()), float(lib.se_dense_group_density())
 
 

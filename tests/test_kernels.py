@@ -207,3 +207,44 @@ def test_dense_group_policy_comes_from_the_library_the_onnx_runtime_op_uses():
     assert bound.dense_group_tokens == tokens
     assert bound.dense_candidates == [1, 2]
     assert kernels.BoundExperts(bound.packed, dense_group_tokens=0).dense_group_tokens == 0
+
+
+def test_the_binding_refuses_a_library_built_from_other_sources(monkeypatch):
+    """The binding's argument lists follow se_kernels.h's SE_KERNELS_ABI: a stale library (older
+    ABI, or none reported) must not be called with them. PyTorch falls back to the reference op
+    with a warning; direct use is a one-line error naming the fix."""
+    import re
+    from pathlib import Path
+
+    header = (Path(__file__).parents[1] / "plugins" / "cpu" / "se_kernels.h").read_text()
+    assert int(re.search(r"#define SE_KERNELS_ABI (\d+)", header).group(1)) == kernels.KERNELS_ABI
+    assert int(kernels.require().se_kernels_abi()) == kernels.KERNELS_ABI
+
+    class OldLibrary:  # an old build: no se_kernels_abi entry at all
+        se_kernel_isa = staticmethod(lambda: b"avx2")
+
+    class OtherAbi(OldLibrary):
+        se_kernels_abi = staticmethod(lambda: kernels.KERNELS_ABI + 1)
+
+    for stale in (OldLibrary(), OtherAbi()):
+        monkeypatch.setattr(kernels, "_lib", lambda stale=stale: stale)
+        kernels._warn_stale.cache_clear()
+        with pytest.raises(SEError, match=r"ABI .*rebuild it with `make plugins`"):
+            kernels.require()
+        with pytest.warns(UserWarning, match="pure-torch reference op"):
+            assert not kernels.available()
+
+
+def test_doctor_names_a_stale_kernel_library_instead_of_failing(monkeypatch):
+    from se_export import doctor
+
+    class OldLibrary:
+        se_kernel_isa = staticmethod(lambda: b"avx2")
+
+    monkeypatch.setattr(kernels, "_lib", lambda: OldLibrary())
+    kernels._warn_stale.cache_clear()
+    info = doctor.cpu_kernels()
+    assert info["isa"] is None and not info["used_by_pytorch"]
+    assert "rebuild it with `make plugins`" in info["problem"]
+    text = doctor.format_report(doctor.report())
+    assert "CPU kernels: libse_kernels.so was built from other sources" in text

@@ -954,6 +954,8 @@ extern "C" SE_API int se_routed_sparse_matmul_gemm(const se_experts* e, const fl
   }
 }
 
+extern "C" SE_API int32_t se_kernels_abi(void) { return SE_KERNELS_ABI; }
+
 extern "C" SE_API int64_t se_dense_group_tokens(void) { return SE_DENSE_GROUP_TOKENS; }
 
 extern "C" SE_API double se_dense_group_density(void) { return SE_DENSE_GROUP_DENSITY; }

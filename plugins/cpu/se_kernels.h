@@ -19,6 +19,13 @@ extern "C" {
 #define SE_API __attribute__((visibility("default")))
 #endif
 
+// The version of this header's entry points and structs: bumped whenever a signature or layout
+// changes, so a binding that loads the library at run time (ctypes) can refuse a stale build
+// instead of calling it with the wrong arguments. 2: se_routed_sparse_matmul_gemm[_on] take
+// gemm_tile_bytes.
+#define SE_KERNELS_ABI 2
+SE_API int32_t se_kernels_abi(void);
+
 enum se_dtype { SE_F32 = 0, SE_F16 = 1, SE_BF16 = 2 };
 enum se_format { SE_BITMAP = 0, SE_CSR16 = 1 };
 
