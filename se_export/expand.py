@@ -29,7 +29,7 @@ import json
 import resource
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -198,6 +198,27 @@ class LayerCapture:
     residual: torch.Tensor  # [tokens, hidden]: what the MLP output is added to
     mlp_input: torch.Tensor  # [tokens, in]: the first group's input
     last_input: torch.Tensor | None = None  # [tokens, in]: the expanded last group's input
+
+
+def stack_rows(blocks: Iterable[torch.Tensor], rows: int) -> torch.Tensor:
+    """Row blocks, as they are produced, copied into one ``[rows, ...]`` tensor. Why: ``torch.cat``
+    of a list holds every block and the result at once, twice the size of a layer's captured
+    activations (65,536 x 11,008 fp32 is 2.9 GB at a 7B model's down projection); here the peak
+    is the result plus one block."""
+    out: torch.Tensor | None = None
+    at = 0
+    for block in blocks:
+        if out is None:
+            out = torch.empty(rows, *block.shape[1:], dtype=block.dtype)
+        out[at:at + block.shape[0]] = block
+        at += block.shape[0]
+    if out is None or at != rows:
+        raise RuntimeError(f"expected {rows} rows of activations, got {at}")
+    return out
+
+
+def _rows(states: list[torch.Tensor]) -> int:
+    return sum(h.numel() // h.shape[-1] for h in states)
 
 
 _REUSE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}  # relative to the output's largest value
@@ -449,12 +470,26 @@ def _capture_mlp_input(layer, adapter: MlpAdapter, states, kwargs_list) -> tuple
     """The first group's input and (where the adapter names it) the residual the MLP adds to,
     from one run of the layer up to the MLP."""
     first_linear = layer.get_submodule(adapter.groups[0][0])
+    rows = _rows(states)
     if adapter.residual is None:
-        return torch.cat([capture_input(first_linear, lambda h=h, kw=kw: layer(h, **kw))
-                          for h, kw in zip(states, kwargs_list, strict=True)]), None
+        return stack_rows((capture_input(first_linear, lambda h=h, kw=kw: layer(h, **kw))
+                           for h, kw in zip(states, kwargs_list, strict=True)), rows), None
     targets = [layer.get_submodule(adapter.residual), first_linear]
-    parts = [capture_inputs(targets, lambda h=h, kw=kw: layer(h, **kw)) for h, kw in zip(states, kwargs_list, strict=True)]
-    return torch.cat([p[1] for p in parts]), torch.cat([p[0] for p in parts])
+    residual: torch.Tensor | None = None
+    at = 0
+
+    def first_inputs():  # each chunk's residual goes straight into its rows as well
+        nonlocal residual, at
+        for h, kw in zip(states, kwargs_list, strict=True):
+            part, first = capture_inputs(targets, lambda h=h, kw=kw: layer(h, **kw))
+            if residual is None:
+                residual = torch.empty(rows, part.shape[1], dtype=part.dtype)
+            residual[at:at + part.shape[0]] = part
+            at += part.shape[0]
+            yield first
+
+    first = stack_rows(first_inputs(), rows)
+    return first, residual
 
 
 def next_layer_states(layer, adapter: MlpAdapter, states: list[torch.Tensor], kwargs_list: list[dict],
@@ -469,8 +504,9 @@ def next_layer_states(layer, adapter: MlpAdapter, states: list[torch.Tensor], kw
     act = capture.last_input
     if act is None:
         act = _group_input(layer, adapter, len(adapter.groups) - 1, capture.mlp_input, None)
-    mlp_out = torch.cat([last(c) for c in act.split(8192)])
-    flat = capture.residual + mlp_out
+    flat = capture.residual  # residual + expanded MLP, in place: the capture is not used again
+    for at, c in zip(range(0, act.shape[0], 8192), act.split(8192), strict=True):
+        flat[at:at + c.shape[0]] += last(c)
     out, row = [], 0
     for h in states:
         n = h.numel() // h.shape[-1]
@@ -505,9 +541,8 @@ def _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec,
     groups = adapter.groups
 
     def run_layer_to(target: nn.Module) -> torch.Tensor:
-        parts = [capture_input(target, lambda h=h, kw=kw: layer(h, **kw))
-                 for h, kw in zip(states, kwargs_list, strict=True)]
-        return torch.cat(parts)
+        return stack_rows((capture_input(target, lambda h=h, kw=kw: layer(h, **kw))
+                           for h, kw in zip(states, kwargs_list, strict=True)), _rows(states))
 
     first_input, residual = _capture_mlp_input(layer, adapter, states, kwargs_list)
     inputs = {0: first_input}
@@ -558,4 +593,4 @@ def _group_input(layer, adapter: MlpAdapter, g: int, first_input: torch.Tensor, 
         return run_layer_to(target)
     mlp = layer.get_submodule(adapter.mlp)
     chunks = first_input.split(8192)
-    return torch.cat([capture_input(target, lambda c=c: mlp(c.unsqueeze(0))) for c in chunks])
+    return stack_rows((capture_input(target, lambda c=c: mlp(c.unsqueeze(0))) for c in chunks), first_input.shape[0])

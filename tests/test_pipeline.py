@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 from conftest import build_tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import se_export
@@ -309,3 +311,16 @@ def test_dense_output_calibration_reports_inference_routing_agreement(tiny_token
     reported = result.layers[0]["groups"][1]["inference_routing_agreement"]
     assert abs(reported - expected) <= 2 / calib.numel()
     assert 0.0 < reported < 1.0  # pruned gate/up really move some tokens to another expert
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(0, 9), min_size=1, max_size=6), width=st.integers(1, 5), seed=st.integers(0, 99))
+def test_stack_rows_equals_concatenation_and_checks_the_row_count(sizes, width, seed):
+    """The captured activations are copied block by block into one tensor (peak: result + one
+    block); it must equal torch.cat of the same blocks, and a wrong total is an error."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = [torch.randn(n, width, generator=gen) for n in sizes]
+    total = sum(sizes)
+    assert torch.equal(expand_mod.stack_rows(iter(blocks), total), torch.cat(blocks))
+    with pytest.raises(RuntimeError, match="rows of activations"):
+        expand_mod.stack_rows(iter(blocks), total + 1)
