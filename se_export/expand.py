@@ -55,7 +55,10 @@ DATA_FREE_METHODS = ("magnitude",)  # the mask depends on the weights only: no c
 VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PARTIAL_DIR = ".se-partial"
 _LAYER_CACHE_BYTES = 4 << 30  # decoded experts of the layer being calibrated
-_PRUNE_BUDGET_BYTES = 2 << 30  # Hessians and their factors in one pruning pass (experts_per_chunk)
+# Hessians and their factors in one pruning pass (experts_per_chunk): 512 MiB is all 16 experts up
+# to 1024 inputs, 7 at the default model's 1536, 1 from 4096 on; passes of fewer experts cost no
+# measurable time and cut the peak (BENCHMARKS.md, "Memory of the pruning stage").
+_PRUNE_BUDGET_BYTES = 512 << 20
 
 
 @dataclass
