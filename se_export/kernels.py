@@ -83,6 +83,10 @@ def _lib() -> ctypes.CDLL | None:
     if path is None:
         return None
     lib = ctypes.CDLL(str(path))
+    if hasattr(lib, "se_kernels_abi"):
+        lib.se_kernels_abi.restype = ctypes.c_int32
+    if _stale(lib):  # entry points may be missing or differ: _stale's message is all it is good for
+        return lib
     lib.se_check_experts.argtypes = [ctypes.POINTER(_Experts), ctypes.c_char_p, ctypes.c_size_t]
     lib.se_route.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_char_p,
@@ -99,10 +103,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.se_decode_expert.argtypes = [ctypes.POINTER(_Experts), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
                                      ctypes.c_char_p, ctypes.c_size_t]
     lib.se_kernel_isa.restype = ctypes.c_char_p
-    if hasattr(lib, "se_kernels_abi"):
-        lib.se_kernels_abi.restype = ctypes.c_int32
-        lib.se_dense_group_tokens.restype = ctypes.c_int64
-        lib.se_dense_group_density.restype = ctypes.c_double
+    lib.se_dense_group_tokens.restype = ctypes.c_int64
+    lib.se_dense_group_density.restype = ctypes.c_double
     return lib
 
 
