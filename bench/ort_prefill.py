@@ -2,9 +2,9 @@
 
 Why: the custom op's prefill either runs every token on the sparse tile or, for an expert with
 many tokens that keeps enough weights, decodes it and invokes ONNX Runtime's own Gemm from inside
-the op ("dense groups", ``se_routed_sparse_matmul_gemm_on``), by default on 8 MiB bands of output
-rows, each multiplied while the decode's output is still in cache ("dense groups whole": the
-whole decoded expert in one Gemm, as before the bands). All are timed against a
+the op ("dense groups", ``se_routed_sparse_matmul_gemm_on``), by default in 8 MiB bands of output
+rows, which bound the op's decode scratch ("dense groups whole": the whole decoded expert in one
+Gemm, as before the bands). All are timed against a
 one-node ``MatMul`` graph of the same weight (fp32, as ONNX Runtime's CPU MatMul runs), in
 alternating rounds in one process, and each ratio is the median of the per-round ratios.
 One expert takes all tokens (K=1), as in ``bench/kernels.py``: the layer cost, not the routing.
