@@ -203,21 +203,35 @@ class LayerCapture:
     last_input: torch.Tensor | None = None  # [tokens, in]: the expanded last group's input
 
 
+class RowBuffer:
+    """One ``[rows, ...]`` tensor filled block by block as activations are captured. Why:
+    ``torch.cat`` of a list holds every block and the result at once, twice the size of a layer's
+    captured activations (65,536 x 11,008 fp32 is 2.9 GB at a 7B model's down projection); here
+    the peak is the result plus one block."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.at = 0
+        self.out: torch.Tensor | None = None
+
+    def add(self, block: torch.Tensor) -> None:
+        if self.out is None:
+            self.out = torch.empty(self.rows, *block.shape[1:], dtype=block.dtype)
+        self.out[self.at:self.at + block.shape[0]] = block
+        self.at += block.shape[0]
+
+    def result(self) -> torch.Tensor:
+        if self.out is None or self.at != self.rows:
+            raise RuntimeError(f"expected {self.rows} rows of activations, got {self.at}")
+        return self.out
+
+
 def stack_rows(blocks: Iterable[torch.Tensor], rows: int) -> torch.Tensor:
-    """Row blocks, as they are produced, copied into one ``[rows, ...]`` tensor. Why: ``torch.cat``
-    of a list holds every block and the result at once, twice the size of a layer's captured
-    activations (65,536 x 11,008 fp32 is 2.9 GB at a 7B model's down projection); here the peak
-    is the result plus one block."""
-    out: torch.Tensor | None = None
-    at = 0
+    """``torch.cat(list(blocks))`` of ``rows`` rows, holding one block at a time (``RowBuffer``)."""
+    buffer = RowBuffer(rows)
     for block in blocks:
-        if out is None:
-            out = torch.empty(rows, *block.shape[1:], dtype=block.dtype)
-        out[at:at + block.shape[0]] = block
-        at += block.shape[0]
-    if out is None or at != rows:
-        raise RuntimeError(f"expected {rows} rows of activations, got {at}")
-    return out
+        buffer.add(block)
+    return buffer.result()
 
 
 def _rows(states: list[torch.Tensor]) -> int:
@@ -478,21 +492,12 @@ def _capture_mlp_input(layer, adapter: MlpAdapter, states, kwargs_list) -> tuple
         return stack_rows((capture_input(first_linear, lambda h=h, kw=kw: layer(h, **kw))
                            for h, kw in zip(states, kwargs_list, strict=True)), rows), None
     targets = [layer.get_submodule(adapter.residual), first_linear]
-    residual: torch.Tensor | None = None
-    at = 0
-
-    def first_inputs():  # each chunk's residual goes straight into its rows as well
-        nonlocal residual, at
-        for h, kw in zip(states, kwargs_list, strict=True):
-            part, first = capture_inputs(targets, lambda h=h, kw=kw: layer(h, **kw))
-            if residual is None:
-                residual = torch.empty(rows, part.shape[1], dtype=part.dtype)
-            residual[at:at + part.shape[0]] = part
-            at += part.shape[0]
-            yield first
-
-    first = stack_rows(first_inputs(), rows)
-    return first, residual
+    residual, first = RowBuffer(rows), RowBuffer(rows)
+    for h, kw in zip(states, kwargs_list, strict=True):
+        residual_part, first_part = capture_inputs(targets, lambda h=h, kw=kw: layer(h, **kw))
+        residual.add(residual_part)
+        first.add(first_part)
+    return first.result(), residual.result()
 
 
 def next_layer_states(layer, adapter: MlpAdapter, states: list[torch.Tensor], kwargs_list: list[dict],

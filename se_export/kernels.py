@@ -108,8 +108,10 @@ def _lib() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
 def _stale(lib: ctypes.CDLL) -> str | None:
-    """Why ``lib`` cannot be called with this binding's argument lists (None: it can)."""
+    """Why ``lib`` cannot be called with this binding's argument lists (None: it can). Cached:
+    ``available()`` runs on every forward of an expanded linear."""
     built = int(lib.se_kernels_abi()) if hasattr(lib, "se_kernels_abi") else 1
     if built == KERNELS_ABI:
         return None

@@ -204,16 +204,14 @@ def fit_router(
         outliers, any_outliers = torch.zeros_like(outliers), False
 
     components = in_features if pca_factor <= 1 else max(1, in_features // pca_factor)
+    # every token in PCA space (centred chunk by chunk: no centred copy of x); the fit uses the
+    # inliers' rows
     if components >= in_features:
         mean = column_mean64(x[~outliers] if any_outliers else x).float()
         proj = torch.eye(in_features)
-    else:
-        mean, proj = pca(x, components, gram, drop=outliers)
-    # every token in PCA space, centred chunk by chunk (no centred copy of x); the fit uses the
-    # inliers' rows
-    if components >= in_features:
         z_all = x - mean
     else:
+        mean, proj = pca(x, components, gram, drop=outliers)
         z_all = torch.cat([(chunk - mean) @ proj for chunk in x.split(8192)])
     z = z_all[~outliers] if any_outliers else z_all
     centers, _, _ = kmeans(z, num_experts, seed, restarts)
