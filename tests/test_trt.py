@@ -133,9 +133,9 @@ def test_trt_cli_dry_run_and_errors(csr16_export, tmp_path):
        density=st.sampled_from([0.0, 0.1, 0.5, 1.0]), with_bias=st.booleans())
 def test_cuda_kernel_decomposition_matches_the_torch_op(seed, k, out, inn, tokens, fmt, vdtype, fp16_x, density,
                                                         with_bias):
-    """The CPU reference runs the CUDA kernels' exact split (router thread strides, lane-per-column
-    GEMV, 32-token x 64-row tiles decoded 64 columns per step) with the shared indexing helpers;
-    it must equal the op."""
+    """The CPU reference runs the CUDA kernels' split (router feature splits and thread strides,
+    lane-per-word bitmap GEMV, 32-token x 64-row tiles decoded 64 columns per step) with the shared
+    indexing helpers; it must equal the op."""
     packed, g, b, gen = random_experts(seed, k, out, inn, fmt, vdtype, density)
     bias = torch.randn(k, out, generator=gen) if with_bias else None
     x = torch.randn(tokens, inn, generator=gen).to(torch.float16 if fp16_x else torch.float32)

@@ -1,11 +1,18 @@
 // CUDA implementation of se_cuda_kernels.h. Kernel structure (mirrored on CPU by
 // routed_sparse_cuda_reference.cpp, which CI runs):
-//  * route_kernel: one block per token; threads stride over the input features, experts are
-//    scored 8 at a time (warp shuffles, then the block's warps), argmin with ties to the lowest.
+//  * router: route_partial_kernel splits each token's input features over up to kRouteSplitMax
+//    blocks (so a decode step's router runs on many SMs, not one); each block scores up to 16
+//    experts per pass (warp shuffles, then the block's warps) and writes its partial scores to the
+//    workspace; route_argmin_kernel (one warp per token) sums the splits in order, adds the bias
+//    and takes the argmin, ties to the lowest expert.
 //  * gemv_kernel (decode): the token's activations are staged in shared memory (global reads
-//    past the device's shared-memory limit); one warp per output row walks it lane-per-column:
-//    lane l owns column 32w+l of bitmap word w (shuffled from the lane that loaded it), so the
-//    value loads of a warp are consecutive. csr16 rows: lanes stride over the row's values.
+//    past the device's shared-memory limit); one warp per output row. Bitmap rows, lane per word
+//    (default): lane l owns word w0+l of each 32-word pass, finds its values' offset by a warp scan
+//    of the words' popcounts and walks only its set bits, so a warp spends an instruction per kept
+//    weight, not per column. Kept for comparison (SE_CUDA_GEMV_BITMAP=column): lane l owns column
+//    32w+l of word w, shuffled from the lane that loaded it. csr16 rows: lanes stride over the
+//    row's values and columns in 16-byte vectors (SE_CUDA_GEMV_VECTORS=0: one value per lane per
+//    step, for comparison).
 //  * grouped path (prefill): tokens are counted per expert, planned into tiles of <= 32 tokens,
 //    scattered into an expert-sorted permutation; grouped_kernel decodes a 64-row x 64-column
 //    block of the expert into shared memory per step (lane-per-column bitmap, csr16 windows) and
@@ -19,6 +26,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "se_cuda_kernels.h"
@@ -31,7 +39,7 @@ using se_index::kTileRows;
 using se_index::kTileTokens;
 using se_index::kWarp;
 
-constexpr int kRouteChunk = 8;
+constexpr int kRouteChunk = se_index::kRouteChunk;
 constexpr int kBlock = 256;
 constexpr int kWarpsPerBlock = kBlock / kWarp;
 constexpr int kGemvRowsPerWarp = 2;
@@ -69,51 +77,83 @@ __device__ __forceinline__ uint32_t load_word(const uint8_t* row, int64_t w, int
   return aligned ? reinterpret_cast<const uint32_t*>(row)[w] : se_index::bitmap_word(row, w, row_bytes);
 }
 
+// Partial router scores of features [s * chunk, (s + 1) * chunk) of token t (blockIdx.x; tokens
+// may exceed the 65535 blocks of grid.y), split s (blockIdx.y): partial[(t * splits + s) * K + k] = sum_i x[t, i] G[i, k].
 template <typename TX>
-__global__ void __launch_bounds__(kBlock) route_kernel(const TX* __restrict__ x, int64_t in, int64_t K,
-                                                       const float* __restrict__ G, const float* __restrict__ b,
-                                                       int32_t* __restrict__ ids) {
-  __shared__ float partial[kWarpsPerBlock][kRouteChunk];
-  const int64_t t = blockIdx.x;
+__global__ void __launch_bounds__(kBlock) route_partial_kernel(const TX* __restrict__ x, int64_t in, int64_t K,
+                                                               int64_t chunk, const float* __restrict__ G,
+                                                               float* __restrict__ partial) {
+  __shared__ float warp_sums[kWarpsPerBlock][kRouteChunk];
+  const int64_t t = blockIdx.x, s = blockIdx.y, splits = gridDim.y;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t i0 = s * chunk, i1 = i0 + chunk < in ? i0 + chunk : in;
   const TX* xt = x + t * in;
-  float best = CUDART_INF_F;
-  int32_t best_k = 0;
   for (int64_t k0 = 0; k0 < K; k0 += kRouteChunk) {
     float acc[kRouteChunk] = {};
-    for (int64_t i = threadIdx.x; i < in; i += kBlock) {
+    const bool full = k0 + kRouteChunk <= K;
+    for (int64_t i = i0 + threadIdx.x; i < i1; i += kBlock) {
       const float xi = to_float(xt[i]);
       const float* g = G + i * K + k0;
+      if (full) {
 #pragma unroll
-      for (int j = 0; j < kRouteChunk; ++j) {
-        if (k0 + j < K) acc[j] += xi * g[j];
+        for (int j = 0; j < kRouteChunk; ++j) acc[j] += xi * g[j];
+      } else {
+#pragma unroll
+        for (int j = 0; j < kRouteChunk; ++j) {
+          if (k0 + j < K) acc[j] += xi * g[j];
+        }
       }
     }
 #pragma unroll
     for (int j = 0; j < kRouteChunk; ++j) {
-      const float s = warp_sum(acc[j]);
-      if (lane == 0) partial[warp][j] = s;
+      const float sum = warp_sum(acc[j]);
+      if (lane == 0) warp_sums[warp][j] = sum;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      for (int j = 0; j < kRouteChunk && k0 + j < K; ++j) {
-        float s = 0.0f;
-        for (int w = 0; w < kWarpsPerBlock; ++w) s += partial[w][j];
-        if (s + b[k0 + j] < best) {
-          best = s + b[k0 + j];
-          best_k = static_cast<int32_t>(k0 + j);
-        }
-      }
+    if (threadIdx.x < kRouteChunk && k0 + threadIdx.x < K) {
+      float sum = 0.0f;
+      for (int w = 0; w < kWarpsPerBlock; ++w) sum += warp_sums[w][threadIdx.x];
+      partial[(t * splits + s) * K + k0 + threadIdx.x] = sum;
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) ids[t] = best_k;
 }
 
-// One row's dot product with the staged activations, summed over the warp's lanes by the caller.
-template <typename TV, typename TX>
-__device__ __forceinline__ float bitmap_row_dot(const Experts& e, int64_t row, const TX* xs, int lane, int64_t words,
-                                                int64_t row_bytes, bool aligned) {
+// ids[t] = argmin_k (sum over splits of partial + b)_k, ties to the lowest k; one warp per token.
+__global__ void __launch_bounds__(kBlock) route_argmin_kernel(const float* __restrict__ partial, int64_t tokens,
+                                                              int64_t splits, int64_t K, const float* __restrict__ b,
+                                                              int32_t* __restrict__ ids) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (t >= tokens) return;  // whole warps leave together
+  float best = CUDART_INF_F;
+  int32_t best_k = 0;
+  for (int64_t k = lane; k < K; k += kWarp) {
+    float score = 0.0f;
+    for (int64_t s = 0; s < splits; ++s) score += partial[(t * splits + s) * K + k];
+    score += b[k];
+    if (score < best) {
+      best = score;
+      best_k = static_cast<int32_t>(k);
+    }
+  }
+  for (int o = kWarp / 2; o > 0; o /= 2) {
+    const float other = __shfl_xor_sync(kFull, best, o);
+    const int32_t other_k = __shfl_xor_sync(kFull, best_k, o);
+    if (other < best || (other == best && other_k < best_k)) {
+      best = other;
+      best_k = other_k;
+    }
+  }
+  if (lane == 0) ids[t] = best_k;
+}
+
+// One row's dot product with the token's activations xs, summed over the warp's lanes by the
+// caller. Column c of bitmap word w sits at xs[w * kXStride + c] (padded when staged).
+// Lane per column: lane l owns column 32w+l of word w, shuffled from the lane that loaded it.
+template <typename TV, typename TX, int64_t kXStride>
+__device__ __forceinline__ float bitmap_row_dot_columns(const Experts& e, int64_t row, const TX* xs, int lane,
+                                                        int64_t words, int64_t row_bytes, bool aligned) {
   const uint8_t* bits = static_cast<const uint8_t*>(e.indices) + row * row_bytes;
   const TV* v = static_cast<const TV*>(e.values);
   int64_t base = e.row_ptr[row];
@@ -124,41 +164,166 @@ __device__ __forceinline__ float bitmap_row_dot(const Experts& e, int64_t row, c
     for (int j = 0; j < kWarp; ++j) {
       const uint32_t word = __shfl_sync(kFull, mine, j);
       if (se_index::lane_has(word, lane))
-        acc += to_float(v[base + se_index::lane_value_offset(word, lane)]) * to_float(xs[(w0 + j) * kWarp + lane]);
+        acc += to_float(v[base + se_index::lane_value_offset(word, lane)]) * to_float(xs[(w0 + j) * kXStride + lane]);
       base += se_index::popcount32(word);
     }
   }
   return acc;
 }
 
-template <typename TV, typename TX>
-__device__ __forceinline__ float csr16_row_dot(const Experts& e, int64_t row, const TX* xs, int lane) {
-  const uint16_t* cols = static_cast<const uint16_t*>(e.indices);
+// Lane per word (default): lane l owns word w0+l of each 32-word pass; an inclusive warp scan of
+// the words' popcounts places its first value, and it walks its set bits only, loading each value
+// itself. Measured against lane per column and against decoding the pass's columns to shared
+// memory for 16-byte vector loads of the values (BENCHMARKS.md): fastest of the three.
+template <typename TV, typename TX, int64_t kXStride>
+__device__ __forceinline__ float bitmap_row_dot_words(const Experts& e, int64_t row, const TX* xs, int lane,
+                                                      int64_t words, int64_t row_bytes, bool aligned) {
+  const uint8_t* bits = static_cast<const uint8_t*>(e.indices) + row * row_bytes;
   const TV* v = static_cast<const TV*>(e.values);
-  const int64_t end = se_index::row_end(e.row_ptr, row, e.num_experts * e.out, e.nnz);
-  float acc = 0.0f;
-#pragma unroll 4
-  for (int64_t p = e.row_ptr[row] + lane; p < end; p += kWarp) acc += to_float(v[p]) * to_float(xs[cols[p]]);
-  return acc;
+  int64_t base = e.row_ptr[row];
+  float acc0 = 0.0f, acc1 = 0.0f;
+  for (int64_t w0 = 0; w0 < words; w0 += kWarp) {
+    const int64_t w = w0 + lane;
+    uint32_t word = w < words ? load_word(bits, w, row_bytes, aligned) : 0u;
+    const int count = se_index::popcount32(word);
+    int inclusive = count;
+#pragma unroll
+    for (int o = 1; o < kWarp; o *= 2) {
+      const int up = __shfl_up_sync(kFull, inclusive, o);
+      if (lane >= o) inclusive += up;
+    }
+    const TV* vp = v + base + (inclusive - count);
+    const TX* xw = xs + w * kXStride;
+    while (word) {  // two kept weights per step: two independent loads in flight
+      const int c0 = se_index::lowest_bit(word);
+      word &= word - 1u;
+      if (word) {
+        const int c1 = se_index::lowest_bit(word);
+        word &= word - 1u;
+        acc1 += to_float(vp[1]) * to_float(xw[c1]);
+      }
+      acc0 += to_float(vp[0]) * to_float(xw[c0]);
+      vp += 2;
+    }
+    base += __shfl_sync(kFull, inclusive, kWarp - 1);
+  }
+  return acc0 + acc1;
 }
 
-// kSmemX: the token's activations (padded to whole bitmap words with zeros) sit in dynamic shared
-// memory; otherwise they are read from global memory (in_features past the shared-memory limit).
-template <typename TX, typename TV, int FMT, bool kSmemX>
+// Values per 16-byte vector load.
+template <typename TV>
+struct Vec {
+  static constexpr int kN = 16 / static_cast<int>(sizeof(TV));
+};
+
+// Loads kN values (16 bytes, aligned); loads kN 16-bit columns (2 kN bytes, aligned).
+template <typename TV>
+__device__ __forceinline__ void load_vector(const TV* v, TV (&vals)[Vec<TV>::kN]) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(v));
+  memcpy(vals, &raw, sizeof(raw));
+}
+template <int kN>
+__device__ __forceinline__ void load_columns(const uint16_t* c, uint16_t (&cols)[kN]) {
+  static_assert(kN == 8 || kN == 4, "16 or 8 bytes of columns (16-bit or 32-bit values)");
+  if constexpr (kN == 8) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(c);
+    memcpy(cols, &raw, sizeof(raw));
+  } else {
+    const uint2 raw = *reinterpret_cast<const uint2*>(c);
+    memcpy(cols, &raw, sizeof(raw));
+  }
+}
+
+// The values [begin, end) in whole aligned vectors: [head_end, body_end) holds `vectors` vectors,
+// [begin, head_end) and [body_end, end) fewer than a vector's values each.
+struct VectorSpan {
+  int64_t head_end, vectors, body_end;
+};
+template <int kN>
+__device__ __forceinline__ VectorSpan vector_span(int64_t begin, int64_t end) {
+  int64_t head_end = (begin + kN - 1) / kN * kN;
+  if (head_end > end) head_end = end;
+  const int64_t vectors = (end - head_end) / kN;
+  return {head_end, vectors, head_end + vectors * kN};
+}
+
+// csr16: lanes stride over the row's values, one per lane per step (kVector false), or in 16-byte
+// vectors of values with their columns (kN values and kN columns per load; head and tail one
+// value per lane).
+template <typename TV, typename TX>
+__device__ __forceinline__ float csr16_row_dot(const Experts& e, int64_t row, const TX* xs, int lane, bool vector) {
+  constexpr int kN = Vec<TV>::kN;
+  const uint16_t* cols = static_cast<const uint16_t*>(e.indices);
+  const TV* v = static_cast<const TV*>(e.values);
+  const int64_t begin = e.row_ptr[row], end = se_index::row_end(e.row_ptr, row, e.num_experts * e.out, e.nnz);
+  float acc0 = 0.0f, acc1 = 0.0f;
+  if (!vector) {
+#pragma unroll 4
+    for (int64_t p = begin + lane; p < end; p += kWarp) acc0 += to_float(v[p]) * to_float(xs[cols[p]]);
+    return acc0;
+  }
+  const VectorSpan span = vector_span<kN>(begin, end);
+  if (begin + lane < span.head_end) acc0 += to_float(v[begin + lane]) * to_float(xs[cols[begin + lane]]);
+  if (span.body_end + lane < end) acc1 += to_float(v[span.body_end + lane]) * to_float(xs[cols[span.body_end + lane]]);
+#pragma unroll 2
+  for (int64_t k = lane; k < span.vectors; k += kWarp) {
+    const int64_t p = span.head_end + k * kN;
+    TV vals[kN];
+    uint16_t c[kN];
+    load_vector(v + p, vals);
+    load_columns<kN>(cols + p, c);
+#pragma unroll
+    for (int j = 0; j < kN; j += 2) {
+      acc0 += to_float(vals[j]) * to_float(xs[c[j]]);
+      acc1 += to_float(vals[j + 1]) * to_float(xs[c[j + 1]]);
+    }
+  }
+  return acc0 + acc1;
+}
+
+// Bitmap GEMV walks (gemv_kernel's kBitmapWalk): lane per word (default), lane per column.
+enum BitmapWalk : int { kWords = 0, kColumns = 1 };
+
+// Element stride between the bitmap words of the activations the GEMV reads: padded in shared
+// memory for bitmap rows (bank spread for the lane-per-word walk), plain otherwise.
+template <typename TX, int FMT, bool kSmemX>
+struct GemvXStride {
+  static constexpr int64_t value = kSmemX && FMT == SE_BITMAP ? se_index::StagedWordStride<sizeof(TX)>::value : kWarp;
+};
+
+// Dynamic shared memory of a GEMV block that stages the token's activations.
+template <typename TX, int FMT>
+size_t gemv_smem_bytes(int64_t in) {
+  return static_cast<size_t>(se_index::bitmap_row_words(in) * GemvXStride<TX, FMT, true>::value) * sizeof(TX);
+}
+
+// Whether 16-byte vector loads of a csr16 GEMV's values and columns are aligned.
+__device__ __forceinline__ bool csr16_vectors_aligned(const Experts& e) {
+  return reinterpret_cast<uintptr_t>(e.values) % 16 == 0 && reinterpret_cast<uintptr_t>(e.indices) % 16 == 0;
+}
+
+// kSmemX: the token's activations (padded to whole bitmap words with zeros, words kXStride apart)
+// sit in dynamic shared memory; otherwise they are read from global memory (in_features past the
+// shared-memory limit). kVectors: csr16 rows in 16-byte vector loads (kVectors false:
+// SE_CUDA_GEMV_VECTORS=0, for comparison; misaligned values or columns fall back per call).
+template <typename TX, typename TV, int FMT, bool kSmemX, int kBitmapWalk, bool kVectors>
 __global__ void __launch_bounds__(kBlock) gemv_kernel(Experts e, const TX* __restrict__ x,
                                                       const int32_t* __restrict__ ids, TX* __restrict__ y) {
   extern __shared__ __align__(16) unsigned char gemv_smem[];
+  constexpr int64_t kXStride = GemvXStride<TX, FMT, kSmemX>::value;
   const int64_t t = blockIdx.y;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int32_t expert = ids[t];
   const bool valid = expert >= 0 && expert < e.num_experts;
   const int64_t words = se_index::bitmap_row_words(e.in), row_bytes = se_index::bitmap_row_bytes(e.in);
   const bool aligned = row_bytes % 4 == 0 && reinterpret_cast<uintptr_t>(e.indices) % 4 == 0;
+  const bool vector = kVectors && FMT == SE_CSR16 && csr16_vectors_aligned(e);
   const TX* xt = x + t * e.in;
   const TX* xs = xt;
   if constexpr (kSmemX) {
     TX* staged = reinterpret_cast<TX*>(gemv_smem);
-    for (int64_t i = threadIdx.x; i < words * kWarp; i += kBlock) staged[i] = i < e.in ? xt[i] : from_float<TX>(0.0f);
+    for (int64_t i = threadIdx.x; i < words * kWarp; i += kBlock)
+      staged[(i / kWarp) * kXStride + i % kWarp] = i < e.in ? xt[i] : from_float<TX>(0.0f);
     __syncthreads();
     xs = staged;
   }
@@ -168,8 +333,13 @@ __global__ void __launch_bounds__(kBlock) gemv_kernel(Experts e, const TX* __res
     const int64_t row = expert * e.out + r;
     float acc = 0.0f;
     if (valid) {
-      acc = FMT == SE_BITMAP ? bitmap_row_dot<TV>(e, row, xs, lane, words, row_bytes, aligned)
-                             : csr16_row_dot<TV>(e, row, xs, lane);
+      if constexpr (FMT == SE_CSR16) {
+        acc = csr16_row_dot<TV>(e, row, xs, lane, vector);
+      } else if constexpr (kBitmapWalk == kColumns) {
+        acc = bitmap_row_dot_columns<TV, TX, kXStride>(e, row, xs, lane, words, row_bytes, aligned);
+      } else {
+        acc = bitmap_row_dot_words<TV, TX, kXStride>(e, row, xs, lane, words, row_bytes, aligned);
+      }
       acc = warp_sum(acc) + (e.bias ? e.bias[row] : 0.0f);
     }
     if (lane == 0) y[t * e.out + r] = from_float<TX>(acc);
@@ -386,17 +556,23 @@ __global__ void __launch_bounds__(kBlock) grouped_kernel(Experts e, const TX* __
 // --- host side
 struct Workspace {  // carve-up of the caller's scratch memory (se_cuda_workspace_size)
   int32_t *ids, *counts, *offsets, *cursor, *perm, *tiles, *num_tiles;
+  float* route_partial;  // [tokens, splits, K] partial router scores
 };
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
 size_t carve(void* base, int64_t tokens, int64_t K, Workspace* ws) {
   const size_t T = static_cast<size_t>(tokens), k = static_cast<size_t>(K);
-  const size_t sizes[] = {T, k, k + 1, k, T, 3 * static_cast<size_t>(se_index::max_tiles(tokens, K)), 1};
-  int32_t** slots[] = {&ws->ids, &ws->counts, &ws->offsets, &ws->cursor, &ws->perm, &ws->tiles, &ws->num_tiles};
+  const size_t sizes[] = {T, k, k + 1, k, T, 3 * static_cast<size_t>(se_index::max_tiles(tokens, K)), 1,
+                          T * static_cast<size_t>(se_index::kRouteSplitMax) * k};
+  void** slots[] = {reinterpret_cast<void**>(&ws->ids),    reinterpret_cast<void**>(&ws->counts),
+                    reinterpret_cast<void**>(&ws->offsets), reinterpret_cast<void**>(&ws->cursor),
+                    reinterpret_cast<void**>(&ws->perm),    reinterpret_cast<void**>(&ws->tiles),
+                    reinterpret_cast<void**>(&ws->num_tiles), reinterpret_cast<void**>(&ws->route_partial)};
+  static_assert(sizeof(int32_t) == sizeof(float), "every slot holds 4-byte elements");
   size_t off = 0;
-  for (size_t i = 0; i < 7; ++i) {
-    if (base) *slots[i] = reinterpret_cast<int32_t*>(static_cast<char*>(base) + off);
+  for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
+    if (base) *slots[i] = static_cast<char*>(base) + off;
     off += align256(sizes[i] * sizeof(int32_t));
   }
   return off;
@@ -436,20 +612,47 @@ bool gemv_smem_fits(const void* kernel, size_t bytes, char* err, size_t err_len)
                      err, err_len, "cudaFuncSetAttribute");
 }
 
+// The GEMV's variants kept for comparison (read per call, for the benchmark and the tests):
+// SE_CUDA_GEMV_BITMAP=column walks bitmap rows lane per column; SE_CUDA_GEMV_VECTORS=0 loads
+// csr16 rows one value per lane per step.
+bool bitmap_gemv_by_column() {
+  const char* walk = std::getenv("SE_CUDA_GEMV_BITMAP");
+  return walk && std::strcmp(walk, "column") == 0;
+}
+
+bool gemv_vectors() {
+  const char* vectors = std::getenv("SE_CUDA_GEMV_VECTORS");
+  return !(vectors && vectors[0] == '0');
+}
+
+template <typename TX, typename TV, int FMT, int kBitmapWalk, bool kVectors>
+int launch_gemv(const Experts& e, const TX* x, int64_t tokens, const int32_t* ids, TX* y, cudaStream_t stream,
+                char* err, size_t err_len) {
+  const dim3 grid(static_cast<unsigned>((e.out + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock),
+                  static_cast<unsigned>(tokens));
+  const auto staged = gemv_kernel<TX, TV, FMT, true, kBitmapWalk, kVectors>;
+  const size_t smem = gemv_smem_bytes<TX, FMT>(e.in);
+  if (gemv_smem_fits(reinterpret_cast<const void*>(staged), smem, err, err_len)) {
+    staged<<<grid, kBlock, smem, stream>>>(e, x, ids, y);
+  } else {
+    if (err && err_len && err[0]) return 1;  // the attribute call itself failed
+    gemv_kernel<TX, TV, FMT, false, kBitmapWalk, kVectors><<<grid, kBlock, 0, stream>>>(e, x, ids, y);
+  }
+  return cuda_failed(err, err_len, "gemv_kernel");
+}
+
 template <typename TX, typename TV, int FMT>
 int run_product(const Experts& e, const TX* x, int64_t tokens, const int32_t* ids, bool ids_given, TX* y, bool gemv,
                 const Workspace& ws, cudaStream_t stream, char* err, size_t err_len) {
   if (gemv) {
-    const dim3 grid(static_cast<unsigned>((e.out + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock),
-                    static_cast<unsigned>(tokens));
-    const size_t smem = static_cast<size_t>(se_index::bitmap_row_words(e.in)) * kWarp * sizeof(TX);
-    if (gemv_smem_fits(reinterpret_cast<const void*>(gemv_kernel<TX, TV, FMT, true>), smem, err, err_len)) {
-      gemv_kernel<TX, TV, FMT, true><<<grid, kBlock, smem, stream>>>(e, x, ids, y);
+    if constexpr (FMT == SE_BITMAP) {
+      return bitmap_gemv_by_column()
+                 ? launch_gemv<TX, TV, FMT, kColumns, false>(e, x, tokens, ids, y, stream, err, err_len)
+                 : launch_gemv<TX, TV, FMT, kWords, false>(e, x, tokens, ids, y, stream, err, err_len);
     } else {
-      if (err && err_len && err[0]) return 1;  // the attribute call itself failed
-      gemv_kernel<TX, TV, FMT, false><<<grid, kBlock, 0, stream>>>(e, x, ids, y);
+      return gemv_vectors() ? launch_gemv<TX, TV, FMT, kWords, true>(e, x, tokens, ids, y, stream, err, err_len)
+                            : launch_gemv<TX, TV, FMT, kWords, false>(e, x, tokens, ids, y, stream, err, err_len);
     }
-    return cuda_failed(err, err_len, "gemv_kernel");
   }
   const unsigned blocks = static_cast<unsigned>((tokens + kBlock - 1) / kBlock);
   if (cuda_error(cudaMemsetAsync(ws.counts, 0, sizeof(int32_t) * e.num_experts, stream), err, err_len,
@@ -494,15 +697,34 @@ int dispatch_values(const se_experts& s, const Experts& e, const void* x, int64_
   }
 }
 
+// Router: partial scores per (split, token), then one warp per token sums them and takes the argmin.
 int launch_route(const void* x, int32_t x_dtype, int64_t tokens, int64_t in, int64_t K, const float* G,
-                 const float* b, int32_t* ids, cudaStream_t stream, char* err, size_t err_len) {
-  const unsigned blocks = static_cast<unsigned>(tokens);  // one block per token
+                 const float* b, int32_t* ids, float* partial, cudaStream_t stream, char* err, size_t err_len) {
+  const int64_t splits = se_index::route_splits(in), chunk = se_index::route_chunk(in);
+  const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(splits));
   if (x_dtype == SE_F32) {
-    route_kernel<float><<<blocks, kBlock, 0, stream>>>(static_cast<const float*>(x), in, K, G, b, ids);
+    route_partial_kernel<float><<<grid, kBlock, 0, stream>>>(static_cast<const float*>(x), in, K, chunk, G, partial);
   } else {
-    route_kernel<__half><<<blocks, kBlock, 0, stream>>>(static_cast<const __half*>(x), in, K, G, b, ids);
+    route_partial_kernel<__half><<<grid, kBlock, 0, stream>>>(static_cast<const __half*>(x), in, K, chunk, G, partial);
   }
-  return cuda_failed(err, err_len, "route_kernel");
+  if (cuda_failed(err, err_len, "route_partial_kernel")) return 1;
+  const unsigned blocks = static_cast<unsigned>((tokens + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  route_argmin_kernel<<<blocks, kBlock, 0, stream>>>(partial, tokens, splits, K, b, ids);
+  return cuda_failed(err, err_len, "route_argmin_kernel");
+}
+
+// The caller's workspace carved, or an error naming the size it needs.
+int carve_workspace(void* workspace, size_t workspace_size, int64_t tokens, int64_t K, Workspace* ws, char* err,
+                    size_t err_len) {
+  const size_t need = carve(nullptr, tokens, K, ws);
+  if (!workspace || workspace_size < need) {
+    if (err && err_len)
+      std::snprintf(err, err_len, "workspace of %zu bytes is too small: se_cuda_workspace_size says %zu",
+                    workspace_size, need);
+    return 1;
+  }
+  carve(workspace, tokens, K, ws);
+  return 0;
 }
 
 }  // namespace se_cuda
@@ -513,12 +735,15 @@ extern "C" SE_API size_t se_cuda_workspace_size(int64_t tokens, int64_t num_expe
 }
 
 extern "C" SE_API int se_cuda_route(const void* x, int32_t x_dtype, int64_t tokens, int64_t in, int64_t K,
-                                    const float* G, const float* b, int32_t* ids, se_cuda_stream stream, char* err,
-                                    size_t err_len) {
+                                    const float* G, const float* b, int32_t* ids, void* workspace,
+                                    size_t workspace_size, se_cuda_stream stream, char* err, size_t err_len) {
+  using namespace se_cuda;
   if (tokens <= 0) return 0;
-  if (x_dtype != SE_F32 && x_dtype != SE_F16) return se_cuda::fail(err, err_len, "x must be fp32 or fp16");
-  return se_cuda::launch_route(x, x_dtype, tokens, in, K, G, b, ids, reinterpret_cast<cudaStream_t>(stream), err,
-                               err_len);
+  if (x_dtype != SE_F32 && x_dtype != SE_F16) return fail(err, err_len, "x must be fp32 or fp16");
+  Workspace ws{};
+  if (carve_workspace(workspace, workspace_size, tokens, K, &ws, err, err_len)) return 1;
+  return launch_route(x, x_dtype, tokens, in, K, G, b, ids, ws.route_partial, reinterpret_cast<cudaStream_t>(stream),
+                      err, err_len);
 }
 
 extern "C" SE_API int se_cuda_routed_sparse_matmul(const se_experts* s, const float* G, const float* b, const void* x,
@@ -538,18 +763,15 @@ extern "C" SE_API int se_cuda_routed_sparse_matmul(const se_experts* s, const fl
   if (gemv_max_tokens <= 0) gemv_max_tokens = SE_CUDA_DEFAULT_GEMV_MAX_TOKENS;
   const bool gemv = tokens <= gemv_max_tokens;
   Workspace ws{};
-  const size_t need = carve(workspace, tokens, s->num_experts, &ws);
-  const bool needs_workspace = !gemv || (!ids_in && !ids_out);
-  if (needs_workspace && (!workspace || workspace_size < need)) {
-    if (err && err_len)
-      std::snprintf(err, err_len, "workspace of %zu bytes is too small: se_cuda_workspace_size says %zu",
-                    workspace_size, need);
+  const bool needs_workspace = !gemv || !ids_in;  // the grouped path's plan, or the router's partial scores
+  if (needs_workspace && carve_workspace(workspace, workspace_size, tokens, s->num_experts, &ws, err, err_len))
     return 1;
-  }
   const int32_t* ids = ids_in;
   if (!ids) {
     int32_t* routed = ids_out ? ids_out : ws.ids;
-    if (launch_route(x, x_dtype, tokens, s->in_features, s->num_experts, G, b, routed, stream, err, err_len)) return 1;
+    if (launch_route(x, x_dtype, tokens, s->in_features, s->num_experts, G, b, routed, ws.route_partial, stream, err,
+                     err_len))
+      return 1;
     ids = routed;
   } else if (ids_out && ids_out != ids_in) {
     if (cuda_error(cudaMemcpyAsync(ids_out, ids_in, sizeof(int32_t) * tokens, cudaMemcpyDeviceToDevice, stream), err,

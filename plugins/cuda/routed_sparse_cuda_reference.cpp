@@ -1,8 +1,9 @@
 // CPU reference of the CUDA kernels (se_cuda_kernels.h): the same function, computed with the
-// same indexing helpers and the same decomposition (router thread strides and expert chunks,
-// lane-per-column GEMV warps, grouped tiles of <= 32 tokens x 64 rows decoded 64 columns per
-// step), one emulated lane at a time. CI has no GPU; this is how the kernels' indexing is
-// exercised there.
+// same indexing helpers and the same decomposition (router feature splits, thread strides and
+// expert chunks; lane-per-word bitmap GEMV warps; grouped tiles of <= 32 tokens x 64 rows decoded
+// 64 columns per step), one emulated lane at a time. csr16 GEMV lanes stride one value at a time
+// here; the device's 16-byte vectors take the same products in another order. CI has no GPU; this
+// is how the kernels' indexing is exercised there.
 #include <algorithm>
 #include <cstdio>
 #include <limits>
@@ -19,8 +20,8 @@ using se_index::kTileRows;
 using se_index::kTileTokens;
 using se_index::kWarp;
 
-constexpr int kRouteChunk = 8;     // experts scored per pass (registers per thread on the device)
-constexpr int kRouteThreads = 256;  // threads of the router's block (one block per token)
+using se_index::kRouteChunk;
+using se_index::kRouteThreads;
 
 float load(const void* p, int32_t dtype, int64_t i) {
   const auto* h = static_cast<const uint16_t*>(p);
@@ -36,32 +37,44 @@ void store(void* p, int32_t dtype, int64_t i, float v) {
   }
 }
 
-// Device: one block per token; thread i sums columns i, i+256, ...; then the threads' sums per expert.
+// Device: route_splits(in) blocks per token, each summing a contiguous chunk of features (thread i
+// takes chunk columns i, i+256, ...) for kRouteChunk experts per pass; then, per expert, the
+// splits' sums in split order plus the bias, and the argmin with ties to the lowest expert.
 int32_t route_token(const void* x, int32_t x_dtype, int64_t t, int64_t in, int64_t K, const float* G, const float* b) {
-  float best = std::numeric_limits<float>::infinity();
-  int32_t best_k = 0;
-  for (int64_t k0 = 0; k0 < K; k0 += kRouteChunk) {
-    std::vector<float> thread_acc(static_cast<size_t>(kRouteThreads) * kRouteChunk, 0.0f);
-    for (int th = 0; th < kRouteThreads; ++th) {
-      for (int64_t i = th; i < in; i += kRouteThreads) {
-        const float xi = load(x, x_dtype, t * in + i);
-        for (int j = 0; j < kRouteChunk && k0 + j < K; ++j) thread_acc[th * kRouteChunk + j] += xi * G[i * K + k0 + j];
+  const int64_t splits = se_index::route_splits(in), chunk = se_index::route_chunk(in);
+  std::vector<float> scores(static_cast<size_t>(K), 0.0f);
+  for (int64_t s = 0; s < splits; ++s) {
+    const int64_t i0 = s * chunk, i1 = std::min(in, i0 + chunk);
+    for (int64_t k0 = 0; k0 < K; k0 += kRouteChunk) {
+      std::vector<float> thread_acc(static_cast<size_t>(kRouteThreads) * kRouteChunk, 0.0f);
+      for (int th = 0; th < kRouteThreads; ++th) {
+        for (int64_t i = i0 + th; i < i1; i += kRouteThreads) {
+          const float xi = load(x, x_dtype, t * in + i);
+          for (int j = 0; j < kRouteChunk && k0 + j < K; ++j)
+            thread_acc[th * kRouteChunk + j] += xi * G[i * K + k0 + j];
+        }
+      }
+      for (int j = 0; j < kRouteChunk && k0 + j < K; ++j) {
+        float sum = 0.0f;
+        for (int th = 0; th < kRouteThreads; ++th) sum += thread_acc[th * kRouteChunk + j];
+        scores[k0 + j] += sum;
       }
     }
-    for (int j = 0; j < kRouteChunk && k0 + j < K; ++j) {
-      float s = 0.0f;
-      for (int th = 0; th < kRouteThreads; ++th) s += thread_acc[th * kRouteChunk + j];
-      if (s + b[k0 + j] < best) {
-        best = s + b[k0 + j];
-        best_k = static_cast<int32_t>(k0 + j);
-      }
+  }
+  float best = std::numeric_limits<float>::infinity();
+  int32_t best_k = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (scores[k] + b[k] < best) {
+      best = scores[k] + b[k];
+      best_k = static_cast<int32_t>(k);
     }
   }
   return best_k;
 }
 
-// Device GEMV: one warp per (token, row). Bitmap: lane l owns column 32w+l of every word w and
-// finds its value after the word's kept weights below it; csr16: lanes stride over the values.
+// Device GEMV: one warp per (token, row). Bitmap (lane per word): lane l walks the set bits of
+// words l, l+32, ..., its values placed after the kept weights of the words before; csr16: lanes
+// stride over the values.
 float gemv_row(const se_experts& e, const void* x, int32_t x_dtype, int64_t t, int64_t row) {
   const int64_t in = e.in_features, rows = e.num_experts * e.out_features;
   const int64_t start = e.row_ptr[row], end = se_index::row_end(e.row_ptr, row, rows, e.nnz);
@@ -71,13 +84,13 @@ float gemv_row(const se_experts& e, const void* x, int32_t x_dtype, int64_t t, i
     const auto* bits = static_cast<const uint8_t*>(e.indices) + row * row_bytes;
     int64_t base = start;
     for (int64_t w = 0; w < words; ++w) {
-      const uint32_t word = se_index::bitmap_word(bits, w, row_bytes);
-      for (int lane = 0; lane < kWarp; ++lane) {
-        if (!se_index::lane_has(word, lane)) continue;
-        const float v = load(e.values, e.value_dtype, base + se_index::lane_value_offset(word, lane));
-        lane_acc[lane] += v * load(x, x_dtype, t * in + w * kWarp + lane);
+      uint32_t word = se_index::bitmap_word(bits, w, row_bytes);
+      const int lane = static_cast<int>(w % kWarp);
+      for (int64_t p = base; word != 0; ++p, word &= word - 1u) {
+        const int c = se_index::lowest_bit(word);
+        lane_acc[lane] += load(e.values, e.value_dtype, p) * load(x, x_dtype, t * in + w * kWarp + c);
       }
-      base += se_index::popcount32(word);
+      base += se_index::popcount32(se_index::bitmap_word(bits, w, row_bytes));
     }
   } else {
     const auto* cols = static_cast<const uint16_t*>(e.indices);

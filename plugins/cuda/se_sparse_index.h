@@ -20,6 +20,32 @@ constexpr int kTileTokens = 32;   // tokens per grouped tile
 constexpr int kTileRows = 64;     // output rows per grouped block
 constexpr int kTileCols = 64;     // columns of the expert decoded per grouped step (two bitmap words)
 
+// Router decomposition: a token's input features are split into route_splits(in) contiguous
+// chunks of route_chunk(in) features, one block of kRouteThreads threads each (a decode step's
+// router then runs on many SMs); each block scores kRouteChunk experts per pass. The splits'
+// partial scores are summed in split order, so the device and the reference agree on the sum.
+constexpr int kRouteThreads = 256;
+constexpr int kRouteChunk = 16;
+constexpr int64_t kRouteSplitMax = 16;
+
+SE_HD int64_t route_splits(int64_t in) {
+  const int64_t by_width = (in + kRouteThreads - 1) / kRouteThreads;  // at least a feature per thread
+  return by_width < 1 ? 1 : (by_width < kRouteSplitMax ? by_width : kRouteSplitMax);
+}
+
+SE_HD int64_t route_chunk(int64_t in) {
+  const int64_t splits = route_splits(in);
+  return (in + splits - 1) / splits;
+}
+
+// Stride, in elements, between the bitmap words of the GEMV's staged activations: a word's 32
+// columns plus 4 bytes, so that the lanes of a lane-per-word walk, which read columns 32 apart,
+// fall on different shared-memory banks.
+template <int kElemBytes>
+struct StagedWordStride {
+  static constexpr int64_t value = kWarp + 4 / kElemBytes;
+};
+
 // Bytes of one bitmap row of `in` columns (LSB-first bits, DESIGN.md section 3).
 SE_HD int64_t bitmap_row_bytes(int64_t in) { return (in + 7) / 8; }
 

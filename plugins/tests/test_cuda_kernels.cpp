@@ -1,6 +1,8 @@
 // GPU check of the CUDA kernels against their CPU reference (se_cuda_reference_matmul) and a
 // float64 dense reference: both paths, both formats, all value dtypes, fp32/fp16 activations, the
-// GEMV's activations in default, opt-in and no shared memory.
+// GEMV's activations in default, opt-in and no shared memory, both bitmap GEMV walks, scalar and
+// vector csr16 loads, misaligned values and indices, and routing
+// alone (se_cuda_route) against the product's own routing.
 // ctest label "gpu"; exits 77 (ctest SKIP_RETURN_CODE) when no CUDA device is present.
 #include <cuda_runtime.h>
 
@@ -26,15 +28,21 @@
 
 namespace {
 
+// Copies v to the device `shift` elements past the start of its allocation (a misaligned array
+// when shift > 0); `base` receives the allocation, for cudaFree.
 template <typename T>
-T* to_device(const std::vector<T>& v) {
+T* to_device(const std::vector<T>& v, void** base = nullptr, int shift = 0) {
   T* d = nullptr;
-  CHECK_CUDA(cudaMalloc(&d, std::max<size_t>(1, v.size() * sizeof(T))));
-  if (!v.empty()) CHECK_CUDA(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
+  CHECK_CUDA(cudaMalloc(&d, std::max<size_t>(1, (v.size() + shift) * sizeof(T))));
+  if (base) *base = d;
+  if (!v.empty()) CHECK_CUDA(cudaMemcpy(d + shift, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d + shift;
 }
 
-int run_case(const se_test::Case& c, int x_dtype, int gemv_max, bool give_ids, std::mt19937& rng) {
+// misalign: the values and indices one element past an aligned address (the GEMV's vector loads
+// fall back to one value per lane).
+int run_case(const se_test::Case& c, int x_dtype, int gemv_max, bool give_ids, std::mt19937& rng,
+             bool misalign = false) {
   se_test::RandomExperts re(c, rng);
   std::vector<uint16_t> x16(re.x.size());
   for (size_t i = 0; i < re.x.size() && x_dtype == SE_F16; ++i) x16[i] = se_half::f32_to_f16(re.x[i]);
@@ -49,8 +57,12 @@ int run_case(const se_test::Case& c, int x_dtype, int gemv_max, bool give_ids, s
     return 1;
   }
   se_experts d = re.e;
-  d.values = c.value_dtype == SE_F32 ? static_cast<const void*>(to_device(re.vals32)) : to_device(re.vals16);
-  d.indices = c.format == SE_BITMAP ? static_cast<const void*>(to_device(re.bitmap)) : to_device(re.cols);
+  void *values_base = nullptr, *indices_base = nullptr;
+  const int shift = misalign ? 1 : 0;
+  d.values = c.value_dtype == SE_F32 ? static_cast<const void*>(to_device(re.vals32, &values_base, shift))
+                                     : to_device(re.vals16, &values_base, shift);
+  d.indices = c.format == SE_BITMAP ? static_cast<const void*>(to_device(re.bitmap, &indices_base, shift))
+                                    : to_device(re.cols, &indices_base, shift);
   d.row_ptr = to_device(re.row_ptr);
   d.bias = to_device(re.bias);
   float* G = to_device(re.G);
@@ -72,6 +84,18 @@ int run_case(const se_test::Case& c, int x_dtype, int gemv_max, bool give_ids, s
   CHECK_CUDA(cudaMemcpy(got.data(), y, ny * xb, cudaMemcpyDeviceToHost));
   CHECK_CUDA(cudaMemcpy(got_ids.data(), ids_out, c.tokens * 4, cudaMemcpyDeviceToHost));
   int failures = 0;
+  if (!give_ids) {  // routing alone (se_cuda_route) gives the ids the product routed with
+    int32_t* route_ids = to_device(std::vector<int32_t>(c.tokens, -1));
+    std::vector<int32_t> alone(c.tokens);
+    if (se_cuda_route(x, x_dtype, c.tokens, c.in, c.K, G, b, route_ids, ws, ws_size, nullptr, err, sizeof(err))) {
+      std::printf("route failed: %s\n", err);
+      return 1;
+    }
+    CHECK_CUDA(cudaDeviceSynchronize());
+    CHECK_CUDA(cudaMemcpy(alone.data(), route_ids, c.tokens * 4, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaFree(route_ids));
+    failures += alone != got_ids;
+  }
   const double tol = x_dtype == SE_F32 ? 1e-4 : 4e-3;
   for (int64_t t = 0; t < c.tokens; ++t) {
     if (got_ids[t] != ref_ids[t]) {  // a near tie may flip between summation orders
@@ -87,7 +111,8 @@ int run_case(const se_test::Case& c, int x_dtype, int gemv_max, bool give_ids, s
       failures += std::fabs(val(got) - val(ref)) > tol * (1 + std::fabs(val(ref)));
     }
   }
-  for (const void* p : {d.values, d.indices, static_cast<const void*>(d.row_ptr), static_cast<const void*>(d.bias),
+  for (const void* p : {static_cast<const void*>(values_base), static_cast<const void*>(indices_base),
+                        static_cast<const void*>(d.row_ptr), static_cast<const void*>(d.bias),
                         static_cast<const void*>(G), static_cast<const void*>(b), static_cast<const void*>(x),
                         static_cast<const void*>(ids_in), static_cast<const void*>(ids_out), static_cast<const void*>(y), static_cast<const void*>(ws)})
     CHECK_CUDA(cudaFree(const_cast<void*>(p)));
@@ -133,6 +158,34 @@ int main(int argc, char** argv) {
         }
   }
   unsetenv("SE_CUDA_GEMV_SMEM_X");
+  // the GEMV's variants kept for comparison: the bitmap lane-per-column walk (SE_CUDA_GEMV_BITMAP)
+  // and scalar csr16 loads (SE_CUDA_GEMV_VECTORS=0); then misaligned values and indices (the
+  // csr16 vector loads fall back to scalar ones)
+  const struct {
+    const char *name, *value;
+  } variants[] = {{"SE_CUDA_GEMV_BITMAP", "column"}, {"SE_CUDA_GEMV_VECTORS", "0"}, {nullptr, nullptr}};
+  for (const auto& variant : variants) {
+    if (variant.name) setenv(variant.name, variant.value, 1);
+    for (int format : {SE_BITMAP, SE_CSR16})
+      for (int values : {SE_F32, SE_F16, SE_BF16})
+        for (int x_dtype : {SE_F32, SE_F16})
+          for (double density : {0.0, 0.3, 0.9}) {
+            if (quick && (values != SE_F16 || density != 0.3)) continue;
+            if (variant.name && (format == SE_CSR16) != (std::string(variant.name) == "SE_CUDA_GEMV_VECTORS"))
+              continue;  // each variant changes one format's path
+            failed += run_case({format, values, 16, 200, 1100, 3, density}, x_dtype, 0, false, rng, !variant.name);
+            ++total;
+          }
+    if (!quick) {
+      setenv("SE_CUDA_GEMV_SMEM_X", "0", 1);
+      for (int format : {SE_BITMAP, SE_CSR16}) {
+        failed += run_case({format, SE_F16, 4, 40, 20000, 3, 0.3}, SE_F16, 0, false, rng, !variant.name);
+        ++total;
+      }
+      unsetenv("SE_CUDA_GEMV_SMEM_X");
+    }
+    if (variant.name) unsetenv(variant.name);
+  }
   std::printf("%d/%d GPU kernel checks passed\n", total - failed, total);
   return failed ? 1 : 0;
 }

@@ -4,7 +4,8 @@
 //  * se_cuda_reference_matmul, which runs the kernels' exact decomposition on the host, against
 //    a float64 dense reference and against the CPU kernel library, for the GEMV and the grouped
 //    path, both formats, fp32/fp16/bf16 values, fp32/fp16 activations, odd widths (partial words,
-//    several 128-column chunks, several 32-word warp passes), expert counts across router chunks.
+//    several 128-column chunks, several 32-word warp passes), expert counts across router chunks, widths
+//    across router splits (up to kRouteSplitMax).
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -85,6 +86,12 @@ int test_helpers(std::mt19937& rng) {
     }
     for (int64_t e = 0; e < K; ++e) failures += check(covered[e] == c[e], "every token of every expert tiled once");
   }
+  // router splits: contiguous chunks cover every feature once, none empty, at most kRouteSplitMax
+  for (int64_t in = 1; in <= 20000; in += in < 600 ? 1 : 97) {
+    const int64_t splits = se_index::route_splits(in), chunk = se_index::route_chunk(in);
+    failures += check(splits >= 1 && splits <= se_index::kRouteSplitMax, "route_splits range");
+    failures += check(splits * chunk >= in && (splits - 1) * chunk < in, "route chunks cover the features");
+  }
   return failures;
 }
 
@@ -150,10 +157,10 @@ int main() {
   for (int format : {SE_BITMAP, SE_CSR16})
     for (int values : {SE_F32, SE_F16, SE_BF16})
       for (int x_dtype : {SE_F32, SE_F16})
-        for (Shape s : {Shape{1, 9, 45}, Shape{3, 70, 300}, Shape{9, 17, 1100}, Shape{17, 5, 33}})
+        for (Shape s : {Shape{1, 9, 45}, Shape{3, 70, 300}, Shape{9, 17, 1100}, Shape{17, 5, 33}, Shape{4, 3, 5000}})
           for (int64_t tokens : {1, 4, 37})
             for (double density : {0.0, 0.3, 1.0}) {
-              if (s.in == 1100 && (density == 1.0 || tokens == 37)) continue;  // keep the run short
+              if (s.in >= 1100 && (density == 1.0 || tokens == 37)) continue;  // keep the run short
               const int gemv_max = tokens == 4 ? 1 : 0;  // 4 tokens: forced onto the grouped path
               failed += run_case({format, values, s.K, s.out, s.in, tokens, density}, x_dtype, gemv_max, rng);
               ++total;
