@@ -46,6 +46,7 @@ constexpr int kGemvRowsPerWarp = 2;
 constexpr int kGemvRowsPerBlock = kWarpsPerBlock * kGemvRowsPerWarp;  // 16
 constexpr int kTileRowsPerWarp = kTileRows / kWarpsPerBlock;            // 8
 constexpr unsigned kFull = 0xffffffffu;
+static_assert(kBlock == se_index::kRouteThreads, "the reference emulates the router's block size");
 static_assert(kTileCols == 2 * kWarp, "a grouped step decodes two bitmap words per row");
 static_assert(kTileRows == 4 * 16 && kTileTokens == 2 * 16 && kWarpsPerBlock == 8, "one 16x16 WMMA tile per warp");
 

@@ -7,10 +7,9 @@
 //
 // Routing: expert = argmin_k (x G + b)_k in fp32, ties to the lowest k; the scores are summed over
 // splits of the input features (se_sparse_index.h, route_splits), so a decode step's router runs
-// on many SMs. Tokens with at most
-// `gemv_max_tokens` rows run the GEMV path (one warp per output row and token); larger batches are
-// grouped by expert (count, scan, scatter) and run one sparse-times-dense tile of up to 32 tokens
-// per (expert, block of 64 rows). Device code cannot raise: an out-of-range id given in
+// on many SMs. Tokens with at most `gemv_max_tokens` rows run the GEMV path (one warp per output
+// row and token); larger batches are grouped by expert (count, scan, scatter) and run one
+// sparse-times-dense tile of up to 32 tokens per (expert, block of 64 rows). Device code cannot raise: an out-of-range id given in
 // `expert_ids_in` yields a zero output row (host callers validate ids they produce themselves).
 #pragma once
 
@@ -40,8 +39,8 @@ SE_API int se_cuda_route(const void* x, int32_t x_dtype, int64_t tokens, int64_t
 // y [tokens, out] (x's dtype) = routed sparse product of x [tokens, in]. expert_ids_in (may be
 // NULL) skips routing; expert_ids_out (may be NULL) receives the routing. `workspace` holds at
 // least se_cuda_workspace_size(tokens, K) bytes (may be NULL only when tokens <= the GEMV limit
-// and expert_ids_in is given: routing needs it for the partial scores). Returns 0, or non-zero with a one-line reason in err
-// (bad arguments or a CUDA launch error).
+// and expert_ids_in is given: routing needs it for the partial scores). Returns 0, or non-zero
+// with a one-line reason in err (bad arguments or a CUDA launch error).
 SE_API int se_cuda_routed_sparse_matmul(const se_experts* experts, const float* router_weight,
                                         const float* router_bias, const void* x, int32_t x_dtype, int64_t tokens,
                                         const int32_t* expert_ids_in, int32_t* expert_ids_out, void* y,
