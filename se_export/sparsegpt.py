@@ -108,8 +108,8 @@ class ClusterHessians:
         sums are taken in ``expert_order``, so a chunk with the derived expert comes last."""
         rank = {k: i for i, k in enumerate(self.expert_order())}
         out = torch.empty(len(experts), self.x.shape[1], self.x.shape[1])
-        for k in sorted(experts, key=rank.__getitem__):
-            out[experts.index(k)] = self.sum64(k) * (2.0 / max(1, int(self.counts[k])))
+        for slot, k in sorted(enumerate(experts), key=lambda slot_k: rank[slot_k[1]]):
+            out[slot] = self.sum64(k) * (2.0 / max(1, int(self.counts[k])))
         return out
 
 
