@@ -18,8 +18,8 @@ How it times, so the ratios mean what they say:
   * The experts are packed on the GPU by se_export.sparse_format (the checkpoint's own packer).
   * Up to --gemv-sweep-max tokens it also times the path the default GEMV threshold does not
     take (GEMV vs grouped), the evidence for that threshold; and for GEMV rows, the variants kept
-    for comparison (GEMV_VARIANTS: the bitmap lane-per-column walk, scalar csr16 loads) beside the
-    default, both with the routing given.
+    for comparison (GEMV_VARIANTS: scalar csr16 loads) beside the default, both with the routing
+    given.
 
 Prints a Markdown table and writes JSON (after every shape, atomically); without a GPU it says
 so and exits 0.
@@ -49,8 +49,7 @@ from se_export.sparse_format import PackedExperts, pack_experts
 SHAPES = ["576x1536", "1536x576", "2048x8192", "8192x2048", "4096x11008", "11008x4096"]
 COLD_FACTOR = 3  # rotate over at least this many L2 capacities of weights
 # The GEMV's variants kept for comparison (environment the kernels read per call), per format
-GEMV_VARIANTS = {"bitmap": {"column": {"SE_CUDA_GEMV_BITMAP": "column"}},
-                 "csr16": {"scalar": {"SE_CUDA_GEMV_VECTORS": "0"}}}
+GEMV_VARIANTS = {"bitmap": {}, "csr16": {"scalar": {"SE_CUDA_GEMV_VECTORS": "0"}}}
 KERNELS_HEADER = Path(__file__).resolve().parent.parent / "plugins" / "cuda" / "se_cuda_kernels.h"
 
 

@@ -9,10 +9,8 @@
 //    past the device's shared-memory limit); one warp per output row. Bitmap rows, lane per word
 //    (default): lane l owns word w0+l of each 32-word pass, finds its values' offset by a warp scan
 //    of the words' popcounts and walks only its set bits, so a warp spends an instruction per kept
-//    weight, not per column. Kept for comparison (SE_CUDA_GEMV_BITMAP=column): lane l owns column
-//    32w+l of word w, shuffled from the lane that loaded it. csr16 rows: lanes stride over the
-//    row's values and columns in 16-byte vectors (SE_CUDA_GEMV_VECTORS=0: one value per lane per
-//    step, for comparison).
+//    weight, not per column. csr16 rows: lanes stride over the row's values and columns in 16-byte
+//    vectors (SE_CUDA_GEMV_VECTORS=0: one value per lane per step, for comparison).
 //  * grouped path (prefill): tokens are counted per expert, planned into tiles of <= 32 tokens,
 //    scattered into an expert-sorted permutation; grouped_kernel decodes a 64-row x 64-column
 //    block of the expert into shared memory per step (lane-per-column bitmap, csr16 windows) and
@@ -149,33 +147,14 @@ __global__ void __launch_bounds__(kBlock) route_argmin_kernel(const float* __res
   if (lane == 0) ids[t] = best_k;
 }
 
-// One row's dot product with the token's activations xs, summed over the warp's lanes by the
-// caller. Column c of bitmap word w sits at xs[w * kXStride + c] (padded when staged).
-// Lane per column: lane l owns column 32w+l of word w, shuffled from the lane that loaded it.
-template <typename TV, typename TX, int64_t kXStride>
-__device__ __forceinline__ float bitmap_row_dot_columns(const Experts& e, int64_t row, const TX* xs, int lane,
-                                                        int64_t words, int64_t row_bytes, bool aligned) {
-  const uint8_t* bits = static_cast<const uint8_t*>(e.indices) + row * row_bytes;
-  const TV* v = static_cast<const TV*>(e.values);
-  int64_t base = e.row_ptr[row];
-  float acc = 0.0f;
-  for (int64_t w0 = 0; w0 < words; w0 += kWarp) {
-    const uint32_t mine = w0 + lane < words ? load_word(bits, w0 + lane, row_bytes, aligned) : 0u;
-#pragma unroll 8
-    for (int j = 0; j < kWarp; ++j) {
-      const uint32_t word = __shfl_sync(kFull, mine, j);
-      if (se_index::lane_has(word, lane))
-        acc += to_float(v[base + se_index::lane_value_offset(word, lane)]) * to_float(xs[(w0 + j) * kXStride + lane]);
-      base += se_index::popcount32(word);
-    }
-  }
-  return acc;
-}
-
-// Lane per word (default): lane l owns word w0+l of each 32-word pass; an inclusive warp scan of
-// the words' popcounts places its first value, and it walks its set bits only, loading each value
-// itself. Measured against lane per column and against decoding the pass's columns to shared
-// memory for 16-byte vector loads of the values (BENCHMARKS.md): fastest of the three.
+// One bitmap row's dot product with the token's activations xs (column c of word w at
+// xs[w * kXStride + c], padded when staged), summed over the warp's lanes by the caller.
+// Lane per word: lane l owns word w0+l of each 32-word pass; an inclusive warp scan of the words'
+// popcounts places its first value, and it walks its set bits only, loading each value itself.
+// Measured on an H200 against lane per column (lane l owns column 32w+l of every word: a warp step
+// per word whatever its popcount), staging each pass's values per warp, and decoding each pass's
+// columns to shared memory for 16-byte value loads (BENCHMARKS.md): 1.3-3.1x faster than the first,
+// fastest of the four.
 template <typename TV, typename TX, int64_t kXStride>
 __device__ __forceinline__ float bitmap_row_dot_words(const Experts& e, int64_t row, const TX* xs, int lane,
                                                       int64_t words, int64_t row_bytes, bool aligned) {
@@ -282,9 +261,6 @@ __device__ __forceinline__ float csr16_row_dot(const Experts& e, int64_t row, co
   return acc0 + acc1;
 }
 
-// Bitmap GEMV walks (gemv_kernel's kBitmapWalk): lane per word (default), lane per column.
-enum BitmapWalk : int { kWords = 0, kColumns = 1 };
-
 // Element stride between the bitmap words of the activations the GEMV reads: padded in shared
 // memory for bitmap rows (bank spread for the lane-per-word walk), plain otherwise.
 template <typename TX, int FMT, bool kSmemX>
@@ -307,7 +283,7 @@ __device__ __forceinline__ bool csr16_vectors_aligned(const Experts& e) {
 // sit in dynamic shared memory; otherwise they are read from global memory (in_features past the
 // shared-memory limit). kVectors: csr16 rows in 16-byte vector loads (kVectors false:
 // SE_CUDA_GEMV_VECTORS=0, for comparison; misaligned values or columns fall back per call).
-template <typename TX, typename TV, int FMT, bool kSmemX, int kBitmapWalk, bool kVectors>
+template <typename TX, typename TV, int FMT, bool kSmemX, bool kVectors>
 __global__ void __launch_bounds__(kBlock) gemv_kernel(Experts e, const TX* __restrict__ x,
                                                       const int32_t* __restrict__ ids, TX* __restrict__ y) {
   extern __shared__ __align__(16) unsigned char gemv_smem[];
@@ -336,8 +312,6 @@ __global__ void __launch_bounds__(kBlock) gemv_kernel(Experts e, const TX* __res
     if (valid) {
       if constexpr (FMT == SE_CSR16) {
         acc = csr16_row_dot<TV>(e, row, xs, lane, vector);
-      } else if constexpr (kBitmapWalk == kColumns) {
-        acc = bitmap_row_dot_columns<TV, TX, kXStride>(e, row, xs, lane, words, row_bytes, aligned);
       } else {
         acc = bitmap_row_dot_words<TV, TX, kXStride>(e, row, xs, lane, words, row_bytes, aligned);
       }
@@ -613,31 +587,25 @@ bool gemv_smem_fits(const void* kernel, size_t bytes, char* err, size_t err_len)
                      err, err_len, "cudaFuncSetAttribute");
 }
 
-// The GEMV's variants kept for comparison (read per call, for the benchmark and the tests):
-// SE_CUDA_GEMV_BITMAP=column walks bitmap rows lane per column; SE_CUDA_GEMV_VECTORS=0 loads
-// csr16 rows one value per lane per step.
-bool bitmap_gemv_by_column() {
-  const char* walk = std::getenv("SE_CUDA_GEMV_BITMAP");
-  return walk && std::strcmp(walk, "column") == 0;
-}
-
+// SE_CUDA_GEMV_VECTORS=0 loads csr16 rows one value per lane per step (read per call: the
+// benchmark's comparison and the tests).
 bool gemv_vectors() {
   const char* vectors = std::getenv("SE_CUDA_GEMV_VECTORS");
   return !(vectors && vectors[0] == '0');
 }
 
-template <typename TX, typename TV, int FMT, int kBitmapWalk, bool kVectors>
+template <typename TX, typename TV, int FMT, bool kVectors>
 int launch_gemv(const Experts& e, const TX* x, int64_t tokens, const int32_t* ids, TX* y, cudaStream_t stream,
                 char* err, size_t err_len) {
   const dim3 grid(static_cast<unsigned>((e.out + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock),
                   static_cast<unsigned>(tokens));
-  const auto staged = gemv_kernel<TX, TV, FMT, true, kBitmapWalk, kVectors>;
+  const auto staged = gemv_kernel<TX, TV, FMT, true, kVectors>;
   const size_t smem = gemv_smem_bytes<TX, FMT>(e.in);
   if (gemv_smem_fits(reinterpret_cast<const void*>(staged), smem, err, err_len)) {
     staged<<<grid, kBlock, smem, stream>>>(e, x, ids, y);
   } else {
     if (err && err_len && err[0]) return 1;  // the attribute call itself failed
-    gemv_kernel<TX, TV, FMT, false, kBitmapWalk, kVectors><<<grid, kBlock, 0, stream>>>(e, x, ids, y);
+    gemv_kernel<TX, TV, FMT, false, kVectors><<<grid, kBlock, 0, stream>>>(e, x, ids, y);
   }
   return cuda_failed(err, err_len, "gemv_kernel");
 }
@@ -646,14 +614,9 @@ template <typename TX, typename TV, int FMT>
 int run_product(const Experts& e, const TX* x, int64_t tokens, const int32_t* ids, bool ids_given, TX* y, bool gemv,
                 const Workspace& ws, cudaStream_t stream, char* err, size_t err_len) {
   if (gemv) {
-    if constexpr (FMT == SE_BITMAP) {
-      return bitmap_gemv_by_column()
-                 ? launch_gemv<TX, TV, FMT, kColumns, false>(e, x, tokens, ids, y, stream, err, err_len)
-                 : launch_gemv<TX, TV, FMT, kWords, false>(e, x, tokens, ids, y, stream, err, err_len);
-    } else {
-      return gemv_vectors() ? launch_gemv<TX, TV, FMT, kWords, true>(e, x, tokens, ids, y, stream, err, err_len)
-                            : launch_gemv<TX, TV, FMT, kWords, false>(e, x, tokens, ids, y, stream, err, err_len);
-    }
+    return FMT == SE_CSR16 && gemv_vectors()
+               ? launch_gemv<TX, TV, FMT, FMT == SE_CSR16>(e, x, tokens, ids, y, stream, err, err_len)
+               : launch_gemv<TX, TV, FMT, false>(e, x, tokens, ids, y, stream, err, err_len);
   }
   const unsigned blocks = static_cast<unsigned>((tokens + kBlock - 1) / kBlock);
   if (cuda_error(cudaMemsetAsync(ws.counts, 0, sizeof(int32_t) * e.num_experts, stream), err, err_len,
