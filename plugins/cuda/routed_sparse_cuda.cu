@@ -1,7 +1,8 @@
 // CUDA implementation of se_cuda_kernels.h. Kernel structure (mirrored on CPU by
 // routed_sparse_cuda_reference.cpp, which CI runs):
 //  * router: route_partial_kernel splits each token's input features over up to kRouteSplitMax
-//    blocks (so a decode step's router runs on many SMs, not one); each block scores up to 16
+//    blocks (so a decode step's router runs on many SMs, not one; long prefills keep one block
+//    per token, se_sparse_index.h route_splits); each block scores up to 16
 //    experts per pass (warp shuffles, then the block's warps) and writes its partial scores to the
 //    workspace; route_argmin_kernel (one warp per token) sums the splits in order, adds the bias
 //    and takes the argmin, ties to the lowest expert.
@@ -531,7 +532,7 @@ __global__ void __launch_bounds__(kBlock) grouped_kernel(Experts e, const TX* __
 // --- host side
 struct Workspace {  // carve-up of the caller's scratch memory (se_cuda_workspace_size)
   int32_t *ids, *counts, *offsets, *cursor, *perm, *tiles, *num_tiles;
-  float* route_partial;  // [tokens, splits, K] partial router scores
+  float* route_partial;  // [tokens, route_splits, K] partial router scores
 };
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
@@ -539,7 +540,7 @@ size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 size_t carve(void* base, int64_t tokens, int64_t K, Workspace* ws) {
   const size_t T = static_cast<size_t>(tokens), k = static_cast<size_t>(K);
   const size_t sizes[] = {T, k, k + 1, k, T, 3 * static_cast<size_t>(se_index::max_tiles(tokens, K)), 1,
-                          T * static_cast<size_t>(se_index::kRouteSplitMax) * k};
+                          T * static_cast<size_t>(se_index::route_splits_for_tokens(tokens)) * k};
   void** slots[] = {reinterpret_cast<void**>(&ws->ids),    reinterpret_cast<void**>(&ws->counts),
                     reinterpret_cast<void**>(&ws->offsets), reinterpret_cast<void**>(&ws->cursor),
                     reinterpret_cast<void**>(&ws->perm),    reinterpret_cast<void**>(&ws->tiles),
@@ -664,7 +665,7 @@ int dispatch_values(const se_experts& s, const Experts& e, const void* x, int64_
 // Router: partial scores per (split, token), then one warp per token sums them and takes the argmin.
 int launch_route(const void* x, int32_t x_dtype, int64_t tokens, int64_t in, int64_t K, const float* G,
                  const float* b, int32_t* ids, float* partial, cudaStream_t stream, char* err, size_t err_len) {
-  const int64_t splits = se_index::route_splits(in), chunk = se_index::route_chunk(in);
+  const int64_t splits = se_index::route_splits(in, tokens), chunk = se_index::route_chunk(in, splits);
   const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(splits));
   if (x_dtype == SE_F32) {
     route_partial_kernel<float><<<grid, kBlock, 0, stream>>>(static_cast<const float*>(x), in, K, chunk, G, partial);

@@ -37,11 +37,12 @@ void store(void* p, int32_t dtype, int64_t i, float v) {
   }
 }
 
-// Device: route_splits(in) blocks per token, each summing a contiguous chunk of features (thread i
-// takes chunk columns i, i+256, ...) for kRouteChunk experts per pass; then, per expert, the
-// splits' sums in split order plus the bias, and the argmin with ties to the lowest expert.
-int32_t route_token(const void* x, int32_t x_dtype, int64_t t, int64_t in, int64_t K, const float* G, const float* b) {
-  const int64_t splits = se_index::route_splits(in), chunk = se_index::route_chunk(in);
+// Device: route_splits(in, tokens) blocks per token, each summing a contiguous chunk of features
+// (thread i takes chunk columns i, i+256, ...) for kRouteChunk experts per pass; then, per expert,
+// the splits' sums in split order plus the bias, and the argmin with ties to the lowest expert.
+int32_t route_token(const void* x, int32_t x_dtype, int64_t t, int64_t tokens, int64_t in, int64_t K, const float* G,
+                    const float* b) {
+  const int64_t splits = se_index::route_splits(in, tokens), chunk = se_index::route_chunk(in, splits);
   std::vector<float> scores(static_cast<size_t>(K), 0.0f);
   for (int64_t s = 0; s < splits; ++s) {
     const int64_t i0 = s * chunk, i1 = std::min(in, i0 + chunk);
@@ -175,7 +176,7 @@ extern "C" SE_API int se_cuda_reference_matmul(const se_experts* e, const float*
   const int64_t K = e->num_experts, out = e->out_features;
   std::vector<int32_t> ids(static_cast<size_t>(tokens));
   for (int64_t t = 0; t < tokens; ++t) {
-    ids[t] = ids_in ? ids_in[t] : route_token(x, x_dtype, t, e->in_features, K, G, b);
+    ids[t] = ids_in ? ids_in[t] : route_token(x, x_dtype, t, tokens, e->in_features, K, G, b);
     if (ids[t] < 0 || ids[t] >= K) {
       std::snprintf(err, err_len, "expert id %d of token %lld is out of range [0, %lld)", ids[t],
                     static_cast<long long>(t), static_cast<long long>(K));

@@ -20,23 +20,32 @@ constexpr int kTileTokens = 32;   // tokens per grouped tile
 constexpr int kTileRows = 64;     // output rows per grouped block
 constexpr int kTileCols = 64;     // columns of the expert decoded per grouped step (two bitmap words)
 
-// Router decomposition: a token's input features are split into route_splits(in) contiguous
-// chunks of route_chunk(in) features, one block of kRouteThreads threads each (a decode step's
-// router then runs on many SMs); each block scores kRouteChunk experts per pass. The splits'
-// partial scores are summed in split order, so the device and the reference agree on the sum.
+// Router decomposition: a token's input features are split into route_splits(in, tokens)
+// contiguous chunks of route_chunk(in, splits) features, one block of kRouteThreads threads each;
+// each block scores kRouteChunk experts per pass. The split count aims at kRouteBlocks blocks per
+// call: a decode step's router then runs on many SMs, and a long prefill keeps one block per token
+// (its tokens fill the GPU already, and the partial scores stay small). The splits' partial scores
+// are summed in split order, so the device and the reference agree on the sum.
 constexpr int kRouteThreads = 256;
 constexpr int kRouteChunk = 16;
 constexpr int64_t kRouteSplitMax = 16;
+constexpr int64_t kRouteBlocks = 1024;
 
-SE_HD int64_t route_splits(int64_t in) {
+// Splits the token count allows: kRouteBlocks / tokens, rounded up, at most kRouteSplitMax.
+SE_HD int64_t route_splits_for_tokens(int64_t tokens) {
+  const int64_t t = tokens < 1 ? 1 : tokens;
+  const int64_t by_tokens = (kRouteBlocks + t - 1) / t;
+  return by_tokens < kRouteSplitMax ? by_tokens : kRouteSplitMax;
+}
+
+SE_HD int64_t route_splits(int64_t in, int64_t tokens) {
   const int64_t by_width = (in + kRouteThreads - 1) / kRouteThreads;  // at least a feature per thread
-  return by_width < 1 ? 1 : (by_width < kRouteSplitMax ? by_width : kRouteSplitMax);
+  const int64_t by_tokens = route_splits_for_tokens(tokens);
+  const int64_t splits = by_width < by_tokens ? by_width : by_tokens;
+  return splits < 1 ? 1 : splits;
 }
 
-SE_HD int64_t route_chunk(int64_t in) {
-  const int64_t splits = route_splits(in);
-  return (in + splits - 1) / splits;
-}
+SE_HD int64_t route_chunk(int64_t in, int64_t splits) { return (in + splits - 1) / splits; }
 
 // Stride, in elements, between the bitmap words of the GEMV's staged activations: a word's 32
 // columns plus 4 bytes, so that the lanes of a lane-per-word walk, which read columns 32 apart,

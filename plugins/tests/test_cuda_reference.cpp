@@ -86,12 +86,15 @@ int test_helpers(std::mt19937& rng) {
     }
     for (int64_t e = 0; e < K; ++e) failures += check(covered[e] == c[e], "every token of every expert tiled once");
   }
-  // router splits: contiguous chunks cover every feature once, none empty, at most kRouteSplitMax
-  for (int64_t in = 1; in <= 20000; in += in < 600 ? 1 : 97) {
-    const int64_t splits = se_index::route_splits(in), chunk = se_index::route_chunk(in);
-    failures += check(splits >= 1 && splits <= se_index::kRouteSplitMax, "route_splits range");
-    failures += check(splits * chunk >= in && (splits - 1) * chunk < in, "route chunks cover the features");
-  }
+  // router splits: contiguous chunks cover every feature once, none empty, at most kRouteSplitMax,
+  // and the partial scores fit the rows se_cuda_workspace_size reserves (route_splits_for_tokens)
+  for (int64_t tokens : {1, 2, 16, 63, 64, 65, 300, 1024, 5000})
+    for (int64_t in = 1; in <= 20000; in += in < 600 ? 1 : 97) {
+      const int64_t splits = se_index::route_splits(in, tokens), chunk = se_index::route_chunk(in, splits);
+      failures += check(splits >= 1 && splits <= se_index::kRouteSplitMax, "route_splits range");
+      failures += check(splits <= se_index::route_splits_for_tokens(tokens), "route_splits within the workspace");
+      failures += check(splits * chunk >= in && (splits - 1) * chunk < in, "route chunks cover the features");
+    }
   return failures;
 }
 
