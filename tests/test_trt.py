@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import itertools
 import json
 
 import numpy as np
@@ -21,8 +22,9 @@ from test_cli import _one_line_error, run_cli
 from test_onnx import ort_session, single_node_model
 
 from se_export import ops
-from se_export.cuda_kernels import reference_matmul
+from se_export.cuda_kernels import CUDA_LIB, _cuda_lib, reference_matmul
 from se_export.expand import ExpandConfig, expand_model
+from se_export.kernels import find_library
 from se_export.onnx_export import MODEL_FILE, export_onnx, read_onnx_manifest
 from se_export.ort_runtime import OrtCausalLM
 from se_export.trt_build import ShapeRanges, profiles, trtexec_command
@@ -148,6 +150,18 @@ def test_cuda_kernel_decomposition_matches_the_torch_op(seed, k, out, inn, token
         assert torch.equal(ids, ref_ids)
     y, ids = reference_matmul(packed, g, b, x, bias)
     assert (ids == ref_ids).float().mean() >= 0.9, "routing differs only on near ties"
+
+
+@pytest.mark.skipif(find_library(CUDA_LIB) is None, reason="libse_cuda_kernels.so is not built (needs nvcc)")
+@pytest.mark.parametrize("experts", [1, 16, 64])
+def test_cuda_workspace_never_shrinks_as_tokens_grow(experts):
+    """TensorRT sizes the plugin's workspace for a profile's largest token count and every call
+    with fewer tokens uses it: se_cuda_workspace_size must not decrease as tokens grow (the router's
+    partial scores, whose split count falls as tokens rise, included). A host function: no GPU."""
+    size = _cuda_lib().se_cuda_workspace_size
+    sizes = [size(tokens, experts) for tokens in range(1, 5000)]
+    assert all(a <= b for a, b in itertools.pairwise(sizes))
+    assert sizes[0] >= 16 * experts * 4, "one decode token reserves its 16 splits' partial scores"
 
 
 @pytest.mark.gpu

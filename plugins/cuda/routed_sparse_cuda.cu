@@ -540,7 +540,7 @@ size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 size_t carve(void* base, int64_t tokens, int64_t K, Workspace* ws) {
   const size_t T = static_cast<size_t>(tokens), k = static_cast<size_t>(K);
   const size_t sizes[] = {T, k, k + 1, k, T, 3 * static_cast<size_t>(se_index::max_tiles(tokens, K)), 1,
-                          T * static_cast<size_t>(se_index::route_splits_for_tokens(tokens)) * k};
+                          static_cast<size_t>(se_index::route_partial_rows(tokens)) * k};
   void** slots[] = {reinterpret_cast<void**>(&ws->ids),    reinterpret_cast<void**>(&ws->counts),
                     reinterpret_cast<void**>(&ws->offsets), reinterpret_cast<void**>(&ws->cursor),
                     reinterpret_cast<void**>(&ws->perm),    reinterpret_cast<void**>(&ws->tiles),

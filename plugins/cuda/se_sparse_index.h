@@ -47,6 +47,14 @@ SE_HD int64_t route_splits(int64_t in, int64_t tokens) {
 
 SE_HD int64_t route_chunk(int64_t in, int64_t splits) { return (in + splits - 1) / splits; }
 
+// Rows of partial scores (tokens x splits) the workspace reserves for `tokens` tokens: at least
+// tokens * route_splits(in, tokens) for every `in`, and non-decreasing in `tokens`, so a workspace
+// sized for a profile's largest token count (TensorRT) holds every smaller call.
+SE_HD int64_t route_partial_rows(int64_t tokens) {
+  const int64_t by_cap = tokens * kRouteSplitMax, by_blocks = tokens + kRouteBlocks;
+  return by_cap < by_blocks ? by_cap : by_blocks;
+}
+
 // Stride, in elements, between the bitmap words of the GEMV's staged activations: a word's 32
 // columns plus 4 bytes, so that the lanes of a lane-per-word walk, which read columns 32 apart,
 // fall on different shared-memory banks.

@@ -86,15 +86,23 @@ int test_helpers(std::mt19937& rng) {
     }
     for (int64_t e = 0; e < K; ++e) failures += check(covered[e] == c[e], "every token of every expert tiled once");
   }
-  // router splits: contiguous chunks cover every feature once, none empty, at most kRouteSplitMax,
-  // and the partial scores fit the rows se_cuda_workspace_size reserves (route_splits_for_tokens)
-  for (int64_t tokens : {1, 2, 16, 63, 64, 65, 300, 1024, 5000})
+  // router splits: contiguous chunks cover every feature once, none empty, at most kRouteSplitMax;
+  // the partial scores fit the rows the workspace reserves, for this token count and any larger
+  // one (a workspace sized for a profile's maximum serves every smaller call)
+  for (int64_t tokens : {1, 2, 16, 63, 64, 65, 100, 300, 999, 1000, 1023, 1024, 1025, 5000}) {
+    failures += check(se_index::route_partial_rows(tokens) <= se_index::route_partial_rows(tokens + 1),
+                      "route_partial_rows never shrinks as tokens grow");
     for (int64_t in = 1; in <= 20000; in += in < 600 ? 1 : 97) {
       const int64_t splits = se_index::route_splits(in, tokens), chunk = se_index::route_chunk(in, splits);
       failures += check(splits >= 1 && splits <= se_index::kRouteSplitMax, "route_splits range");
-      failures += check(splits <= se_index::route_splits_for_tokens(tokens), "route_splits within the workspace");
+      failures += check(tokens * splits <= se_index::route_partial_rows(tokens), "partial scores fit the workspace");
       failures += check(splits * chunk >= in && (splits - 1) * chunk < in, "route chunks cover the features");
     }
+  }
+  for (int64_t tokens = 1; tokens <= 4096; ++tokens)
+    failures += check(se_index::route_partial_rows(tokens) <= se_index::route_partial_rows(tokens + 1) &&
+                          tokens * se_index::route_splits(1 << 20, tokens) <= se_index::route_partial_rows(tokens),
+                      "route_partial_rows bounds every token count");
   return failures;
 }
 
