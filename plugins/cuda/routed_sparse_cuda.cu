@@ -614,7 +614,7 @@ int launch_gemv(const Experts& e, const TX* x, int64_t tokens, const int32_t* id
 template <typename TX, typename TV, int FMT>
 int run_product(const Experts& e, const TX* x, int64_t tokens, const int32_t* ids, bool ids_given, TX* y, bool gemv,
                 const Workspace& ws, cudaStream_t stream, char* err, size_t err_len) {
-  if (gemv) {
+  if (gemv) {  // vectors for csr16 only (FMT == SE_CSR16 as the argument: no bitmap instantiation of them)
     return FMT == SE_CSR16 && gemv_vectors()
                ? launch_gemv<TX, TV, FMT, FMT == SE_CSR16>(e, x, tokens, ids, y, stream, err, err_len)
                : launch_gemv<TX, TV, FMT, false>(e, x, tokens, ids, y, stream, err, err_len);
