@@ -1,8 +1,8 @@
 // GPU check of the CUDA kernels against their CPU reference (se_cuda_reference_matmul) and a
 // float64 dense reference: both paths, both formats, all value dtypes, fp32/fp16 activations, the
 // GEMV's activations in default, opt-in and no shared memory, scalar and vector csr16 loads,
-// misaligned values and indices, and routing
-// alone (se_cuda_route) against the product's own routing.
+// misaligned values and indices, and routing alone (se_cuda_route) against the product's own
+// routing.
 // ctest label "gpu"; exits 77 (ctest SKIP_RETURN_CODE) when no CUDA device is present.
 #include <cuda_runtime.h>
 
