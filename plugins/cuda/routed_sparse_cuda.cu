@@ -537,20 +537,23 @@ struct Workspace {  // carve-up of the caller's scratch memory (se_cuda_workspac
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
+// Lays the slots out one after another, each 256-byte aligned; with base NULL only measures.
 size_t carve(void* base, int64_t tokens, int64_t K, Workspace* ws) {
   const size_t T = static_cast<size_t>(tokens), k = static_cast<size_t>(K);
-  const size_t sizes[] = {T, k, k + 1, k, T, 3 * static_cast<size_t>(se_index::max_tiles(tokens, K)), 1,
-                          static_cast<size_t>(se_index::route_partial_rows(tokens)) * k};
-  void** slots[] = {reinterpret_cast<void**>(&ws->ids),    reinterpret_cast<void**>(&ws->counts),
-                    reinterpret_cast<void**>(&ws->offsets), reinterpret_cast<void**>(&ws->cursor),
-                    reinterpret_cast<void**>(&ws->perm),    reinterpret_cast<void**>(&ws->tiles),
-                    reinterpret_cast<void**>(&ws->num_tiles), reinterpret_cast<void**>(&ws->route_partial)};
-  static_assert(sizeof(int32_t) == sizeof(float), "every slot holds 4-byte elements");
   size_t off = 0;
-  for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
-    if (base) *slots[i] = static_cast<char*>(base) + off;
-    off += align256(sizes[i] * sizeof(int32_t));
-  }
+  const auto take = [&](size_t elements) {  // 4-byte elements (int32 or fp32)
+    void* slot = base ? static_cast<char*>(base) + off : nullptr;
+    off += align256(elements * 4);
+    return slot;
+  };
+  ws->ids = static_cast<int32_t*>(take(T));
+  ws->counts = static_cast<int32_t*>(take(k));
+  ws->offsets = static_cast<int32_t*>(take(k + 1));
+  ws->cursor = static_cast<int32_t*>(take(k));
+  ws->perm = static_cast<int32_t*>(take(T));
+  ws->tiles = static_cast<int32_t*>(take(3 * static_cast<size_t>(se_index::max_tiles(tokens, K))));
+  ws->num_tiles = static_cast<int32_t*>(take(1));
+  ws->route_partial = static_cast<float*>(take(static_cast<size_t>(se_index::route_partial_rows(tokens)) * k));
   return off;
 }
 

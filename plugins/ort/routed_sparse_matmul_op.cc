@@ -75,11 +75,14 @@ int ort_gemm(void* host, int64_t m, int64_t n, int64_t k, const float* a, const 
   }
 }
 
-// SE_ORT_DENSE_GROUP_TOKENS overrides the group size at which an expert goes to the GEMM (0: never).
-int64_t dense_group_tokens() {
-  const char* env = std::getenv("SE_ORT_DENSE_GROUP_TOKENS");
-  return env && *env ? std::strtoll(env, nullptr, 10) : SE_DENSE_GROUP_TOKENS;
+// An integer setting from the environment, or `fallback` where it is unset or empty.
+int64_t env_int64(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  return env && *env ? std::strtoll(env, nullptr, 10) : fallback;
 }
+
+// SE_ORT_DENSE_GROUP_TOKENS overrides the group size at which an expert goes to the GEMM (0: never).
+int64_t dense_group_tokens() { return env_int64("SE_ORT_DENSE_GROUP_TOKENS", SE_DENSE_GROUP_TOKENS); }
 
 // Decoded bytes per Gemm call: the op's decode scratch holds an 8 MiB band of an expert's output
 // rows instead of the whole expert (at 4096 x 11008: resident memory +30 MB over three 512-token
@@ -87,10 +90,7 @@ int64_t dense_group_tokens() {
 // session). SE_ORT_DENSE_TILE_BYTES overrides it (0: the whole expert in one Gemm).
 constexpr int64_t kDenseTileBytes = int64_t{8} << 20;
 
-int64_t dense_tile_bytes() {
-  const char* env = std::getenv("SE_ORT_DENSE_TILE_BYTES");
-  return env && *env ? std::strtoll(env, nullptr, 10) : kDenseTileBytes;
-}
+int64_t dense_tile_bytes() { return env_int64("SE_ORT_DENSE_TILE_BYTES", kDenseTileBytes); }
 
 template <typename TX, typename TV, typename TI>
 struct RoutedSparseMatMulKernel {
