@@ -17,9 +17,9 @@ How it times, so the ratios mean what they say:
     weight (90 MB) does not.
   * The experts are packed on the GPU by se_export.sparse_format (the checkpoint's own packer).
   * Up to --gemv-sweep-max tokens it also times the path the default GEMV threshold does not
-    take (GEMV vs grouped), the evidence for that threshold; and for GEMV rows, the variants kept
-    for comparison (GEMV_VARIANTS: scalar csr16 loads) beside the default, both with the routing
-    given.
+    take (GEMV vs grouped), the evidence for that threshold; and the taken path's variants kept
+    for comparison beside the default, all with the routing given (GEMV_VARIANTS: scalar csr16
+    loads; GROUPED_VARIANTS: none at present).
 
 Prints a Markdown table and writes JSON (after every shape, atomically); without a GPU it says
 so and exits 0.
@@ -48,8 +48,11 @@ from se_export.sparse_format import PackedExperts, pack_experts
 
 SHAPES = ["576x1536", "1536x576", "2048x8192", "8192x2048", "4096x11008", "11008x4096"]
 COLD_FACTOR = 3  # rotate over at least this many L2 capacities of weights
-# The GEMV's variants kept for comparison (environment the kernels read per call), per format
+# The variants kept for comparison (environment the kernels read per call): the GEMV's, per
+# format, and the grouped kernel's (none at present: the ones timed on the H100 in the fourteenth
+# session lost and were deleted, BENCHMARKS.md)
 GEMV_VARIANTS = {"bitmap": {}, "csr16": {"scalar": {"SE_CUDA_GEMV_VECTORS": "0"}}}
+GROUPED_VARIANTS: dict[str, dict[str, str]] = {}
 KERNELS_HEADER = Path(__file__).resolve().parent.parent / "plugins" / "cuda" / "se_cuda_kernels.h"
 
 
@@ -175,15 +178,14 @@ def bench_shape(shape: str, args, l2_bytes: int, rows: list[dict]) -> None:
                 else:
                     other_ms = None
                 given_ms, _ = graph_ms(sparse_given)
-                variants_ms = {}
-                if batch <= gemv_max:  # the GEMV's variants kept for comparison, same routing
-                    for name, env in GEMV_VARIANTS[fmt].items():
-                        os.environ.update(env)
-                        try:
-                            variants_ms[name], _ = graph_ms(sparse_given)
-                        finally:
-                            for key in env:
-                                del os.environ[key]
+                variants_ms = {}  # the taken path's variants kept for comparison, same routing
+                for name, env in (GEMV_VARIANTS[fmt] if batch <= gemv_max else GROUPED_VARIANTS).items():
+                    os.environ.update(env)
+                    try:
+                        variants_ms[name], _ = graph_ms(sparse_given)
+                    finally:
+                        for key in env:
+                            del os.environ[key]
                 dense_ms, mode_d = graph_ms(dense)
                 eager_sparse, eager_dense = eager_ms(sparse_routed), eager_ms(dense)
                 act = batch * (inn + out) * 2
@@ -198,7 +200,7 @@ def bench_shape(shape: str, args, l2_bytes: int, rows: list[dict]) -> None:
                        "calls_per_sequence": n, "dense_copies": dense_copies, "expert_copies": len(sets),
                        "touched_experts": touched_experts,
                        "path": "gemv" if batch <= gemv_max else "grouped", "other_path_ms": other_ms,
-                       "gemv_variants_given_ids_ms": variants_ms}
+                       "variants_given_ids_ms": variants_ms}
                 rows.append(row)
                 print(f"| {shape} | {batch} | {s:.0%} | {fmt} | {sparse_ms * 1e3:.1f} | {dense_ms * 1e3:.1f} | "
                       f"{row['speedup']:.2f}x | {row['speedup'] / row['byte_ratio_limit']:.0%} | "
@@ -235,7 +237,7 @@ def main() -> None:
           f"device copy {copy_gbps:.0f} GB/s; K={args.experts}, fp16 activations and values, GPU time "
           "(CUDA graph replays, cold L2)\n")
     print("| in x out | batch | sparsity | format | sparse µs | dense µs | speed-up | of byte limit | router | "
-          "sparse GB/s | dense GB/s | eager speed-up | other path µs | ids given µs | ids given, other GEMV variants µs |")
+          "sparse GB/s | dense GB/s | eager speed-up | other path µs | ids given µs | ids given, variants µs |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows: list[dict] = []
     for shape in args.shapes:

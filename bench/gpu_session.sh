@@ -62,13 +62,13 @@ cpu_kernels() {
 export -f facts cpu_kernels
 
 step facts 60 bash -c facts
-step ctest_gpu 90 build/plugins/test_cuda_kernels
+step ctest_gpu ${CTEST_LIMIT:-150} build/plugins/test_cuda_kernels
 step pytest_gpu 200 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_gpu.py
 BENCH_ARGS=${BENCH_ARGS:---shapes 4096x11008 11008x4096 2048x8192 8192x2048 576x1536 1536x576}
 step bench_cuda ${BENCH_LIMIT:-240} bash -c "set -o pipefail; $PY bench/cuda_kernels.py --out $OUT/cuda_kernels.json \
   $BENCH_ARGS | tee $OUT/cuda_kernels.md"
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-step memcheck 90 "$SANITIZER" --tool memcheck --leak-check full --error-exitcode 3 build/plugins/test_cuda_kernels
+step memcheck ${MEMCHECK_LIMIT:-200} "$SANITIZER" --tool memcheck --leak-check full --error-exitcode 3 build/plugins/test_cuda_kernels
 step racecheck ${RACECHECK_LIMIT:-90} "$SANITIZER" --tool racecheck --error-exitcode 3 build/plugins/test_cuda_kernels --quick
 step cpu_kernels 150 bash -c cpu_kernels
 

@@ -12,11 +12,13 @@
 //    of the words' popcounts and walks only its set bits, so a warp spends an instruction per kept
 //    weight, not per column. csr16 rows: lanes stride over the row's values and columns in 16-byte
 //    vectors (SE_CUDA_GEMV_VECTORS=0: one value per lane per step, for comparison).
-//  * grouped path (prefill): tokens are counted per expert, planned into tiles of <= 32 tokens,
-//    scattered into an expert-sorted permutation; grouped_kernel decodes a 64-row x 64-column
-//    block of the expert into shared memory per step (lane-per-column bitmap, csr16 windows) and
-//    multiplies it with the tile's activations: tensor cores (WMMA, fp32 accumulation) for fp16
-//    activations with fp16/bf16 values, a register-blocked fp32 FMA loop otherwise.
+//  * grouped path (prefill): tokens are counted per expert, planned into tiles of <= 64 tokens
+//    (tensor-core path) or <= 32 (fp32 path), scattered into an expert-sorted permutation;
+//    grouped_kernel decodes a 64-row x 64-column block of the expert into shared memory per step
+//    (lane-per-column bitmap, csr16 windows), with the next step's words and activations already
+//    in flight, and multiplies it with the tile's activations: tensor cores (WMMA, fp32
+//    accumulation) for fp16 activations with fp16/bf16 values, a register-blocked fp32 FMA loop
+//    otherwise.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -33,7 +35,6 @@
 
 namespace se_cuda {
 
-using se_index::kTileCols;
 using se_index::kTileRows;
 using se_index::kTileTokens;
 using se_index::kWarp;
@@ -46,8 +47,8 @@ constexpr int kGemvRowsPerBlock = kWarpsPerBlock * kGemvRowsPerWarp;  // 16
 constexpr int kTileRowsPerWarp = kTileRows / kWarpsPerBlock;            // 8
 constexpr unsigned kFull = 0xffffffffu;
 static_assert(kBlock == se_index::kRouteThreads, "the reference emulates the router's block size");
-static_assert(kTileCols == 2 * kWarp, "a grouped step decodes two bitmap words per row");
-static_assert(kTileRows == 4 * 16 && kTileTokens == 2 * 16 && kWarpsPerBlock == 8, "one 16x16 WMMA tile per warp");
+static_assert(kTileRows == 4 * 16 && kTileTokens == 2 * 16 && kWarpsPerBlock == 8,
+              "a warp owns one 16x16 WMMA tile per 32 tokens");
 
 struct Experts {  // se_experts by value, typed for the kernels
   const void* values;
@@ -329,9 +330,9 @@ __global__ void count_kernel(const int32_t* __restrict__ ids, int64_t tokens, in
 }
 
 __global__ void plan_kernel(const int32_t* counts, int64_t K, int32_t* offsets, int32_t* cursor, int32_t* tiles,
-                            int32_t* num_tiles) {
+                            int32_t* num_tiles, int32_t tile_tokens) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;  // K is small: one thread plans
-  *num_tiles = static_cast<int32_t>(se_index::plan_tiles(counts, K, offsets, tiles));
+  *num_tiles = static_cast<int32_t>(se_index::plan_tiles(counts, K, offsets, tiles, tile_tokens));
   for (int64_t e = 0; e < K; ++e) cursor[e] = offsets[e];
 }
 
@@ -354,79 +355,216 @@ __global__ void zero_invalid_kernel(const int32_t* __restrict__ ids, int64_t tok
 // operands; rows padded by 16 bytes against bank conflicts), reused as the fp32 result tile at the
 // end. Otherwise (fp32 activations, or fp32 values, which fp16 would round): both tiles in fp32
 // (rows padded by one word) for the FMA loop.
-template <bool kTensorCores>
+template <bool kTensorCores, int KC, int TT>
 struct GroupedTile;
-template <>
-struct GroupedTile<true> {
-  static constexpr int kLdW = kTileCols + 8, kLdX = kTileCols + 8, kLdC = kTileTokens + 4;
+template <int KC, int TT>
+struct GroupedTile<true, KC, TT> {
+  static constexpr int kLdW = KC + 8, kLdX = KC + 8, kLdC = TT + 4;
   union {
     struct {
       __half w[kTileRows * kLdW];
-      __half x[kTileTokens * kLdX];
+      __half x[TT * kLdX];
     } in;
     float c[kTileRows * kLdC];
   };
 };
-template <>
-struct GroupedTile<false> {
-  static constexpr int kLdW = kTileCols + 1, kLdX = kTileCols + 1;
+template <int KC, int TT>
+struct GroupedTile<false, KC, TT> {
+  static_assert(TT == kTileTokens, "the fp32 FMA loop's thread layout covers 32 tokens");
+  static constexpr int kLdW = KC + 1, kLdX = KC + 1;
   struct {
     float w[kTileRows * kLdW];
-    float x[kTileTokens * kLdX];
+    float x[TT * kLdX];
   } in;
 };
 
-// Decodes columns [c0, c0 + kTileCols) of the warp's kTileRowsPerWarp rows into `w` (row-major,
-// leading dimension ld), advancing each row's value cursor p[i] past what it consumed.
-template <typename TV, typename TW, int FMT, int LD>
-__device__ __forceinline__ void decode_step(const Experts& e, int64_t expert, int64_t r_first, int64_t c0,
-                                            int32_t (&p)[kTileRowsPerWarp], const int32_t (&end)[kTileRowsPerWarp],
-                                            TW* w, int lane, int64_t row_bytes, bool aligned8) {
-  const TV* v = static_cast<const TV*>(e.values);
-  if constexpr (FMT == SE_BITMAP) {
-    // lane i < 8 loads row i's two words of this step; every row's words are then shuffled out
-    uint32_t lo = 0u, hi = 0u;
-    const int64_t words = se_index::bitmap_row_words(e.in), w0 = c0 / kWarp;
-    if (lane < kTileRowsPerWarp && r_first + lane < e.out) {
-      const uint8_t* bits = static_cast<const uint8_t*>(e.indices) + (expert * e.out + r_first + lane) * row_bytes;
-      if (aligned8 && c0 / 8 + 8 <= row_bytes) {
-        const uint2 both = *reinterpret_cast<const uint2*>(bits + c0 / 8);
-        lo = both.x;
-        hi = both.y;
-      } else {
-        lo = se_index::bitmap_word(bits, w0, row_bytes);
-        hi = w0 + 1 < words ? se_index::bitmap_word(bits, w0 + 1, row_bytes) : 0u;
-      }
-    }
+// --- grouped kernel: each step's loads issued a step ahead
+//
+// The first grouped kernel spent three dependent global round trips per 64-column step (the
+// bitmap words, then the values they locate, then the activations), each behind a __syncthreads:
+// its blocks waited on latency, not bandwidth (H200: 19-83x cuBLAS at 512 tokens). Here a step
+// issues its value loads from words the step before prefetched, then the next step's words and
+// activations, and only then waits at the barrier: one exposed round trip per step. Loads stay as
+// raw bits in registers until the barrier. Its time then no longer depended on sparsity: the
+// decode (about ten instructions per lane and column position) bounds it, so the tensor-core path
+// takes tiles of 64 tokens and decodes each expert block half as often. H100, 512 tokens, same
+// calls (BENCHMARKS.md): prefetching 1.7-2.7x faster than the first kernel; 64-token tiles a further
+// 1.01-1.14x (bitmap) and 1.23-1.24x (csr16) over 32-token tiles. Steps are 64 columns: 128 had
+// gained bitmap 1-3% on 32-token tiles, and 64-token tiles leave no registers for them.
+
+template <typename T>
+using Bits = typename std::conditional<sizeof(T) == 2, uint16_t, uint32_t>::type;
+
+template <typename T>
+__device__ __forceinline__ float bits_to_float(Bits<T> b) {
+  if constexpr (std::is_same<T, float>::value) {
+    return __uint_as_float(b);
+  } else if constexpr (std::is_same<T, __half>::value) {
+    return __half2float(__ushort_as_half(b));
+  } else {
+    return __uint_as_float(static_cast<uint32_t>(b) << 16);  // bf16
+  }
+}
+
+// A decoded weight (bits of TV) or activation (bits of TX) as the tile's element type
+template <typename TW, typename T>
+__device__ __forceinline__ TW bits_to_tile(Bits<T> b) {
+  if constexpr (std::is_same<TW, __half>::value && std::is_same<T, __half>::value) {
+    return __ushort_as_half(b);
+  } else {
+    return static_cast<TW>(bits_to_float<T>(b));
+  }
+}
+
+// Whether a grouped block multiplies on the tensor cores: fp16 activations with fp16 or bf16
+// values (both exact in fp16 for weights of LLM range).
+template <typename TX, typename TV>
+constexpr bool kGroupedTensorCores = std::is_same<TX, __half>::value && !std::is_same<TV, float>::value;
+
+// Tokens per tile: 64 on the tensor-core path, 32 on the fp32 path (its FMA loop's thread layout).
+// Columns per step: 64; per row and lane kSlots bitmap words (lanes < 8 hold them) or csr16 values.
+template <bool kTensorCores>
+struct GroupedShape {
+  static constexpr int kTokens = kTensorCores ? 2 * kTileTokens : kTileTokens;
+  static constexpr int kCols = 64, kSlots = kCols / kWarp;
+  static constexpr int kMinBlocks = kTensorCores ? 2 : 3;  // per SM (caps the registers)
+};
+
+// The activations of one step: TT x KC elements in 16-byte vectors, kLoads per thread.
+template <typename TX, int KC, int TT>
+struct StepX {
+  static constexpr int kPerVec = 16 / static_cast<int>(sizeof(TX));
+  static constexpr int kVecPerRow = KC / kPerVec;
+  static constexpr int kLoads = TT * kVecPerRow / kBlock;
+  static_assert(kLoads >= 1 && kLoads * kBlock == TT * kVecPerRow, "whole vectors per thread");
+};
+
+// Lane i < 8 of the warp: the kSlots bitmap words of its row (bits, row_bytes long) from column
+// c0 on; zeros past the row or for an absent row (bits null).
+template <int kSlots>
+__device__ __forceinline__ void load_step_words(const uint8_t* bits, int64_t row_bytes, bool aligned8, int64_t c0,
+                                                uint32_t (&words)[kSlots]) {
 #pragma unroll
-    for (int i = 0; i < kTileRowsPerWarp; ++i) {
-      const uint32_t words2[2] = {__shfl_sync(kFull, lo, i), __shfl_sync(kFull, hi, i)};
+  for (int h = 0; h < kSlots; ++h) words[h] = 0u;
+  if (!bits) return;
+  if (aligned8 && c0 / 8 + 4 * kSlots <= row_bytes) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t word = words2[h];
-        const float val =
-            se_index::lane_has(word, lane) ? to_float(v[p[i] + se_index::lane_value_offset(word, lane)]) : 0.0f;
-        w[i * LD + h * kWarp + lane] = static_cast<TW>(val);
-        p[i] += se_index::popcount32(word);
-      }
+    for (int h = 0; h < kSlots; h += 2) {
+      const uint2 both = *reinterpret_cast<const uint2*>(bits + c0 / 8 + 4 * h);
+      words[h] = both.x;
+      words[h + 1] = both.y;
     }
   } else {
-    const uint16_t* cols = static_cast<const uint16_t*>(e.indices);
+    const int64_t w0 = c0 / kWarp, row_words = se_index::bitmap_row_words(8 * row_bytes);
 #pragma unroll
-    for (int i = 0; i < kTileRowsPerWarp; ++i) {
-      w[i * LD + lane] = static_cast<TW>(0.0f);
-      w[i * LD + kWarp + lane] = static_cast<TW>(0.0f);
+    for (int h = 0; h < kSlots; ++h) words[h] = w0 + h < row_words ? se_index::bitmap_word(bits, w0 + h, row_bytes) : 0u;
+  }
+}
+
+// This thread's activation vectors of the step at c0: tokens token_row[] (-1: none) of x [*, in];
+// zeros past the tile's tokens or the row. `vectors`: in is a whole number of vectors and x is
+// 16-byte aligned, so each vector is one load.
+template <typename TX, int KC, int TT>
+__device__ __forceinline__ void load_step_x(const TX* x, const int64_t* token_row, int64_t in, int64_t c0,
+                                            bool vectors, uint4 (&out)[StepX<TX, KC, TT>::kLoads]) {
+  using SX = StepX<TX, KC, TT>;
+#pragma unroll
+  for (int j = 0; j < SX::kLoads; ++j) {
+    const int v = threadIdx.x + j * kBlock, tok = v / SX::kVecPerRow, col = (v % SX::kVecPerRow) * SX::kPerVec;
+    const int64_t tr = token_row[tok], c = c0 + col;
+    out[j] = make_uint4(0u, 0u, 0u, 0u);
+    if (tr < 0 || c >= in) continue;
+    if (vectors) {
+      out[j] = __ldg(reinterpret_cast<const uint4*>(x + tr * in + c));
+      continue;
     }
-    __syncwarp();
+    const Bits<TX>* row = reinterpret_cast<const Bits<TX>*>(x) + tr * in;
+    const auto at = [&](int k) -> uint32_t { return c + k < in ? static_cast<uint32_t>(row[c + k]) : 0u; };
+    if constexpr (sizeof(TX) == 2) {
+      out[j] = make_uint4(at(0) | at(1) << 16, at(2) | at(3) << 16, at(4) | at(5) << 16, at(6) | at(7) << 16);
+    } else {
+      out[j] = make_uint4(at(0), at(1), at(2), at(3));
+    }
+  }
+}
+
+// Writes the activation vectors of load_step_x into the x tile (leading dimension LD).
+template <typename TW, typename TX, int KC, int TT, int LD>
+__device__ __forceinline__ void stage_step_x(const uint4 (&vecs)[StepX<TX, KC, TT>::kLoads], TW* x_tile) {
+  using SX = StepX<TX, KC, TT>;
+#pragma unroll
+  for (int j = 0; j < SX::kLoads; ++j) {
+    const int v = threadIdx.x + j * kBlock, tok = v / SX::kVecPerRow, col = (v % SX::kVecPerRow) * SX::kPerVec;
+    TW* dst = x_tile + tok * LD + col;
+    if constexpr (std::is_same<TW, TX>::value && sizeof(TX) == 2) {  // fp16 into fp16: one 16-byte store
+      *reinterpret_cast<uint4*>(dst) = vecs[j];
+    } else {
+      const uint32_t wd[4] = {vecs[j].x, vecs[j].y, vecs[j].z, vecs[j].w};
+#pragma unroll
+      for (int k = 0; k < SX::kPerVec; ++k) {
+        const uint32_t b = sizeof(TX) == 2 ? (wd[k / 2] >> (16 * (k % 2))) & 0xffffu : wd[k % 4];
+        dst[k] = bits_to_tile<TW, TX>(static_cast<Bits<TX>>(b));
+      }
+    }
+  }
+}
+
+// One step's weights of a warp's kTileRowsPerWarp rows, as raw bits in registers: lane l holds
+// column h*32 + l of each row (bitmap), or value p + h*32 + l of each row and its column (csr16).
+template <typename TV, int kSlots>
+struct StepWeights {
+  Bits<TV> vals[kTileRowsPerWarp][kSlots];
+  uint16_t cols[kTileRowsPerWarp][kSlots];  // csr16 only
+};
+
+// Issues the loads of one step's weights. Bitmap: from the rows' words (lanes < 8 hold row i's),
+// advancing each row's value cursor p[i]. csr16: the next kSlots * 32 values of each row with
+// their columns (at most that many columns ahead); stage_step_weights advances p.
+template <typename TV, int FMT, int kSlots>
+__device__ __forceinline__ void load_step_weights(const Experts& e, const uint32_t (&words)[kSlots],
+                                                  int32_t (&p)[kTileRowsPerWarp],
+                                                  const int32_t (&end)[kTileRowsPerWarp], int lane,
+                                                  StepWeights<TV, kSlots>& w) {
+  const Bits<TV>* vbits = static_cast<const Bits<TV>*>(e.values);
+#pragma unroll
+  for (int i = 0; i < kTileRowsPerWarp; ++i) {
+#pragma unroll
+    for (int h = 0; h < kSlots; ++h) {
+      if constexpr (FMT == SE_BITMAP) {
+        const uint32_t word = __shfl_sync(kFull, words[h], i);
+        w.vals[i][h] = se_index::lane_has(word, lane) ? vbits[p[i] + se_index::lane_value_offset(word, lane)] : 0;
+        p[i] += se_index::popcount32(word);
+      } else {
+        const int32_t q = p[i] + h * kWarp + lane;
+        w.cols[i][h] = q < end[i] ? static_cast<const uint16_t*>(e.indices)[q] : 0;
+        w.vals[i][h] = q < end[i] ? vbits[q] : 0;
+      }
+    }
+  }
+}
+
+// Writes one step's weights (columns [c0, c0 + kSlots * 32)) into the warp's rows of the weight
+// tile (leading dimension LD); csr16 keeps the values whose column falls in the step and moves
+// each row's cursor past them.
+template <typename TW, typename TV, int FMT, int kSlots, int LD>
+__device__ __forceinline__ void stage_step_weights(const StepWeights<TV, kSlots>& w, int64_t c0,
+                                                   int32_t (&p)[kTileRowsPerWarp],
+                                                   const int32_t (&end)[kTileRowsPerWarp], int lane, TW* w_tile) {
+#pragma unroll
+  for (int i = 0; i < kTileRowsPerWarp; ++i)
+#pragma unroll
+    for (int h = 0; h < kSlots; ++h)
+      w_tile[i * LD + h * kWarp + lane] = FMT == SE_BITMAP ? bits_to_tile<TW, TV>(w.vals[i][h]) : static_cast<TW>(0.0f);
+  if constexpr (FMT == SE_CSR16) {
+    __syncwarp();  // the zeros are down before the kept values land on them
 #pragma unroll
     for (int i = 0; i < kTileRowsPerWarp; ++i) {
       int taken = 0;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < kSlots; ++h) {
         const int64_t q = static_cast<int64_t>(p[i]) + h * kWarp + lane;
-        const uint16_t c = q < end[i] ? cols[q] : 0;
-        const bool ok = se_index::in_window(q, end[i], c, c0);
-        if (ok) w[i * LD + (c - c0)] = static_cast<TW>(to_float(v[q]));
+        const bool ok = se_index::in_window(q, end[i], w.cols[i][h], c0, kSlots * kWarp);
+        if (ok) w_tile[i * LD + (w.cols[i][h] - c0)] = bits_to_tile<TW, TV>(w.vals[i][h]);
         taken += __popc(__ballot_sync(kFull, ok));
       }
       p[i] += taken;
@@ -435,23 +573,32 @@ __device__ __forceinline__ void decode_step(const Experts& e, int64_t expert, in
 }
 
 template <typename TX, typename TV, int FMT>
-__global__ void __launch_bounds__(kBlock) grouped_kernel(Experts e, const TX* __restrict__ x,
-                                                        const int32_t* __restrict__ perm,
-                                                        const int32_t* __restrict__ tiles,
-                                                        const int32_t* __restrict__ num_tiles, TX* __restrict__ y) {
-  constexpr bool kTensorCores = std::is_same<TX, __half>::value && !std::is_same<TV, float>::value;
-  using Tile = GroupedTile<kTensorCores>;
+__global__ void __launch_bounds__(kBlock, GroupedShape<kGroupedTensorCores<TX, TV>>::kMinBlocks)
+    grouped_kernel(Experts e, const TX* __restrict__ x, const int32_t* __restrict__ perm,
+                   const int32_t* __restrict__ tiles, const int32_t* __restrict__ num_tiles, TX* __restrict__ y) {
+  constexpr bool kTensorCores = kGroupedTensorCores<TX, TV>;
+  using Shape = GroupedShape<kTensorCores>;
+  constexpr int TT = Shape::kTokens, KC = Shape::kCols, kSlots = Shape::kSlots;
+  constexpr int kFrags = TT / 32;  // 16x16 result tiles per warp
+  using Tile = GroupedTile<kTensorCores, KC, TT>;
+  using SX = StepX<TX, KC, TT>;
   using TW = typename std::conditional<kTensorCores, __half, float>::type;
   if (static_cast<int32_t>(blockIdx.y) >= *num_tiles) return;
   __shared__ __align__(128) Tile tile;
-  __shared__ int64_t token_row[kTileTokens];
+  __shared__ int64_t token_row[TT];
   const int32_t expert = tiles[3 * blockIdx.y], first = tiles[3 * blockIdx.y + 1], len = tiles[3 * blockIdx.y + 2];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t rows = e.num_experts * e.out, r0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
   const int64_t r_first = r0 + warp * kTileRowsPerWarp;  // this warp decodes rows r_first .. +7
   const int64_t row_bytes = se_index::bitmap_row_bytes(e.in);
   const bool aligned8 = row_bytes % 8 == 0 && reinterpret_cast<uintptr_t>(e.indices) % 8 == 0;
-  if (threadIdx.x < kTileTokens) token_row[threadIdx.x] = threadIdx.x < len ? perm[first + threadIdx.x] : -1;
+  const bool x_vectors = e.in % SX::kPerVec == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  // lane i < 8 loads the bitmap words of row r_first + i
+  const uint8_t* my_bits = FMT == SE_BITMAP && lane < kTileRowsPerWarp && r_first + lane < e.out
+                               ? static_cast<const uint8_t*>(e.indices) + (expert * e.out + r_first + lane) * row_bytes
+                               : nullptr;
+  TW* w_tile = tile.in.w + warp * kTileRowsPerWarp * Tile::kLdW;
+  if (threadIdx.x < TT) token_row[threadIdx.x] = static_cast<int>(threadIdx.x) < len ? perm[first + threadIdx.x] : -1;
 
   int32_t p[kTileRowsPerWarp], end[kTileRowsPerWarp];
 #pragma unroll
@@ -461,37 +608,53 @@ __global__ void __launch_bounds__(kBlock) grouped_kernel(Experts e, const TX* __
     p[i] = valid ? e.row_ptr[row] : 0;
     end[i] = valid ? static_cast<int32_t>(se_index::row_end(e.row_ptr, row, rows, e.nnz)) : 0;
   }
-  // fp16: warp (fm, fn) owns the 16x16 result block rows 16 fm.., tokens 16 fn..; fp32: thread
-  // (ty, tx) owns rows 2 ty, 2 ty + 1 and tokens 4 tx .. 4 tx + 3
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c_frag;
-  nvcuda::wmma::fill_fragment(c_frag, 0.0f);
+  // fp16: warp (fm, fn) owns the 16x16 result blocks rows 16 fm.., tokens 16 (fn + 2 f).. for
+  // f < kFrags; fp32: thread (ty, tx) owns rows 2 ty, 2 ty + 1 and tokens 4 tx .. 4 tx + 3
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c_frag[kFrags];
+#pragma unroll
+  for (int f = 0; f < kFrags; ++f) nvcuda::wmma::fill_fragment(c_frag[f], 0.0f);
   const int fm = warp % 4, fn = warp / 4, ty = threadIdx.x / 8, tx = threadIdx.x % 8;
   float acc[2][4] = {};
 
-  for (int64_t c0 = 0; c0 < e.in; c0 += kTileCols) {
-    __syncthreads();  // the previous step's tiles are consumed (and token_row is written)
-    decode_step<TV, TW, FMT, Tile::kLdW>(e, expert, r_first, c0, p, end, tile.in.w + warp * kTileRowsPerWarp * Tile::kLdW,
-                                         lane, row_bytes, aligned8);
-    for (int i = threadIdx.x; i < kTileTokens * kTileCols; i += kBlock) {
-      const int tok = i / kTileCols, col = i % kTileCols;
-      const int64_t tr = token_row[tok];
-      const float xv = tr >= 0 && c0 + col < e.in ? to_float(x[tr * e.in + c0 + col]) : 0.0f;
-      tile.in.x[tok * Tile::kLdX + col] = static_cast<TW>(xv);
+  uint32_t words_next[kSlots];
+  uint4 x_next[SX::kLoads];
+  __syncthreads();  // token_row is written
+  load_step_words<kSlots>(my_bits, row_bytes, aligned8, 0, words_next);
+  load_step_x<TX, KC, TT>(x, token_row, e.in, 0, x_vectors, x_next);
+  for (int64_t c0 = 0; c0 < e.in; c0 += KC) {
+    // 1. this step's weight loads (bitmap: from the words the last step prefetched)
+    StepWeights<TV, kSlots> weights;
+    load_step_weights<TV, FMT, kSlots>(e, words_next, p, end, lane, weights);
+    uint4 x_now[SX::kLoads];
+#pragma unroll
+    for (int j = 0; j < SX::kLoads; ++j) x_now[j] = x_next[j];
+    // 2. the next step's words and activations, in flight across this step's product
+    if (c0 + KC < e.in) {
+      load_step_words<kSlots>(my_bits, row_bytes, aligned8, c0 + KC, words_next);
+      load_step_x<TX, KC, TT>(x, token_row, e.in, c0 + KC, x_vectors, x_next);
     }
+    __syncthreads();  // the previous step's product has read the tiles
+    // 3. this step's tiles
+    stage_step_x<TW, TX, KC, TT, Tile::kLdX>(x_now, tile.in.x);
+    stage_step_weights<TW, TV, FMT, kSlots, Tile::kLdW>(weights, c0, p, end, lane, w_tile);
     __syncthreads();
+    // 4. the product
     if constexpr (kTensorCores) {
       using namespace nvcuda;
 #pragma unroll
-      for (int kk = 0; kk < kTileCols; kk += 16) {
+      for (int kk = 0; kk < KC; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a_frag;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b_frag;
         wmma::load_matrix_sync(a_frag, tile.in.w + fm * 16 * Tile::kLdW + kk, Tile::kLdW);
-        wmma::load_matrix_sync(b_frag, tile.in.x + fn * 16 * Tile::kLdX + kk, Tile::kLdX);
-        wmma::mma_sync(c_frag, a_frag, b_frag, c_frag);
+#pragma unroll
+        for (int f = 0; f < kFrags; ++f) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b_frag;
+          wmma::load_matrix_sync(b_frag, tile.in.x + (fn + 2 * f) * 16 * Tile::kLdX + kk, Tile::kLdX);
+          wmma::mma_sync(c_frag[f], a_frag, b_frag, c_frag[f]);
+        }
       }
     } else {
 #pragma unroll 8
-      for (int k = 0; k < kTileCols; ++k) {
+      for (int k = 0; k < KC; ++k) {
         const float w0 = tile.in.w[(2 * ty) * Tile::kLdW + k], w1 = tile.in.w[(2 * ty + 1) * Tile::kLdW + k];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -504,10 +667,12 @@ __global__ void __launch_bounds__(kBlock) grouped_kernel(Experts e, const TX* __
   }
   if constexpr (kTensorCores) {
     __syncthreads();  // every warp is done with the operand tiles the result tile overlays
-    nvcuda::wmma::store_matrix_sync(tile.c + fm * 16 * Tile::kLdC + fn * 16, c_frag, Tile::kLdC,
-                                    nvcuda::wmma::mem_row_major);
+#pragma unroll
+    for (int f = 0; f < kFrags; ++f)
+      nvcuda::wmma::store_matrix_sync(tile.c + fm * 16 * Tile::kLdC + (fn + 2 * f) * 16, c_frag[f], Tile::kLdC,
+                                      nvcuda::wmma::mem_row_major);
     __syncthreads();
-    for (int i = threadIdx.x; i < kTileRows * kTileTokens; i += kBlock) {
+    for (int i = threadIdx.x; i < kTileRows * TT; i += kBlock) {
       const int tok = i / kTileRows, tr = i % kTileRows;  // consecutive threads: consecutive rows of y
       const int64_t r = r0 + tr;
       if (tok < len && r < e.out) {
@@ -628,7 +793,8 @@ int run_product(const Experts& e, const TX* x, int64_t tokens, const int32_t* id
     return 1;
   count_kernel<<<blocks, kBlock, 0, stream>>>(ids, tokens, e.num_experts, ws.counts);
   if (cuda_failed(err, err_len, "count_kernel")) return 1;
-  plan_kernel<<<1, 32, 0, stream>>>(ws.counts, e.num_experts, ws.offsets, ws.cursor, ws.tiles, ws.num_tiles);
+  plan_kernel<<<1, 32, 0, stream>>>(ws.counts, e.num_experts, ws.offsets, ws.cursor, ws.tiles, ws.num_tiles,
+                                    GroupedShape<kGroupedTensorCores<TX, TV>>::kTokens);
   if (cuda_failed(err, err_len, "plan_kernel")) return 1;
   scatter_kernel<<<blocks, kBlock, 0, stream>>>(ids, tokens, e.num_experts, ws.cursor, ws.perm);
   if (cuda_failed(err, err_len, "scatter_kernel")) return 1;

@@ -2,7 +2,8 @@
 // same indexing helpers and the same decomposition (router feature splits, thread strides and
 // expert chunks; lane-per-word bitmap GEMV warps; grouped tiles of <= 32 tokens x 64 rows decoded
 // 64 columns per step), one emulated lane at a time. csr16 GEMV lanes stride one value at a time
-// here; the device's 16-byte vectors take the same products in another order. CI has no GPU; this
+// here, and the device's 16-byte vectors and 64-token tiles of the grouped kernel take the same
+// products in another order. CI has no GPU; this
 // is how the kernels' indexing is exercised there.
 #include <algorithm>
 #include <cstdio>

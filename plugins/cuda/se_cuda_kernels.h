@@ -9,8 +9,9 @@
 // splits of the input features (se_sparse_index.h, route_splits), so a decode step's router runs
 // on many SMs. Tokens with at most `gemv_max_tokens` rows run the GEMV path (one warp per output
 // row and token); larger batches are grouped by expert (count, scan, scatter) and run one
-// sparse-times-dense tile of up to 32 tokens per (expert, block of 64 rows). Device code cannot raise: an out-of-range id given in
-// `expert_ids_in` yields a zero output row (host callers validate ids they produce themselves).
+// sparse-times-dense tile of up to 64 tokens (32 with fp32 activations or values) per (expert,
+// block of 64 rows). Device code cannot raise: an out-of-range id given in `expert_ids_in` yields
+// a zero output row (host callers validate ids they produce themselves).
 #pragma once
 
 #include <stddef.h>

@@ -18,7 +18,8 @@ namespace se_index {
 constexpr int kWarp = 32;
 constexpr int kTileTokens = 32;   // tokens per grouped tile
 constexpr int kTileRows = 64;     // output rows per grouped block
-constexpr int kTileCols = 64;     // columns of the expert decoded per grouped step (two bitmap words)
+constexpr int kTileCols = 64;     // columns per step of the reference's grouped walk (the kernel's
+                                  // steps are 64 or 128 wide: only the order of fp32 sums differs)
 
 // Router decomposition: a token's input features are split into route_splits(in, tokens)
 // contiguous chunks of route_chunk(in, splits) features, one block of kRouteThreads threads each;
@@ -109,31 +110,34 @@ SE_HD bool lane_has(uint32_t word, int lane) { return ((word >> lane) & 1u) != 0
 
 SE_HD int lane_value_offset(uint32_t word, int lane) { return popcount32(word & ((1u << lane) - 1u)); }
 
-// csr16 window of a grouped step: of the (up to kTileCols) values a row holds from `p` on, the
-// ones whose column lies in [c0, c0 + kTileCols). Columns ascend within a row, so they are a
+// csr16 window of a grouped step: of the (up to `width`) values a row holds from `p` on, the
+// ones whose column lies in [c0, c0 + width). Columns ascend within a row, so they are a
 // prefix; the check of both bounds keeps a corrupt (unsorted) row inside the tile's memory.
-SE_HD bool in_window(int64_t p, int64_t end, uint16_t col, int64_t c0) {
-  return p < end && col >= c0 && col < c0 + kTileCols;
+SE_HD bool in_window(int64_t p, int64_t end, uint16_t col, int64_t c0, int64_t width = kTileCols) {
+  return p < end && col >= c0 && col < c0 + width;
 }
 
 // Upper bound on grouped tiles for `tokens` tokens over `experts` experts (sizes the grid and
-// the tile table before the per-expert counts are known on the host).
+// the tile table before the per-expert counts are known on the host); it also bounds plans of
+// longer tiles.
 SE_HD int64_t max_tiles(int64_t tokens, int64_t experts) {
   return (tokens + kTileTokens - 1) / kTileTokens + experts;
 }
 
 // Plan of the grouped path: offsets[e] = first slot of expert e in the permutation (exclusive
-// scan of counts, offsets[K] = total), and one tile (expert, first slot, tokens) per <= 32 tokens
-// of each expert. Returns the number of tiles written to tiles[3*i..3*i+2].
-SE_HD int64_t plan_tiles(const int32_t* counts, int64_t experts, int32_t* offsets, int32_t* tiles) {
+// scan of counts, offsets[K] = total), and one tile (expert, first slot, tokens) per <= tile_tokens
+// tokens of each expert (tile_tokens >= kTileTokens). Returns the number of tiles written to
+// tiles[3*i..3*i+2].
+SE_HD int64_t plan_tiles(const int32_t* counts, int64_t experts, int32_t* offsets, int32_t* tiles,
+                         int32_t tile_tokens = kTileTokens) {
   int64_t n = 0;
   int32_t total = 0;
   for (int64_t e = 0; e < experts; ++e) {
     offsets[e] = total;
-    for (int32_t s = 0; s < counts[e]; s += kTileTokens) {
+    for (int32_t s = 0; s < counts[e]; s += tile_tokens) {
       tiles[3 * n] = static_cast<int32_t>(e);
       tiles[3 * n + 1] = total + s;
-      tiles[3 * n + 2] = counts[e] - s < kTileTokens ? counts[e] - s : kTileTokens;
+      tiles[3 * n + 2] = counts[e] - s < tile_tokens ? counts[e] - s : tile_tokens;
       ++n;
     }
     total += counts[e];

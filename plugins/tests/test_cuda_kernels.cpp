@@ -1,8 +1,8 @@
 // GPU check of the CUDA kernels against their CPU reference (se_cuda_reference_matmul) and a
 // float64 dense reference: both paths, both formats, all value dtypes, fp32/fp16 activations, the
 // GEMV's activations in default, opt-in and no shared memory, scalar and vector csr16 loads,
-// misaligned values and indices, and routing alone (se_cuda_route) against the product's own
-// routing.
+// the grouped kernel's aligned and unaligned activations and bitmap rows, misaligned values and
+// indices, and routing alone (se_cuda_route) against the product's own routing.
 // ctest label "gpu"; exits 77 (ctest SKIP_RETURN_CODE) when no CUDA device is present.
 #include <cuda_runtime.h>
 
@@ -182,6 +182,22 @@ int main(int argc, char** argv) {
     }
     unsetenv("SE_CUDA_GEMV_VECTORS");
   }
+  // the grouped kernel at 1088 features (whole 16-byte activation vectors, 8-byte bitmap rows and
+  // whole 64-column steps), 1096 (whole vectors, a partial last step, bitmap rows read byte by
+  // byte) and 1100 (none of these); the 1088 case again on values and indices one element off an
+  // aligned address
+  for (int format : {SE_BITMAP, SE_CSR16})
+    for (int values : {SE_F32, SE_F16, SE_BF16})
+      for (int x_dtype : {SE_F32, SE_F16})
+        for (int64_t in : {1088, 1096, 1100}) {
+          if (quick && (values != SE_F16 || in != 1096)) continue;
+          failed += run_case({format, values, 16, 200, in, 300, 0.3}, x_dtype, 0, false, rng);
+          ++total;
+          if (in == 1088 && values != SE_F32 && !quick) {
+            failed += run_case({format, values, 16, 200, in, 300, 0.3}, x_dtype, 0, false, rng, true);
+            ++total;
+          }
+        }
   std::printf("%d/%d GPU kernel checks passed\n", total - failed, total);
   return failed ? 1 : 0;
 }

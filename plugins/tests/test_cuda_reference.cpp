@@ -65,20 +65,25 @@ int test_helpers(std::mt19937& rng) {
     failures += check(!se_index::in_window(5, 9, 192, c0) && !se_index::in_window(5, 9, 127, c0), "window edges");
     failures += check(!se_index::in_window(9, 9, 130, c0), "window past the row's end");
   }
-  for (int trial = 0; trial < 200; ++trial) {
+  // tile plans of 32 tokens (the default) and of 64 (the kernel's longer tiles): every token of
+  // every expert in exactly one tile, inside max_tiles
+  for (int trial = 0; trial < 400; ++trial) {
+    const int32_t tile_tokens = trial % 2 ? 2 * se_index::kTileTokens : se_index::kTileTokens;
     const int64_t K = 1 + byte(rng) % 20;
     std::vector<int32_t> c(K), offsets(K + 1);
     int64_t tokens = 0;
     for (auto& v : c) tokens += (v = trial % 3 == 0 ? byte(rng) % 3 : byte(rng));
     std::vector<int32_t> tiles(3 * se_index::max_tiles(tokens, K));
-    const int64_t n = se_index::plan_tiles(c.data(), K, offsets.data(), tiles.data());
+    const int64_t n = trial % 2 ? se_index::plan_tiles(c.data(), K, offsets.data(), tiles.data(), tile_tokens)
+                                : se_index::plan_tiles(c.data(), K, offsets.data(), tiles.data());
     failures += check(n <= se_index::max_tiles(tokens, K), "tile count within max_tiles");
     failures += check(offsets[K] == tokens, "offsets end at the token count");
     std::vector<int64_t> covered(K, 0);
     int32_t next = 0;
     for (int64_t i = 0; i < n; ++i) {
       const int32_t e = tiles[3 * i], first = tiles[3 * i + 1], len = tiles[3 * i + 2];
-      failures += check(len >= 1 && len <= se_index::kTileTokens, "tile length in [1, 32]");
+      failures += check(len >= 1 && len <= tile_tokens, "tile length in [1, tile_tokens]");
+      failures += check(len == tile_tokens || first + len == offsets[e] + c[e], "only an expert's last tile is short");
       failures += check(first == next, "tiles are contiguous slots");
       failures += check(first >= offsets[e] && first + len <= offsets[e] + c[e], "tile inside its expert's slots");
       covered[e] += len;
