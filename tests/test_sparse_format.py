@@ -9,6 +9,7 @@ from se_export.errors import SEError
 from se_export.sparse_format import (
     PackedExperts,
     bitmap_to_mask,
+    kept_values,
     mask_to_bitmap,
     pack_experts,
     packed_nbytes,
@@ -31,6 +32,24 @@ def test_pack_roundtrip_equals_masked_dense(k, out, inn, density, fmt, dtype, se
     assert torch.equal(packed.mask(), mask)
     assert packed.expert_nnz() == mask.sum((1, 2)).tolist()
     assert packed.nbytes() == packed_nbytes(packed.format, k, out, inn, packed.nnz, packed.values.element_size())
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, 4), out=st.integers(1, 24), inn=st.integers(1, 70), density=st.floats(0.0, 1.0),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+       value_dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), sliced=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_kept_values_equal_boolean_indexing(k, out, inn, density, dtype, value_dtype, sliced, seed):
+    """The fast path (numpy compress) against torch's boolean indexing, on whole tensors and on a
+    non-contiguous column slice (what expansion packs), every input dtype (bf16 takes the torch path)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(k, out, inn + 3, generator=gen).to(dtype)
+    mask = torch.rand(k, out, inn + 3, generator=gen) < density
+    if sliced:
+        weight, mask = weight[..., 1:inn + 1], mask[..., 1:inn + 1]
+    got = kept_values(weight, mask, value_dtype)
+    assert got.dtype == value_dtype
+    assert torch.equal(got, weight[mask].to(value_dtype))
 
 
 def test_bitmap_bit_order_is_lsb_first():
