@@ -16,10 +16,9 @@
 namespace se_index {
 
 constexpr int kWarp = 32;
-constexpr int kTileTokens = 32;   // tokens per grouped tile
+constexpr int kTileTokens = 32;   // tokens per grouped tile (the kernel's tensor-core path takes 2x)
 constexpr int kTileRows = 64;     // output rows per grouped block
-constexpr int kTileCols = 64;     // columns per step of the reference's grouped walk (the kernel's
-                                  // steps are 64 or 128 wide: only the order of fp32 sums differs)
+constexpr int kTileCols = 64;     // columns of the expert decoded per grouped step
 
 // Router decomposition: a token's input features are split into route_splits(in, tokens)
 // contiguous chunks of route_chunk(in, splits) features, one block of kRouteThreads threads each;
