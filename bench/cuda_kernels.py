@@ -49,8 +49,8 @@ from se_export.sparse_format import PackedExperts, pack_experts
 SHAPES = ["576x1536", "1536x576", "2048x8192", "8192x2048", "4096x11008", "11008x4096"]
 COLD_FACTOR = 3  # rotate over at least this many L2 capacities of weights
 # The variants kept for comparison (environment the kernels read per call): the GEMV's, per
-# format, and the grouped kernel's (none at present: the ones timed on the H100 in the fourteenth
-# session lost and were deleted, BENCHMARKS.md)
+# format, and the grouped kernel's (none at present: the fourteenth session's comparisons on the
+# H100 chose its design and the losing variants were deleted, BENCHMARKS.md)
 GEMV_VARIANTS = {"bitmap": {}, "csr16": {"scalar": {"SE_CUDA_GEMV_VECTORS": "0"}}}
 GROUPED_VARIANTS: dict[str, dict[str, str]] = {}
 KERNELS_HEADER = Path(__file__).resolve().parent.parent / "plugins" / "cuda" / "se_cuda_kernels.h"
