@@ -35,6 +35,7 @@
 
 namespace se_cuda {
 
+using se_index::kTileCols;
 using se_index::kTileRows;
 using se_index::kTileTokens;
 using se_index::kWarp;
@@ -355,11 +356,11 @@ __global__ void zero_invalid_kernel(const int32_t* __restrict__ ids, int64_t tok
 // operands; rows padded by 16 bytes against bank conflicts), reused as the fp32 result tile at the
 // end. Otherwise (fp32 activations, or fp32 values, which fp16 would round): both tiles in fp32
 // (rows padded by one word) for the FMA loop.
-template <bool kTensorCores, int KC, int TT>
+template <bool kTensorCores, int TT>
 struct GroupedTile;
-template <int KC, int TT>
-struct GroupedTile<true, KC, TT> {
-  static constexpr int kLdW = KC + 8, kLdX = KC + 8, kLdC = TT + 4;
+template <int TT>
+struct GroupedTile<true, TT> {
+  static constexpr int kLdW = kTileCols + 8, kLdX = kTileCols + 8, kLdC = TT + 4;
   union {
     struct {
       __half w[kTileRows * kLdW];
@@ -368,10 +369,10 @@ struct GroupedTile<true, KC, TT> {
     float c[kTileRows * kLdC];
   };
 };
-template <int KC, int TT>
-struct GroupedTile<false, KC, TT> {
+template <int TT>
+struct GroupedTile<false, TT> {
   static_assert(TT == kTileTokens, "the fp32 FMA loop's thread layout covers 32 tokens");
-  static constexpr int kLdW = KC + 1, kLdX = KC + 1;
+  static constexpr int kLdW = kTileCols + 1, kLdX = kTileCols + 1;
   struct {
     float w[kTileRows * kLdW];
     float x[TT * kLdX];
@@ -422,19 +423,19 @@ template <typename TX, typename TV>
 constexpr bool kGroupedTensorCores = std::is_same<TX, __half>::value && !std::is_same<TV, float>::value;
 
 // Tokens per tile: 64 on the tensor-core path, 32 on the fp32 path (its FMA loop's thread layout).
-// Columns per step: 64; per row and lane kSlots bitmap words (lanes < 8 hold them) or csr16 values.
+// Each step decodes kTileCols columns: per row and lane kTileCols / 32 bitmap words (lanes < 8
+// hold them) or csr16 values.
 template <bool kTensorCores>
 struct GroupedShape {
   static constexpr int kTokens = kTensorCores ? 2 * kTileTokens : kTileTokens;
-  static constexpr int kCols = 64, kSlots = kCols / kWarp;
   static constexpr int kMinBlocks = kTensorCores ? 2 : 3;  // per SM (caps the registers)
 };
 
-// The activations of one step: TT x KC elements in 16-byte vectors, kLoads per thread.
-template <typename TX, int KC, int TT>
+// The activations of one step: TT x kTileCols elements in 16-byte vectors, kLoads per thread.
+template <typename TX, int TT>
 struct StepX {
   static constexpr int kPerVec = 16 / static_cast<int>(sizeof(TX));
-  static constexpr int kVecPerRow = KC / kPerVec;
+  static constexpr int kVecPerRow = kTileCols / kPerVec;
   static constexpr int kLoads = TT * kVecPerRow / kBlock;
   static_assert(kLoads >= 1 && kLoads * kBlock == TT * kVecPerRow, "whole vectors per thread");
 };
@@ -464,10 +465,10 @@ __device__ __forceinline__ void load_step_words(const uint8_t* bits, int64_t row
 // This thread's activation vectors of the step at c0: tokens token_row[] (-1: none) of x [*, in];
 // zeros past the tile's tokens or the row. `vectors`: in is a whole number of vectors and x is
 // 16-byte aligned, so each vector is one load.
-template <typename TX, int KC, int TT>
+template <typename TX, int TT>
 __device__ __forceinline__ void load_step_x(const TX* x, const int64_t* token_row, int64_t in, int64_t c0,
-                                            bool vectors, uint4 (&out)[StepX<TX, KC, TT>::kLoads]) {
-  using SX = StepX<TX, KC, TT>;
+                                            bool vectors, uint4 (&out)[StepX<TX, TT>::kLoads]) {
+  using SX = StepX<TX, TT>;
 #pragma unroll
   for (int j = 0; j < SX::kLoads; ++j) {
     const int v = threadIdx.x + j * kBlock, tok = v / SX::kVecPerRow, col = (v % SX::kVecPerRow) * SX::kPerVec;
@@ -489,9 +490,9 @@ __device__ __forceinline__ void load_step_x(const TX* x, const int64_t* token_ro
 }
 
 // Writes the activation vectors of load_step_x into the x tile (leading dimension LD).
-template <typename TW, typename TX, int KC, int TT, int LD>
-__device__ __forceinline__ void stage_step_x(const uint4 (&vecs)[StepX<TX, KC, TT>::kLoads], TW* x_tile) {
-  using SX = StepX<TX, KC, TT>;
+template <typename TW, typename TX, int TT, int LD>
+__device__ __forceinline__ void stage_step_x(const uint4 (&vecs)[StepX<TX, TT>::kLoads], TW* x_tile) {
+  using SX = StepX<TX, TT>;
 #pragma unroll
   for (int j = 0; j < SX::kLoads; ++j) {
     const int v = threadIdx.x + j * kBlock, tok = v / SX::kVecPerRow, col = (v % SX::kVecPerRow) * SX::kPerVec;
@@ -563,7 +564,7 @@ __device__ __forceinline__ void stage_step_weights(const StepWeights<TV, kSlots>
 #pragma unroll
       for (int h = 0; h < kSlots; ++h) {
         const int64_t q = static_cast<int64_t>(p[i]) + h * kWarp + lane;
-        const bool ok = se_index::in_window(q, end[i], w.cols[i][h], c0, kSlots * kWarp);
+        const bool ok = se_index::in_window(q, end[i], w.cols[i][h], c0);
         if (ok) w_tile[i * LD + (w.cols[i][h] - c0)] = bits_to_tile<TW, TV>(w.vals[i][h]);
         taken += __popc(__ballot_sync(kFull, ok));
       }
@@ -578,10 +579,10 @@ __global__ void __launch_bounds__(kBlock, GroupedShape<kGroupedTensorCores<TX, T
                    const int32_t* __restrict__ tiles, const int32_t* __restrict__ num_tiles, TX* __restrict__ y) {
   constexpr bool kTensorCores = kGroupedTensorCores<TX, TV>;
   using Shape = GroupedShape<kTensorCores>;
-  constexpr int TT = Shape::kTokens, KC = Shape::kCols, kSlots = Shape::kSlots;
+  constexpr int TT = Shape::kTokens, KC = kTileCols, kSlots = KC / kWarp;
   constexpr int kFrags = TT / 32;  // 16x16 result tiles per warp
-  using Tile = GroupedTile<kTensorCores, KC, TT>;
-  using SX = StepX<TX, KC, TT>;
+  using Tile = GroupedTile<kTensorCores, TT>;
+  using SX = StepX<TX, TT>;
   using TW = typename std::conditional<kTensorCores, __half, float>::type;
   if (static_cast<int32_t>(blockIdx.y) >= *num_tiles) return;
   __shared__ __align__(128) Tile tile;
@@ -620,7 +621,7 @@ __global__ void __launch_bounds__(kBlock, GroupedShape<kGroupedTensorCores<TX, T
   uint4 x_next[SX::kLoads];
   __syncthreads();  // token_row is written
   load_step_words<kSlots>(my_bits, row_bytes, aligned8, 0, words_next);
-  load_step_x<TX, KC, TT>(x, token_row, e.in, 0, x_vectors, x_next);
+  load_step_x<TX, TT>(x, token_row, e.in, 0, x_vectors, x_next);
   for (int64_t c0 = 0; c0 < e.in; c0 += KC) {
     // 1. this step's weight loads (bitmap: from the words the last step prefetched)
     StepWeights<TV, kSlots> weights;
@@ -631,11 +632,11 @@ __global__ void __launch_bounds__(kBlock, GroupedShape<kGroupedTensorCores<TX, T
     // 2. the next step's words and activations, in flight across this step's product
     if (c0 + KC < e.in) {
       load_step_words<kSlots>(my_bits, row_bytes, aligned8, c0 + KC, words_next);
-      load_step_x<TX, KC, TT>(x, token_row, e.in, c0 + KC, x_vectors, x_next);
+      load_step_x<TX, TT>(x, token_row, e.in, c0 + KC, x_vectors, x_next);
     }
     __syncthreads();  // the previous step's product has read the tiles
     // 3. this step's tiles
-    stage_step_x<TW, TX, KC, TT, Tile::kLdX>(x_now, tile.in.x);
+    stage_step_x<TW, TX, TT, Tile::kLdX>(x_now, tile.in.x);
     stage_step_weights<TW, TV, FMT, kSlots, Tile::kLdW>(weights, c0, p, end, lane, w_tile);
     __syncthreads();
     // 4. the product

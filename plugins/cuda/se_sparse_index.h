@@ -109,11 +109,11 @@ SE_HD bool lane_has(uint32_t word, int lane) { return ((word >> lane) & 1u) != 0
 
 SE_HD int lane_value_offset(uint32_t word, int lane) { return popcount32(word & ((1u << lane) - 1u)); }
 
-// csr16 window of a grouped step: of the (up to `width`) values a row holds from `p` on, the
-// ones whose column lies in [c0, c0 + width). Columns ascend within a row, so they are a
+// csr16 window of a grouped step: of the (up to kTileCols) values a row holds from `p` on, the
+// ones whose column lies in [c0, c0 + kTileCols). Columns ascend within a row, so they are a
 // prefix; the check of both bounds keeps a corrupt (unsorted) row inside the tile's memory.
-SE_HD bool in_window(int64_t p, int64_t end, uint16_t col, int64_t c0, int64_t width = kTileCols) {
-  return p < end && col >= c0 && col < c0 + width;
+SE_HD bool in_window(int64_t p, int64_t end, uint16_t col, int64_t c0) {
+  return p < end && col >= c0 && col < c0 + kTileCols;
 }
 
 // Upper bound on grouped tiles for `tokens` tokens over `experts` experts (sizes the grid and
