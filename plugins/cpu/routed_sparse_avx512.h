@@ -108,22 +108,23 @@ SE_AVX512_TARGET float dot_bitmap(const void* values, int64_t nnz, int64_t in_fe
                         _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
-// kDecodeRows consecutive bitmap rows of one expert (their values start at p[0..kDecodeRows) and
-// the last one ends at p[kDecodeRows]) times x, into out[0..kDecodeRows). Why: on DRAM-cold
-// weights a short row (576 columns: nine 64-column steps) ends before its value stream gets going;
-// four rows in lock step (two accumulators each) keep four streams' loads in flight. Paired
-// (kernel_ab, 30% kept, cold): 576 wide 1.06-1.11x, but 1536 wide 0.92-0.98x and no change on
-// weights already in cache, so the caller uses it for short rows only. Rows whose loads could pass
-// the end of values take dot_bitmap one by one.
+// kDecodeRows bitmap rows in lock step: row i's mask bytes at bits + i * stride (nbytes each), its
+// values from p[i] up to end[i] (rows in the order of their values); results into out[i]. Why: a core streams more bytes per second from DRAM
+// with several concurrent streams than with one (a 2-thread read of 60 MB here: 25.7 GB/s as one
+// stream per thread, 29.5 GB/s as four), so the caller gives rows far apart in the values (a
+// quarter of a work item apart). DRAM-cold 4096 x 11008 fp32, 30% kept, 2 threads: 1.2x faster
+// than one row at a time (BENCHMARKS.md, fifteenth session); four neighbouring rows had gained only
+// on short rows, where one row ends before its stream gets going. Where a row's 16-value loads
+// could pass the end of values, the rows go one by one.
 constexpr int kDecodeRows = 4;
-constexpr int64_t kDecodeRowsMaxIn = 1024;  // the callers' limit: wider rows go one at a time
 
 template <int VD>
 SE_AVX512_TARGET void dot_bitmap_rows(const void* values, int64_t nnz, int64_t in_features, const uint8_t* bits,
-                                      int64_t nbytes, const int64_t* p, const float* x, float* out) {
-  if (p[kDecodeRows] + 16 > nnz) {
+                                      int64_t stride, int64_t nbytes, const int64_t* p, const int64_t* end,
+                                      const float* x, float* out) {
+  if (end[kDecodeRows - 1] + 16 > nnz) {  // rows come in order: the last one ends last
     for (int i = 0; i < kDecodeRows; ++i)
-      out[i] = dot_bitmap<VD>(values, nnz, in_features, bits + i * nbytes, nbytes, p[i], p[i + 1], x);
+      out[i] = dot_bitmap<VD>(values, nnz, in_features, bits + i * stride, nbytes, p[i], end[i], x);
     return;
   }
   __m512 a[kDecodeRows], b[kDecodeRows];
@@ -137,7 +138,7 @@ SE_AVX512_TARGET void dot_bitmap_rows(const void* values, int64_t nnz, int64_t i
   for (; byte + 8 <= full; byte += 8) {
     const float* xb = x + byte * 8;
     for (int i = 0; i < kDecodeRows; ++i) {
-      const uint8_t* row = bits + i * nbytes;
+      const uint8_t* row = bits + i * stride;
       se_values::prefetch_values<VD>(values, pos[i]);
       __builtin_prefetch(row + byte + se_values::kPrefetchMaskBytes);
       uint64_t m;
@@ -149,7 +150,7 @@ SE_AVX512_TARGET void dot_bitmap_rows(const void* values, int64_t nnz, int64_t i
     }
   }
   for (int i = 0; i < kDecodeRows; ++i)
-    out[i] = finish_row<VD>(values, nnz, bits + i * nbytes, byte, full, nbytes, pos[i], x, _mm512_add_ps(a[i], b[i]));
+    out[i] = finish_row<VD>(values, nnz, bits + i * stride, byte, full, nbytes, pos[i], x, _mm512_add_ps(a[i], b[i]));
 }
 
 // One csr16 row (values and 16-bit columns in [b, end)) times x: 16 columns widened to 32 bits
@@ -274,9 +275,14 @@ inline bool agrees_with_scalar() {
       }
       const float got_bitmap = dot_bitmap<VD>(values, nnz, in, bits.data() + r * nbytes, nbytes, b, end, x.data());
       const float got_csr = dot_csr16<VD>(values, cols.data(), b, end, x.data());
+      // row r in a lock-step group of neighbouring rows (rows 0-3, then 2-5: the end of values)
+      // and, for rows 0 and 1, of every other row (0, 2, 4, 6 would pass the set: 0-1 in steps of 1)
+      const int64_t g = r < kDecodeRows ? 0 : rows - kDecodeRows;
+      int64_t group_end[kDecodeRows];
       float got_rows[kDecodeRows];
-      const int64_t g = r < kDecodeRows ? 0 : rows - kDecodeRows;  // rows 0-3, then 2-5 (the end of values)
-      dot_bitmap_rows<VD>(values, nnz, in, bits.data() + g * nbytes, nbytes, row_ptr.data() + g, x.data(), got_rows);
+      for (int i = 0; i < kDecodeRows; ++i) group_end[i] = row_ptr[g + i + 1];
+      dot_bitmap_rows<VD>(values, nnz, in, bits.data() + g * nbytes, nbytes, nbytes, row_ptr.data() + g, group_end,
+                          x.data(), got_rows);
       ok = ok && std::fabs(got_bitmap - want) <= 1e-5 * scale && std::fabs(got_csr - want) <= 1e-5 * scale &&
            std::fabs(got_rows[r - g] - want) <= 1e-5 * scale;
       // the row as a prefill tile of 64 tokens: token t reads x shifted by t columns

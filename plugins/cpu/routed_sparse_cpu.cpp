@@ -114,18 +114,32 @@ inline int64_t row_end(const se_experts* e, int64_t k, int64_t r) {
   return next < e->num_experts * e->out_features ? e->row_ptr[next] : e->nnz;
 }
 
-// Rows per decode work item of expert k: its mean row's bytes (values and index) into
-// kDecodeItemBytes, a multiple of kRowsPerItem, from kRowsPerItem up to out / kMinDecodeItems
-inline int64_t decode_rows_per_item(const se_experts* e, int64_t k) {
+// The mean bytes (values and index) of a row of expert k, at least 1
+inline int64_t mean_row_bytes(const se_experts* e, int64_t k) {
   const int64_t out = e->out_features;
-  const int64_t most = out / kMinDecodeItems / kRowsPerItem * kRowsPerItem;
-  if (most <= kRowsPerItem) return kRowsPerItem;
   const int64_t nnz = row_end(e, k, out - 1) - row_begin(e, k, 0);
   const int64_t value_bytes = e->value_dtype == SE_F32 ? 4 : 2;
   const int64_t index_bytes = e->format == SE_CSR16 ? 2 * nnz : out * ((e->in_features + 7) / 8);
-  const int64_t row_bytes = std::max<int64_t>(1, (nnz * value_bytes + index_bytes) / out);
-  return std::clamp(kDecodeItemBytes / row_bytes / kRowsPerItem * kRowsPerItem, kRowsPerItem, most);
+  return std::max<int64_t>(1, (nnz * value_bytes + index_bytes) / out);
 }
+
+// Rows per decode work item of expert k: its mean row's bytes into kDecodeItemBytes, a multiple
+// of kRowsPerItem, from kRowsPerItem up to out / kMinDecodeItems
+inline int64_t decode_rows_per_item(const se_experts* e, int64_t k) {
+  const int64_t most = e->out_features / kMinDecodeItems / kRowsPerItem * kRowsPerItem;
+  if (most <= kRowsPerItem) return kRowsPerItem;
+  return std::clamp(kDecodeItemBytes / mean_row_bytes(e, k) / kRowsPerItem * kRowsPerItem, kRowsPerItem, most);
+}
+
+// The AVX-512 bitmap decode runs four rows in lock step (se_avx512::dot_bitmap_rows). Rows a
+// quarter of the work item apart make four weight streams, which a core reads faster than one,
+// once each stream (a quarter of the item) holds kFarStreamBytes; DRAM-cold, 2 threads:
+// 4096 x 11008 (260 KB streams) 1.3x, 1536 x 576 fp16 (9 KB) 0.94-1.02x, 576 x 1536 fp16 (3 KB)
+// 0.88-0.96x against neighbouring rows. Shorter items take four neighbouring rows where rows are
+// short (in <= kNeighbourRowsMaxIn: one row ends before its stream gets going), else one row at a
+// time (BENCHMARKS.md, fifteenth session).
+constexpr int64_t kFarStreamBytes = int64_t{32} << 10;
+constexpr int64_t kNeighbourRowsMaxIn = 1024;
 
 enum class Isa { Portable, Avx2, Avx512, Neon };
 Isa cpu_isa();
@@ -511,22 +525,44 @@ void run_groups(const Problem& pb, const Executor& exec) {
       const int64_t nbytes = (in + 7) / 8;
       const float* bias = e->bias ? e->bias + k * out : nullptr;
       if (!ld[k]) {  // decode: sparse dot products
+#if SE_X86
+        constexpr int kRows = se_avx512::kDecodeRows;
+        const int64_t len = (r1 - item.r0) / kRows;  // rows per stream of a lock-step group
+        const bool far = len * mean_row_bytes(e, k) >= kFarStreamBytes;
+        const bool lock_step = isa == Isa::Avx512 && bitmap && (far || in <= kNeighbourRowsMaxIn);
+#endif
         for (int64_t i = pb.start[k]; i < pb.start[k + 1]; ++i) {
           const int64_t tok = pb.order[i];
           const float* xv = pb.x + tok * in;
           float* yv = pb.y + tok * out;
           int64_t r = item.r0;
 #if SE_X86
-          if (isa == Isa::Avx512 && bitmap && in <= se_avx512::kDecodeRowsMaxIn) {  // short rows: several at once
-            for (; r + se_avx512::kDecodeRows <= r1; r += se_avx512::kDecodeRows) {
-              int64_t p[se_avx512::kDecodeRows + 1];
-              for (int j = 0; j < se_avx512::kDecodeRows; ++j) p[j] = row_begin(e, k, r + j);
-              p[se_avx512::kDecodeRows] = row_end(e, k, r + se_avx512::kDecodeRows - 1);
-              se_avx512::dot_bitmap_rows<VD>(e->values, e->nnz, in, bitmap + (k * out + r) * nbytes, nbytes, p, xv,
-                                             yv + r);
+          if (lock_step && !far) {  // four neighbouring rows: row j ends where row j + 1 begins
+            for (; r + kRows <= r1; r += kRows) {
+              int64_t p[kRows + 1];
+              for (int j = 0; j < kRows; ++j) p[j] = row_begin(e, k, r + j);
+              p[kRows] = row_end(e, k, r + kRows - 1);
+              se_avx512::dot_bitmap_rows<VD>(e->values, e->nnz, in, bitmap + (k * out + r) * nbytes, nbytes, nbytes,
+                                             p, p + 1, xv, yv + r);
               if (bias)
-                for (int j = 0; j < se_avx512::kDecodeRows; ++j) yv[r + j] += bias[r + j];
+                for (int j = 0; j < kRows; ++j) yv[r + j] += bias[r + j];
             }
+          } else if (lock_step) {  // row q of each quarter of the item
+            for (int64_t q = 0; q < len; ++q) {
+              int64_t p[kRows], end[kRows];
+              float dots[kRows];
+              for (int j = 0; j < kRows; ++j) {
+                p[j] = row_begin(e, k, item.r0 + j * len + q);
+                end[j] = row_end(e, k, item.r0 + j * len + q);
+              }
+              se_avx512::dot_bitmap_rows<VD>(e->values, e->nnz, in, bitmap + (k * out + item.r0 + q) * nbytes,
+                                             len * nbytes, nbytes, p, end, xv, dots);
+              for (int j = 0; j < kRows; ++j) {
+                const int64_t row = item.r0 + j * len + q;
+                yv[row] = bias ? dots[j] + bias[row] : dots[j];
+              }
+            }
+            r = item.r0 + kRows * len;
           }
 #endif
           for (; r < r1; ++r) {

@@ -48,14 +48,28 @@ void decode_rows(std::mt19937& gen, int random_sets) {
   auto csr16 = [](const Rows& r, int64_t i) {
     return se_avx512::dot_csr16<VD>(r.values<VD>(), r.cols.data(), r.row_ptr[i], r.row_ptr[i + 1], r.x.data());
   };
-  auto bitmap_rows = [bitmap](const Rows& r, int64_t i) {  // row i inside its group of rows in lock step
-    constexpr int64_t n = se_avx512::kDecodeRows;
-    const int64_t g = i / n * n;
-    if (g + n > r.rows()) return bitmap(r, i);
+  // row i in a lock-step group whose rows are d apart (i, i + d, i + 2d, i + 3d), as the library
+  // groups neighbouring rows (d = 1) or rows a quarter of a work item apart; the largest d that
+  // fits the set, so both kinds and the rows at the end of values are met. Every lane is checked.
+  auto bitmap_rows = [bitmap](const Rows& r, int64_t i) {
+    constexpr int n = se_avx512::kDecodeRows;
+    const int64_t d = (r.rows() - 1 - i) / (n - 1);
+    if (d < 1) return bitmap(r, i);
+    int64_t p[n], end[n], row[n];
     float out[n];
-    se_avx512::dot_bitmap_rows<VD>(r.values<VD>(), r.nnz(), r.in, r.bits.data() + g * r.nbytes, r.nbytes,
-                                   r.row_ptr.data() + g, r.x.data(), out);
-    return out[i - g];
+    for (int j = 0; j < n; ++j) row[j] = i + j * d, p[j] = r.row_ptr[row[j]], end[j] = r.row_ptr[row[j] + 1];
+    se_avx512::dot_bitmap_rows<VD>(r.values<VD>(), r.nnz(), r.in, r.bits.data() + i * r.nbytes, d * r.nbytes,
+                                   r.nbytes, p, end, r.x.data(), out);
+    for (int j = 1; j < n; ++j) {  // the other lanes against their rows' float64 sums (check_rows' bound)
+      double want = 0.0, scale = 0.0;
+      for (int64_t q = p[j]; q < end[j]; ++q) {
+        const double term = static_cast<double>(r.v32[q]) * r.x[r.cols[q]];
+        want += term, scale += std::fabs(term);
+      }
+      if (std::fabs(out[j] - want) > 1.2e-7 * static_cast<double>(end[j] - p[j] + 1) * (scale + 1e-30))
+        return std::nanf("");
+    }
+    return out[0];
   };
   se_test::check_decode_kernels(gen, random_sets, VD, bitmap, csr16, bitmap_rows);
 }
