@@ -1,10 +1,13 @@
 // What the memory system leaves the batch-1 decode: on the same DRAM-cold weight sets, one process,
 // the variants called in turn (order rotating every repetition), median ms per call:
 //   read    a plain sequential read of the expert's bytes (values + bitmap), no decode at all;
-//   loads   the decode's own access pattern with no arithmetic: each row's 64-bit mask words and
-//           its values loaded 16 at a time, advancing by popcounts, the library's prefetches;
-//   decode  the same plus the kernel's arithmetic (vexpandps, FMA with x);
-//   library se_routed_sparse_matmul itself (one expert, one token: routing included).
+//   loads   the decode's access pattern, one row at a time, with no arithmetic: each row's 64-bit
+//           mask words and its values loaded 16 at a time, advancing by popcounts, the library's
+//           prefetches;
+//   decode  the same plus the kernel's arithmetic (vexpandps, FMA with x): the library's decode
+//           before the fifteenth session;
+//   library se_routed_sparse_matmul itself (one expert, one token: routing included), which walks
+//           four rows a quarter of a work item apart at once.
 // Why: the 70% batch-1 target (BENCHMARKS.md) needs the decode within ~10% of the plain read,
 // and this separates what the pattern costs from what the arithmetic costs. fp32 values, bitmap
 // format, AVX-512 only (on other CPUs it says so and exits 0).
