@@ -138,8 +138,10 @@ inline int64_t decode_rows_per_item(const se_experts* e, int64_t k) {
 // 0.88-0.96x against neighbouring rows. Shorter items take four neighbouring rows where rows are
 // short (in <= kNeighbourRowsMaxIn: one row ends before its stream gets going), else one row at a
 // time (BENCHMARKS.md, fifteenth session).
+#if SE_X86
 constexpr int64_t kFarStreamBytes = int64_t{32} << 10;
 constexpr int64_t kNeighbourRowsMaxIn = 1024;
+#endif
 
 enum class Isa { Portable, Avx2, Avx512, Neon };
 Isa cpu_isa();

@@ -191,12 +191,16 @@ int main() {
         }
   // enough rows that decode work items hold more than 32 rows, the last one partial; at 1100
   // inputs, fp32, the AVX-512 bitmap decode takes rows a quarter of an item apart in lock step
+  // (fp16 there: one row at a time). Few of the large cases: CI runs this under qemu too.
   for (int format : {SE_BITMAP, SE_CSR16})
     for (int dtype : {SE_F32, SE_F16})
       for (int64_t tokens : {1, 2}) {
         failed += run_case({format, dtype, 2, 2100, 300, tokens, 0.3}, rng);
-        failed += run_case({format, dtype, 2, 3300, 1100, tokens, 0.5}, rng);
-        total += 2;
+        ++total;
+        if (format == SE_BITMAP && tokens == 2) {
+          failed += run_case({format, dtype, 2, 3300, 1100, tokens, 0.5}, rng);
+          ++total;
+        }
       }
   if (pool_calls == 0) {  // the larger cases must have reached the host pool, not run serially
     std::printf("FAIL: se_routed_sparse_matmul_on never used the host pool\n");
