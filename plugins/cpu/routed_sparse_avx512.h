@@ -109,13 +109,14 @@ SE_AVX512_TARGET float dot_bitmap(const void* values, int64_t nnz, int64_t in_fe
 }
 
 // kDecodeRows bitmap rows in lock step: row i's mask bytes at bits + i * stride (nbytes each), its
-// values from p[i] up to end[i] (rows in the order of their values); results into out[i]. Why: a core streams more bytes per second from DRAM
-// with several concurrent streams than with one (a 2-thread read of 60 MB here: 25.7 GB/s as one
-// stream per thread, 29.5 GB/s as four), so the caller gives rows far apart in the values (a
-// quarter of a work item apart). DRAM-cold 4096 x 11008 fp32, 30% kept, 2 threads: 1.2x faster
-// than one row at a time (BENCHMARKS.md, fifteenth session); four neighbouring rows had gained only
-// on short rows, where one row ends before its stream gets going. Where a row's 16-value loads
-// could pass the end of values, the rows go one by one.
+// values from p[i] up to end[i] (rows in the order of their values); results into out[i].
+// Why: a core streams more bytes per second from DRAM with several concurrent streams than with
+// one (a 2-thread read of 60 MB here: 25.7 GB/s as one stream per thread, 29.5 GB/s as four), so
+// for long rows the caller gives rows a quarter of a work item apart: DRAM-cold, 30% kept, 2
+// threads, 1.27-1.42x faster than one row at a time at fp32 and 1.14-1.16x at fp16 (4096 x 11008
+// and similar shapes; BENCHMARKS.md, fifteenth session). Short rows take four neighbouring rows,
+// which gained where one row ends before its stream gets going (576 wide: 1.06-1.11x). Where a
+// row's 16-value loads could pass the end of values, the rows go one by one.
 constexpr int kDecodeRows = 4;
 
 template <int VD>
@@ -275,8 +276,8 @@ inline bool agrees_with_scalar() {
       }
       const float got_bitmap = dot_bitmap<VD>(values, nnz, in, bits.data() + r * nbytes, nbytes, b, end, x.data());
       const float got_csr = dot_csr16<VD>(values, cols.data(), b, end, x.data());
-      // row r in a lock-step group of neighbouring rows (rows 0-3, then 2-5: the end of values)
-      // and, for rows 0 and 1, of every other row (0, 2, 4, 6 would pass the set: 0-1 in steps of 1)
+      // row r in a lock-step group of neighbouring rows (rows 0-3, then 2-5: the end of values);
+      // rows farther apart run the same code with a wider stride (the SIMDe test covers those)
       const int64_t g = r < kDecodeRows ? 0 : rows - kDecodeRows;
       int64_t group_end[kDecodeRows];
       float got_rows[kDecodeRows];
