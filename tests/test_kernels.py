@@ -77,6 +77,21 @@ def test_kernel_matches_float64_reference(seed, k, out, inn, tokens, density, fm
     assert torch.allclose(y.double(), ref, rtol=tol, atol=tol * (1 + float(ref.abs().max()) if ref.numel() else 1))
 
 
+@pytest.mark.parametrize("vdtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("out", "inn"), [(2100, 300), (3300, 1100)])
+def test_decode_of_long_experts_matches_float64_reference(out, inn, vdtype):
+    """Experts long enough that a decode call splits them into work items of more than 32 rows (the
+    last one partial); at 3300 x 1100 fp32 the AVX-512 bitmap decode walks four rows a quarter of
+    an item apart at once, at 2100 x 300 four neighbouring rows. One and two tokens, with bias."""
+    for fmt in ("bitmap", "csr16"):
+        packed, weights, x, g, b, bias, ids = make_case(7, 2, out, inn, 2, 0.5, fmt, vdtype, True, "given")
+        bound = kernels.BoundExperts(packed, bias)
+        for tokens in (1, 2):
+            y, _ = bound.matmul(x[:tokens], g, b, ids[:tokens])
+            ref, _, _ = reference(x[:tokens], weights, g, b, bias, ids[:tokens])
+            assert torch.allclose(y.double(), ref, rtol=1e-4, atol=1e-4 * (1 + float(ref.abs().max()))), (fmt, tokens)
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), k=st.integers(1, 4), out=st.integers(1, 40), inn=st.integers(1, 70),
        density=st.sampled_from([0.0, 0.1, 0.5, 1.0]), fmt=st.sampled_from(["bitmap", "csr16"]),
