@@ -11,7 +11,7 @@ prefill path (the expert decoded once per call, then torch's GEMM): "dense group
 function rotates through copies of its weights, so that each call reads them from DRAM as in a
 real model's decode step (``--warm``: one copy). Prints a Markdown table and writes JSON.
 
-    .venv/bin/python bench/kernels.py                       # full grid (~10 min on 2 cores)
+    .venv/bin/python bench/kernels.py                       # full grid (~12 min on 2 cores)
     .venv/bin/python bench/kernels.py --shapes 4096x11008 --batches 1 512
 """
 
