@@ -340,6 +340,56 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_bitmap_avx2(const 
   return se_values::bitmap_bits<VD>(v, bits, byte, nbytes, p, x, s);  // tail columns, last values of the array
 }
 
+// Four bitmap rows in lock step on AVX2: row i's mask bytes at bits + i * stride, its values from
+// p[i] up to end[i] (rows in the order of their values), results into out[i]. The AVX-512 path's
+// four weight streams per core (se_avx512::dot_bitmap_rows) for CPUs without AVX-512, two
+// accumulators per row: paired, DRAM-cold, fp32 30% kept, SE_KERNELS_ISA=avx2 on the Xeon,
+// 1.05x at 4096 x 11008 and 1.13x at 11008 x 4096 (BENCHMARKS.md, fifteenth session). Rows whose
+// 8-value loads could pass the end of values go one by one.
+constexpr int kAvx2LockStepRows = 4;
+
+template <int VD>
+__attribute__((target("avx2,fma,f16c,popcnt,bmi"))) void dot_bitmap_rows_avx2(const se_experts* e,
+                                                                               const uint8_t* bits, int64_t stride,
+                                                                               int64_t nbytes, const int64_t* p,
+                                                                               const int64_t* end, const float* x,
+                                                                               float* out) {
+  constexpr int R = kAvx2LockStepRows;
+  if (end[R - 1] + 8 > e->nnz) {  // rows come in order: the last one ends last
+    for (int i = 0; i < R; ++i) out[i] = dot_bitmap_avx2<VD>(e, bits + i * stride, nbytes, p[i], end[i], x);
+    return;
+  }
+  const void* v = e->values;
+  __m256 a[R], b[R];
+  int64_t pos[R];
+  for (int i = 0; i < R; ++i) {
+    a[i] = b[i] = _mm256_setzero_ps();
+    pos[i] = p[i];
+  }
+  const int64_t full = e->in_features / 8;
+  int64_t byte = 0;
+  for (; byte + 8 <= full; byte += 8) {
+    const float* xb = x + byte * 8;
+    for (int i = 0; i < R; ++i) {
+      const uint8_t* row = bits + i * stride;
+      se_values::prefetch_values<VD>(v, pos[i]);
+      __builtin_prefetch(row + byte + se_values::kPrefetchMaskBytes);
+      uint64_t m;
+      std::memcpy(&m, row + byte, 8);
+      for (int j = 0; j < 8; j += 2) {
+        a[i] = bitmap_step_avx2<VD>(v, pos[i], m, j, xb, a[i]);
+        b[i] = bitmap_step_avx2<VD>(v, pos[i], m, j + 1, xb, b[i]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) {  // the last whole bytes, then the tail columns bit by bit
+    const uint8_t* row = bits + i * stride;
+    int64_t c = byte;
+    for (; c < full; ++c) a[i] = bitmap_step_avx2<VD>(v, pos[i], row[c], 0, x + c * 8, a[i]);
+    out[i] = se_values::bitmap_bits<VD>(v, row, c, nbytes, pos[i], x, hsum(_mm256_add_ps(a[i], b[i])));
+  }
+}
+
 template <int VD>
 __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) inline float load_value_avx2(const void* values, int64_t i) {
   if constexpr (VD == SE_F16) {
@@ -532,6 +582,7 @@ void run_groups(const Problem& pb, const Executor& exec) {
         const int64_t len = (r1 - item.r0) / kRows;  // rows per stream of a lock-step group
         const bool far = len * mean_row_bytes(e, k) >= kFarStreamBytes;
         const bool lock_step = isa == Isa::Avx512 && bitmap && (far || in <= kNeighbourRowsMaxIn);
+        const bool far_avx2 = isa == Isa::Avx2 && bitmap && far;
 #endif
         for (int64_t i = pb.start[k]; i < pb.start[k + 1]; ++i) {
           const int64_t tok = pb.order[i];
@@ -549,7 +600,8 @@ void run_groups(const Problem& pb, const Executor& exec) {
               if (bias)
                 for (int j = 0; j < kRows; ++j) yv[r + j] += bias[r + j];
             }
-          } else if (lock_step) {  // row q of each quarter of the item
+          } else if (lock_step || far_avx2) {  // row q of each quarter of the item
+            static_assert(kRows == kAvx2LockStepRows, "both paths split an item into the same quarters");
             for (int64_t q = 0; q < len; ++q) {
               int64_t p[kRows], end[kRows];
               float dots[kRows];
@@ -557,8 +609,11 @@ void run_groups(const Problem& pb, const Executor& exec) {
                 p[j] = row_begin(e, k, item.r0 + j * len + q);
                 end[j] = row_end(e, k, item.r0 + j * len + q);
               }
-              se_avx512::dot_bitmap_rows<VD>(e->values, e->nnz, in, bitmap + (k * out + item.r0 + q) * nbytes,
-                                             len * nbytes, nbytes, p, end, xv, dots);
+              const uint8_t* first = bitmap + (k * out + item.r0 + q) * nbytes;
+              if (far_avx2)
+                dot_bitmap_rows_avx2<VD>(e, first, len * nbytes, nbytes, p, end, xv, dots);
+              else
+                se_avx512::dot_bitmap_rows<VD>(e->values, e->nnz, in, first, len * nbytes, nbytes, p, end, xv, dots);
               for (int j = 0; j < kRows; ++j) {
                 const int64_t row = item.r0 + j * len + q;
                 yv[row] = bias ? dots[j] + bias[row] : dots[j];
