@@ -31,7 +31,6 @@ so and exits 0.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -124,10 +123,6 @@ def make_experts(k: int, out: int, inn: int, sparsity: float, fmt: str, seed: in
     return pack_experts(dense * mask, mask, fmt, torch.float16)
 
 
-def clone_packed(p: PackedExperts) -> PackedExperts:
-    return dataclasses.replace(p, values=p.values.clone(), indices=p.indices.clone(), row_ptr=p.row_ptr.clone())
-
-
 def call_sequences(sets: list, weights: list[torch.Tensor], xs: list[torch.Tensor], given: list[torch.Tensor],
                    y: torch.Tensor, n: int, per_set: int, gemv_max: int = 0) -> tuple[list, list, list]:
     """``n`` calls each of the routed layer, the layer with the routing given (call ``i`` uses
@@ -157,7 +152,7 @@ def bench_shape(shape: str, args, l2_bytes: int, rows: list[dict]) -> None:
             packed = make_experts(k, out, inn, s, fmt, seed=inn + out)
             total = packed.nbytes()
             sets = [CudaExperts(p, g, b) for p in
-                    [packed, *(clone_packed(packed) for _ in range(math.ceil(COLD_FACTOR * l2_bytes / total) - 1))]]
+                    [packed, *(packed.clone() for _ in range(math.ceil(COLD_FACTOR * l2_bytes / total) - 1))]]
             per_expert = total / k
             for batch in args.batches:
                 xs = [torch.randn(batch, inn, device="cuda", dtype=torch.float16) for _ in range(args.inputs)]

@@ -18,7 +18,6 @@ real model's decode step (``--warm``: one copy). Prints a Markdown table and wri
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import platform
@@ -97,12 +96,6 @@ def sparse_mask(out: int, inn: int, sparsity: str, gen: torch.Generator) -> torc
     return mask.reshape(out, inn)
 
 
-def packed_copy(packed):
-    """The same experts in fresh memory."""
-    return dataclasses.replace(packed, values=packed.values.clone(), indices=packed.indices.clone(),
-                               row_ptr=packed.row_ptr.clone())
-
-
 def bench_shape(inn: int, out: int, batches: list[int], sparsities: list[str], dtypes: list[str], threads: int,
                 router_experts: int, cold: bool = True) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
@@ -121,7 +114,7 @@ def bench_shape(inn: int, out: int, batches: list[int], sparsities: list[str], d
             round_bytes = dense_w.numel() * dense_w.element_size() + sum(b.packed.nbytes() for b in bound.values())
             n_copies = copies_for_cold(round_bytes) if cold else 1
             dense_ws = [dense_w] + [dense_w.clone() for _ in range(n_copies - 1)]
-            copies = {fmt: [bd] + [kernels.BoundExperts(packed_copy(bd.packed), dense_group_tokens=0)
+            copies = {fmt: [bd] + [kernels.BoundExperts(bd.packed.clone(), dense_group_tokens=0)
                                    for _ in range(n_copies - 1)] for fmt, bd in bound.items()}
             grouped_copies = [with_groups] + [kernels.BoundExperts(c.packed) for c in copies["bitmap"][1:]]
             g1, b1 = torch.zeros(inn, 1), torch.zeros(1)

@@ -16,6 +16,7 @@ stored: the pattern is the mask, not the values, so sparsity counts are exact.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -47,6 +48,11 @@ class PackedExperts:
     def nbytes(self) -> int:
         """Bytes of all three tensors: what the checkpoint stores for these experts."""
         return sum(t.numel() * t.element_size() for t in (self.values, self.indices, self.row_ptr))
+
+    def clone(self) -> PackedExperts:
+        """The same experts in fresh memory (benchmarks rotate copies so every call reads DRAM)."""
+        return dataclasses.replace(self, values=self.values.clone(), indices=self.indices.clone(),
+                                   row_ptr=self.row_ptr.clone())
 
     def expert_nnz(self) -> list[int]:
         rp = [*self.row_ptr.view(self.num_experts, -1)[:, 0].tolist(), self.nnz]

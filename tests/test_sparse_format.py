@@ -98,3 +98,13 @@ def test_corrupt_packed_experts_are_rejected():
     bad_cols[0] = 9
     with pytest.raises(SEError, match="out of range"):
         validate_packed(PackedExperts("csr16", 1, 4, 8, csr.values, bad_cols, csr.row_ptr))
+
+
+def test_clone_holds_the_same_experts_in_fresh_memory():
+    mask = torch.rand(2, 5, 9, generator=torch.Generator().manual_seed(0)) < 0.5
+    packed = pack_experts(torch.randn(2, 5, 9) * mask, mask, "bitmap", torch.float16)
+    copy = packed.clone()
+    for field in ("values", "indices", "row_ptr"):
+        assert torch.equal(getattr(copy, field), getattr(packed, field))
+        assert getattr(copy, field).data_ptr() != getattr(packed, field).data_ptr()
+    assert torch.equal(copy.unpack_expert(1), packed.unpack_expert(1))
