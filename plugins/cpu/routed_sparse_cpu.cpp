@@ -123,12 +123,12 @@ inline int64_t mean_row_bytes(const se_experts* e, int64_t k) {
   return std::max<int64_t>(1, (nnz * value_bytes + index_bytes) / out);
 }
 
-// Rows per decode work item of expert k: its mean row's bytes into kDecodeItemBytes, a multiple
-// of kRowsPerItem, from kRowsPerItem up to out / kMinDecodeItems
-inline int64_t decode_rows_per_item(const se_experts* e, int64_t k) {
-  const int64_t most = e->out_features / kMinDecodeItems / kRowsPerItem * kRowsPerItem;
+// Rows per decode work item of an expert whose mean row holds row_bytes: row_bytes into
+// kDecodeItemBytes, a multiple of kRowsPerItem, from kRowsPerItem up to out / kMinDecodeItems
+inline int64_t decode_rows_per_item(int64_t out, int64_t row_bytes) {
+  const int64_t most = out / kMinDecodeItems / kRowsPerItem * kRowsPerItem;
   if (most <= kRowsPerItem) return kRowsPerItem;
-  return std::clamp(kDecodeItemBytes / mean_row_bytes(e, k) / kRowsPerItem * kRowsPerItem, kRowsPerItem, most);
+  return std::clamp(kDecodeItemBytes / row_bytes / kRowsPerItem * kRowsPerItem, kRowsPerItem, most);
 }
 
 // The AVX-512 bitmap decode runs four rows in lock step (se_avx512::dot_bitmap_rows). Rows a
@@ -550,11 +550,13 @@ void run_groups(const Problem& pb, const Executor& exec) {
   float* const xt = xt_storage.data() + (16 - (reinterpret_cast<uintptr_t>(xt_storage.data()) / 4) % 16) % 16;
   struct Item { int64_t k, r0, r1, t0; };
   std::vector<Item> items;
+  std::vector<int64_t> row_bytes(K, 0);  // mean bytes of a row of every expert that decodes
   for (int64_t k = 0; k < K; ++k) {
     const int64_t n = pb.start[k + 1] - pb.start[k];
     if (n == 0) continue;
     const int64_t tiles = n > kGemvMaxTokens ? ld[k] / width[k] : 1;
-    const int64_t rows = n > kGemvMaxTokens ? kRowsPerItem : decode_rows_per_item(e, k);
+    if (n <= kGemvMaxTokens) row_bytes[k] = mean_row_bytes(e, k);
+    const int64_t rows = n > kGemvMaxTokens ? kRowsPerItem : decode_rows_per_item(out, row_bytes[k]);
     for (int64_t t = 0; t < tiles; ++t)
       for (int64_t r0 = 0; r0 < out; r0 += rows) items.push_back({k, r0, std::min(out, r0 + rows), t * width[k]});
   }
@@ -580,7 +582,7 @@ void run_groups(const Problem& pb, const Executor& exec) {
 #if SE_X86
         constexpr int kRows = se_avx512::kDecodeRows;
         const int64_t len = (r1 - item.r0) / kRows;  // rows per stream of a lock-step group
-        const bool far = len * mean_row_bytes(e, k) >= kFarStreamBytes;
+        const bool far = len * row_bytes[k] >= kFarStreamBytes;
         const bool lock_step = isa == Isa::Avx512 && bitmap && (far || in <= kNeighbourRowsMaxIn);
         const bool far_avx2 = isa == Isa::Avx2 && bitmap && far;
 #endif
