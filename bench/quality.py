@@ -47,15 +47,10 @@ from se_export.atomic import atomic_write_text
 from se_export.checkpoint import is_checkpoint
 from se_export.data import calibration_windows, eval_windows, load_text, tokenize
 from se_export.evaluate import perplexity
-from se_export.expand import (
-    DATA_FREE_METHODS,
-    PARTIAL_DIR,
-    ExpandConfig,
-    expand_model,
-    prepare_workdir,
-)
+from se_export.expand import DATA_FREE_METHODS, ExpandConfig, expand_model
 from se_export.models import load_model
 from se_export.modules import RoutedSparseLinear, decoded_expert_cache
+from se_export.partial import PARTIAL_DIR, prepare_workdir
 
 RESULTS = Path("bench/results")
 CACHE = RESULTS / "quality"

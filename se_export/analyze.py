@@ -20,10 +20,13 @@ from torch import nn
 
 from .adapters import adapter_for, decoder_layers, linear_weight
 from .atomic import atomic_path, atomic_write_text
-from .expand import capture_decoder_inputs, capture_input, layer_output
+from .capture import capture_decoder_inputs, capture_input, layer_output
 from .modules import RoutedSparseLinear, decoded_expert_cache
 from .progress import progress_bar
-from .wasserstein import NeuronStats, mapping_difficulty
+from .router import fit_router
+from .sparsegpt import ClusterHessians, sparsegpt_prune
+from .sparsity import parse_sparsity
+from .wasserstein import NeuronStats, mapping_difficulty, wasserstein_between
 
 QUANTILES = (0.0, 0.5, 0.9, 0.97, 0.99, 1.0)
 
@@ -131,11 +134,6 @@ def neuron_variants(x: torch.Tensor, weight_row: torch.Tensor, bias: float, dens
                     seed: int = 0, min_cluster_tokens: int = 64) -> dict[str, tuple[torch.Tensor, float]]:
     """One neuron's outputs when its weights are pruned by SparseGPT (K=1) and by Sparse
     Expansion with K experts, each with its W1 distance to the dense outputs."""
-    from .router import fit_router
-    from .sparsegpt import ClusterHessians, sparsegpt_prune
-    from .sparsity import parse_sparsity
-    from .wasserstein import wasserstein_between
-
     spec = parse_sparsity(sparsity)
     out: dict[str, tuple[torch.Tensor, float]] = {}
     for k in experts:

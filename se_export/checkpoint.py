@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import atomic_path, atomic_write_text
+from .adapters import set_submodule
+from .atomic import atomic_path, atomic_write_text, sha256_file
 from .errors import SEError
 from .mask_codec import decode_masks, encode_masks, stored_expert_bytes
-from .models import sha256_file
+from .modules import RoutedSparseLinear
+from .partial import PARTIAL_DIR
+from .tensor_aliases import dedupe_tensors, restore_aliases
 
 MANIFEST = "se_manifest.json"
 WEIGHTS = "model.safetensors"
@@ -37,10 +39,6 @@ def is_checkpoint(path: Path) -> bool:
 
 def is_incomplete_checkpoint(path: Path) -> bool:
     """A folder an expansion or save was writing to when it stopped (no manifest yet)."""
-    from safetensors import safe_open
-
-    from .expand import PARTIAL_DIR
-
     path = Path(path)
     if is_checkpoint(path):
         return False
@@ -56,32 +54,7 @@ def is_incomplete_checkpoint(path: Path) -> bool:
 
 
 def expanded_modules(model: nn.Module) -> dict[str, nn.Module]:
-    from .modules import RoutedSparseLinear
-
     return {n: m for n, m in model.named_modules() if isinstance(m, RoutedSparseLinear)}
-
-
-def dedupe_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors that share memory (tied embeddings, shared routers) stored once: ``(unique, aliases)``."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for key, value in state.items():
-        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
-                 tuple(value.stride()), value.dtype)
-        if ident in seen:
-            aliases[key] = seen[ident]
-        else:
-            seen[ident] = key
-            tensors[key] = value.detach().contiguous()
-    return tensors, aliases
-
-
-def restore_aliases(tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Inverse of ``dedupe_tensors``: aliased keys point at the same tensor objects again."""
-    for alias, target in aliases.items():
-        tensors[alias] = tensors[target]
-    return tensors
 
 
 def save_checkpoint(model: nn.Module, tokenizer, out: Path, info: dict) -> dict:
@@ -178,9 +151,6 @@ def load_checkpoint(path: Path, with_tokenizer: bool = False, verify: bool = Tru
     """Rebuild the expanded transformers model (and tokenizer); logits equal the saved model's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .adapters import set_submodule
-    from .modules import RoutedSparseLinear
-
     path = Path(path)
     manifest = read_manifest(path)
     verify_files(path, manifest, hash_files=verify)
@@ -205,9 +175,3 @@ def load_checkpoint(path: Path, with_tokenizer: bool = False, verify: bool = Tru
     from transformers import AutoTokenizer
 
     return model, AutoTokenizer.from_pretrained(path)
-
-
-def remove_partial(out: Path) -> None:
-    from .expand import PARTIAL_DIR
-
-    shutil.rmtree(Path(out) / PARTIAL_DIR, ignore_errors=True)

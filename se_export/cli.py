@@ -56,10 +56,11 @@ def expand(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Expand every MLP linear into K routed sparse experts and save a compact checkpoint."""
-    from .checkpoint import is_checkpoint, remove_partial, save_expansion
+    from .checkpoint import is_checkpoint, save_expansion
     from .data import calibration_windows, load_text, tokenize
-    from .expand import DATA_FREE_METHODS, PARTIAL_DIR, ExpandConfig, expand_model, prepare_workdir
+    from .expand import DATA_FREE_METHODS, ExpandConfig, expand_model
     from .models import load_model
+    from .partial import PARTIAL_DIR, prepare_workdir, remove_partial
 
     cfg = ExpandConfig(method=method, experts=experts if experts is not None else (16 if method == "se" else 1),
                        sparsity=sparsity, pca_factor=pca_factor, seed=seed, true_sequential=true_sequential,

@@ -13,7 +13,7 @@ import functools
 import torch
 
 from .errors import SEError
-from .kernels import _DTYPES, _FORMATS, KERNELS_LIB, _Experts, find_library
+from .kernels import DTYPE_CODES, FORMAT_CODES, KERNELS_LIB, ExpertsStruct, find_library
 from .sparse_format import PackedExperts
 
 CUDA_LIB = "libse_cuda_kernels.so"
@@ -26,7 +26,7 @@ def _open(name: str, why: str) -> ctypes.CDLL:
     return ctypes.CDLL(str(path))
 
 
-_MATMUL_ARGS = [ctypes.POINTER(_Experts), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
+_MATMUL_ARGS = [ctypes.POINTER(ExpertsStruct), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]  # experts, G, b, x, dtype, T, ids, y
 
 
@@ -60,7 +60,7 @@ class _Bound:
         self.g = g.float().contiguous().to(device)
         self.b = b.float().contiguous().to(device)
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        self.struct = _Experts(_FORMATS[packed.format], _DTYPES[self.values.dtype], packed.num_experts,
+        self.struct = ExpertsStruct(FORMAT_CODES[packed.format], DTYPE_CODES[self.values.dtype], packed.num_experts,
                                packed.out_features, packed.in_features, ptr(self.values), self.values.numel(),
                                ptr(self.indices), self.indices.numel(), ptr(self.row_ptr), ptr(self.bias))
 
@@ -83,7 +83,7 @@ def reference_matmul(packed: PackedExperts, g: torch.Tensor, b: torch.Tensor, x:
     ids = torch.empty(flat.shape[0], dtype=torch.int32)
     err = ctypes.create_string_buffer(512)
     if _reference_lib().se_cuda_reference_matmul(
-            ctypes.byref(bound.struct), bound.g.data_ptr(), bound.b.data_ptr(), flat.data_ptr(), _DTYPES[x.dtype],
+            ctypes.byref(bound.struct), bound.g.data_ptr(), bound.b.data_ptr(), flat.data_ptr(), DTYPE_CODES[x.dtype],
             flat.shape[0], None if ids_in is None else ids_in.data_ptr(), ids.data_ptr(), y.data_ptr(),
             gemv_max_tokens, err, 512):
         raise SEError(f"CUDA reference failed: {err.value.decode()}")
@@ -113,7 +113,7 @@ class CudaExperts:
         stream = torch.cuda.current_stream(self.device).cuda_stream
         if _cuda_lib().se_cuda_routed_sparse_matmul(
                 ctypes.byref(self.bound.struct), self.bound.g.data_ptr(), self.bound.b.data_ptr(), flat.data_ptr(),
-                _DTYPES[x.dtype], tokens, None if ids_in is None else ids_in.data_ptr(), ids.data_ptr(), y.data_ptr(),
+                DTYPE_CODES[x.dtype], tokens, None if ids_in is None else ids_in.data_ptr(), ids.data_ptr(), y.data_ptr(),
                 self._workspace.data_ptr(), self._workspace.numel(), gemv_max_tokens, stream, err, 512):
             raise SEError(f"CUDA kernel failed: {err.value.decode()}")
         return y.reshape(*x.shape[:-1], -1), ids.reshape(x.shape[:-1])

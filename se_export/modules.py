@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from . import ops
+from . import kernels, ops
 from .errors import SEError
 from .sparse_format import PackedExperts, validate_packed
 
@@ -157,15 +157,11 @@ class RoutedSparseLinear(nn.Module):
 
     def _use_kernels(self, x: torch.Tensor) -> bool:
         """Plain eager CPU inference runs the C++ kernels (shared with ONNX Runtime) when built."""
-        from . import kernels
-
         return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16)
                 and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
                 and not torch.jit.is_tracing() and kernels.available())
 
     def _bound_experts(self):
-        from . import kernels
-
         key = (self.values.data_ptr(), self.indices.data_ptr(), self.row_ptr.data_ptr(),
                None if self.bias is None else self.bias.data_ptr())
         bound = getattr(self, "_bound", None)

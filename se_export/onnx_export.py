@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from . import onnx_schema
-from .atomic import _umask
+from .atomic import umask
 from .checkpoint import expanded_modules
 from .errors import SEError
-from .modules import RoutedSparseLinear, shared_routing
+from .modules import RoutedSparseLinear, remember_expert_ids, shared_expert_ids, shared_routing
 from .onnx_rewrites import simplify_for_runtimes
 from .sparse_format import mask_to_bitmap
 
@@ -136,8 +136,6 @@ class PortableRoutedLinear(nn.Module):
         return torch.where(mask, picked.to(torch.float32), 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .modules import remember_expert_ids, shared_expert_ids
-
         flat = x.reshape(-1, self.in_features).to(torch.float32)
         given = shared_expert_ids(self.router_group, x)
         if given is not None:
@@ -267,7 +265,7 @@ def export_onnx(model: nn.Module, tokenizer, out: Path, *, dtype: str = "fp32", 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notes
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes a 0700 folder; the export gets normal permissions
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes a 0700 folder; the export gets normal permissions
     try:
         with warnings.catch_warnings(), torch.no_grad(), eager_attention(model):
             warnings.simplefilter("ignore")

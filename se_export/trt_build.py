@@ -15,9 +15,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .atomic import atomic_path, atomic_write_text
 from .errors import SEError
 from .kernels import find_library
 from .onnx_export import MODEL_FILE, read_onnx_manifest
+from .trt_onnx import prepare_for_tensorrt
 
 TRT_PLUGIN_LIB = "libse_trt_plugin.so"
 TRT_ONNX_FILE = "model.trt.onnx"
@@ -108,9 +110,6 @@ def build_engine(onnx_dir: Path, engine: Path, *, fp16: bool = False, plugin: Pa
                  ranges: ShapeRanges = ShapeRanges(), workspace_gb: float = 4.0, dry_run: bool = False,
                  log=print) -> dict:
     """Prepare the graph, print the trtexec equivalent, build and save the engine atomically."""
-    from .atomic import atomic_path, atomic_write_text
-    from .trt_onnx import prepare_for_tensorrt
-
     ranges.check()
     manifest = read_onnx_manifest(onnx_dir)
     trt = None

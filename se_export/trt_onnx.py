@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import onnx_schema
+from .atomic import atomic_path
 from .errors import SEError
 
 EXTERNAL_DATA_THRESHOLD = 256 << 20
@@ -83,7 +84,6 @@ def prepare_for_tensorrt(src: Path, dst: Path, drop_empty_bias: bool = True) -> 
     """Write the TensorRT form of ``src`` (model.onnx of se-export onnx) to ``dst`` (a file path)."""
     import onnx
 
-    from .atomic import atomic_path
 
     try:
         model = onnx.load(str(src), load_external_data=True)

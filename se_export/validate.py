@@ -23,9 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import onnx_schema
+from .checkpoint import expanded_modules
+from .data import eval_windows, load_text, tokenize, wikitext2_path
 from .errors import SEError
+from .models import load_model
+from .modules import decoded_expert_cache
 from .onnx_export import MODEL_FILE, cache_argument, read_onnx_manifest, returned_cache
 from .ort_runtime import OrtCausalLM, log_softmax, perplexity_from
+from .trt_build import DEFAULT_ENGINE
+from .trt_runtime import TrtCausalLM
 
 PROMPTS = (
     "The history of the city begins in the twelfth century, when",
@@ -70,7 +77,6 @@ class TorchCausalLM:
         model's own routing, to compare a backend's arithmetic given the experts it chose."""
         from transformers import DynamicCache
 
-        from .checkpoint import expanded_modules
 
         cache = past if past is not None else DynamicCache(config=self.model.config)
         ids = torch.from_numpy(input_ids.astype(np.int64))
@@ -104,8 +110,6 @@ class TorchCausalLM:
 
     def run_recording_routing(self, input_ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Logits of a full-sequence run and the routing it took, in one forward pass."""
-        from .checkpoint import expanded_modules
-
         mods = expanded_modules(self.model)
         for m in mods.values():
             m.record_routing = True
@@ -130,7 +134,6 @@ def routing_outputs(onnx_path: Path, groups: list[str]) -> tuple[dict[str, str],
     """Map router group -> graph value holding its expert ids; a reason when impossible."""
     import onnx
 
-    from . import onnx_schema
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     custom = [n for n in graph.node if n.domain == onnx_schema.DOMAIN and n.op_type == onnx_schema.OP_TYPE]
@@ -210,7 +213,6 @@ def prompt_ids(tokenizer, vocab: int) -> list[np.ndarray]:
 def eval_text_windows(tokenizer, windows: int, seqlen: int) -> np.ndarray | None:
     if tokenizer is None or windows <= 0:
         return None
-    from .data import eval_windows, load_text, tokenize, wikitext2_path
 
     text = load_text("wikitext2" if wikitext2_path() else "pydocs")
     return eval_windows(tokenize(tokenizer, text), seqlen, windows).numpy()
@@ -226,13 +228,9 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
         raise SEError(f"unknown --backend '{backend}': use ort or trt")
     dtype = manifest["dtype"]
     if backend == "trt":  # loads first: no TensorRT, GPU or engine fails fast, before the PyTorch model
-        from .trt_build import DEFAULT_ENGINE
-        from .trt_runtime import TrtCausalLM
 
         backend_lm = TrtCausalLM(onnx_dir, engine or onnx_dir / DEFAULT_ENGINE, plugin)
         dtype = "fp16" if backend_lm.fp16 else dtype  # an fp16 engine of an fp32 graph
-    from .models import load_model
-    from .modules import decoded_expert_cache
 
     source = model or manifest.get("source")
     if not source:
@@ -243,7 +241,6 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
     report = Report(backend, str(onnx_dir), dtype, manifest["portable"])
     prompts = prompt_ids(tokenizer, manifest["vocab_size"])
 
-    from .checkpoint import expanded_modules
 
     mods = expanded_modules(loaded.model)
     groups = list(dict.fromkeys(m.router_group or n for n, m in mods.items()))

@@ -16,11 +16,13 @@ import se_export
 import se_export.expand as expand_mod
 from se_export import checkpoint
 from se_export.adapters import ADAPTERS
+from se_export.capture import layer_output, stack_rows
 from se_export.checkpoint import MANIFEST, WEIGHTS, save_checkpoint
 from se_export.data import Text, calibration_windows, tokenize
 from se_export.errors import SEError
-from se_export.expand import ExpandConfig, ExpansionInterrupted, expand_model, prepare_workdir
+from se_export.expand import ExpandConfig, ExpansionInterrupted, expand_model
 from se_export.modules import RoutedSparseLinear
+from se_export.partial import prepare_workdir
 
 FAMILIES = ["llama", "gpt_neox"]
 
@@ -254,7 +256,7 @@ def test_next_layer_inputs_from_captures_equal_a_full_layer_pass(family, true_se
 
     def compare(layer, adapter, states, kwargs_list, capture):
         out, ok = original(layer, adapter, states, kwargs_list, capture)
-        full = [expand_mod.layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs_list, strict=True)]
+        full = [layer_output(layer(h, **kw)) for h, kw in zip(states, kwargs_list, strict=True)]
         assert ok
         for a, b in zip(out, full, strict=True):
             assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-5)
@@ -321,6 +323,6 @@ def test_stack_rows_equals_concatenation_and_checks_the_row_count(sizes, width, 
     gen = torch.Generator().manual_seed(seed)
     blocks = [torch.randn(n, width, generator=gen) for n in sizes]
     total = sum(sizes)
-    assert torch.equal(expand_mod.stack_rows(iter(blocks), total), torch.cat(blocks))
+    assert torch.equal(stack_rows(iter(blocks), total), torch.cat(blocks))
     with pytest.raises(RuntimeError, match="rows of activations"):
-        expand_mod.stack_rows(iter(blocks), total + 1)
+        stack_rows(iter(blocks), total + 1)
