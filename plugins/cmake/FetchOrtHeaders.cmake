@@ -1,5 +1,5 @@
 # ONNX Runtime C/C++ headers (MIT, C API version 29) fetched at configure time from the npm
-# registry package com.github.asus4.onnxruntime@0.4.9 (DESIGN.md section 5); never committed.
+# registry package com.github.asus4.onnxruntime@0.4.9 (the ONNX Runtime C/C++ API headers); never committed.
 # Pass -DORT_INCLUDE_DIR=... to use headers from elsewhere (e.g. an onnxruntime release).
 set(SE_ORT_NPM_PACKAGE "com.github.asus4.onnxruntime@0.4.9")
 set(SE_ORT_HEADER_PATH "package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64/onnxruntime.framework/Headers")

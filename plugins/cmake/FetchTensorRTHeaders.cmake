@@ -1,5 +1,5 @@
 # TensorRT 10.x public headers (Apache-2.0) fetched at configure time from the PyPI package
-# kernel-lens==2.0.1 (kernel_lens/include/tensorrt/, TensorRT 10.14; DESIGN.md section 5); never
+# kernel-lens==2.0.1 (kernel_lens/include/tensorrt/, TensorRT 10.14, Apache-2.0); never
 # committed. Pass -DTENSORRT_INCLUDE_DIR=... to build against an installed TensorRT instead
 # (JetPack: /usr/include/aarch64-linux-gnu).
 set(SE_TRT_HEADERS_PACKAGE "kernel-lens==2.0.1")

@@ -6,7 +6,7 @@
 // shuffle (two value loads, a table load and a vpshufb per byte); on a Zen 3 that expansion, not
 // memory, bounded the 70% kernel. AVX-512F's `vexpandps` puts 16 packed values into the set lanes
 // of a 16-bit mask and zeroes the rest in one instruction, with no table: on a Xeon this path was
-// 1.3-1.6x faster than the AVX2 one at fp32 (BENCHMARKS.md, "CPU kernels", fifth round).
+// 1.3-1.6x faster than the AVX2 one at fp32 (measured on an AVX-512 Xeon).
 //
 // This header is compiled twice: natively inside routed_sparse_cpu.cpp (functions carry a target
 // attribute; the library still runs on CPUs without AVX-512), and against SIMDe's portable
@@ -114,7 +114,7 @@ SE_AVX512_TARGET float dot_bitmap(const void* values, int64_t nnz, int64_t in_fe
 // one (a 2-thread read of 60 MB here: 25.7 GB/s as one stream per thread, 29.5 GB/s as four), so
 // for long rows the caller gives rows a quarter of a work item apart: DRAM-cold, 30% kept, 2
 // threads, 1.27-1.42x faster than one row at a time at fp32 and 1.14-1.16x at fp16 (4096 x 11008
-// and similar shapes; BENCHMARKS.md, fifteenth session). Short rows take four neighbouring rows,
+// and similar shapes, DRAM-cold, paired). Short rows take four neighbouring rows,
 // which gained where one row ends before its stream gets going (576 wide: 1.06-1.11x). Where a
 // row's 16-value loads could pass the end of values, the rows go one by one.
 constexpr int kDecodeRows = 4;

@@ -2,7 +2,7 @@
 //
 // One C ABI shared by every CPU caller (the ONNX Runtime custom op, the Python/torch binding,
 // the benchmarks) so that they cannot drift. Semantics are those of se::routed_sparse_matmul
-// (DESIGN.md section 3): expert = argmin_k (x G + b)_k in fp32 (ties -> lowest k), then
+// (docs/routed_sparse_matmul.md): expert = argmin_k (x G + b)_k in fp32 (ties -> lowest k), then
 // y[t] = W[expert_t] x[t] + bias[expert_t] with fp32 accumulation, y in the dtype of x.
 #pragma once
 

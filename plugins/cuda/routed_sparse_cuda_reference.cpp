@@ -10,7 +10,7 @@
 #include <limits>
 #include <vector>
 
-#include "../cpu/se_half.h"
+#include "se_half.h"
 #include "se_cuda_kernels.h"
 #include "se_sparse_index.h"
 

@@ -1,6 +1,6 @@
 // se-export CUDA kernels: folded router, sparse GEMV (decode) and grouped sparse product (prefill).
 //
-// Same contract as the CPU kernels (se_kernels.h, DESIGN.md section 3) on device memory: every
+// Same contract as the CPU kernels (se_kernels.h, docs/routed_sparse_matmul.md) on device memory: every
 // pointer in `experts` and every tensor argument is a device pointer; work is queued on `stream`
 // and nothing synchronises. No TensorRT dependency: the TensorRT plugin, the GPU tests and the
 // Python benchmark all call this one API.
@@ -17,7 +17,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../cpu/se_kernels.h"  // se_experts, se_dtype, se_format, SE_API (shared contract)
+#include "se_kernels.h"  // se_experts, se_dtype, se_format, SE_API (shared contract)
 
 #ifdef __cplusplus
 extern "C" {

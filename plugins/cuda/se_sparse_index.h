@@ -63,7 +63,7 @@ struct StagedWordStride {
   static constexpr int64_t value = kWarp + 4 / kElemBytes;
 };
 
-// Bytes of one bitmap row of `in` columns (LSB-first bits, DESIGN.md section 3).
+// Bytes of one bitmap row of `in` columns (LSB-first bits, docs/routed_sparse_matmul.md).
 SE_HD int64_t bitmap_row_bytes(int64_t in) { return (in + 7) / 8; }
 
 // 32-bit words needed to cover one row.

@@ -1,4 +1,4 @@
-// ONNX Runtime CPU custom-op library: se::RoutedSparseMatMul v1 (DESIGN.md section 3) with the
+// ONNX Runtime CPU custom-op library: se::RoutedSparseMatMul v1 (docs/routed_sparse_matmul.md) with the
 // lite custom-op API. The arithmetic lives in plugins/cpu (se_kernels.h), the same code the
 // PyTorch binding calls. One kernel is registered per (activation, value, index) type
 // combination; all of them share the op name, so ONNX Runtime picks one by the node's types.
@@ -18,7 +18,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../cpu/se_kernels.h"
+#include "se_kernels.h"
 
 namespace se_ort {
 

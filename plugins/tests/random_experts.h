@@ -8,7 +8,7 @@
 #include <random>
 #include <vector>
 
-#include "../cpu/se_kernels.h"
+#include "se_kernels.h"
 
 namespace se_test {
 

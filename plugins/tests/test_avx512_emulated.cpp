@@ -32,7 +32,7 @@ static inline simde__m512 se_emulated_maskz_expand_ps(simde__mmask16 k, simde__m
 #endif
 
 #define SE_AVX512_TARGET
-#include "../cpu/routed_sparse_avx512.h"
+#include "routed_sparse_avx512.h"
 #include "kernel_rows.h"
 
 namespace {

@@ -13,8 +13,8 @@
 #include <string>
 #include <vector>
 
-#include "../cpu/se_half.h"
-#include "../cuda/se_cuda_kernels.h"
+#include "se_half.h"
+#include "se_cuda_kernels.h"
 #include "random_experts.h"
 
 #define CHECK_CUDA(call)                                                                     \

@@ -11,10 +11,10 @@
 #include <random>
 #include <vector>
 
-#include "../cpu/se_half.h"
-#include "../cpu/se_kernels.h"
-#include "../cuda/se_cuda_kernels.h"
-#include "../cuda/se_sparse_index.h"
+#include "se_half.h"
+#include "se_kernels.h"
+#include "se_cuda_kernels.h"
+#include "se_sparse_index.h"
 #include "random_experts.h"
 
 namespace {

@@ -10,7 +10,7 @@
 #include <cstdio>
 #include <random>
 
-#include "../cpu/routed_sparse_neon.h"
+#include "routed_sparse_neon.h"
 #include "kernel_rows.h"
 
 namespace {

@@ -12,7 +12,7 @@
 #include <thread>
 #include <vector>
 
-#include "../cpu/se_kernels.h"
+#include "se_kernels.h"
 #include "random_experts.h"
 
 namespace {

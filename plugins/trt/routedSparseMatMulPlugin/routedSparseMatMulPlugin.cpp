@@ -5,7 +5,7 @@
 #include <exception>
 #include <new>
 
-#include "../../cuda/se_cuda_kernels.h"
+#include "se_cuda_kernels.h"
 
 using namespace nvinfer1;
 

@@ -1,4 +1,4 @@
-// TensorRT IPluginV3 form of the RoutedSparseMatMul contract (DESIGN.md section 3):
+// TensorRT IPluginV3 form of the RoutedSparseMatMul contract (docs/routed_sparse_matmul.md):
 // name "RoutedSparseMatMul", version "1", namespace "".
 //
 // Inputs (as the ONNX node, after se_export.trt_onnx prepared it for TensorRT):
