@@ -42,8 +42,8 @@ def heldout_errors(checkpoint: Path, base_model: str, windows: int) -> dict[tupl
     """(layer, linear, expert) -> ||X_k (W_k - W)^T||^2 / ||X_k W^T||^2 over held-out tokens X_k
     that the checkpoint's router sends to expert k, W the dense model's weight."""
     from se_export.data import eval_windows, load_text, tokenize
+    from se_export.modeling.modules import RoutedSparseLinear
     from se_export.models import load_model
-    from se_export.modules import RoutedSparseLinear
 
     expanded, dense = load_model(str(checkpoint)), load_model(base_model)
     dense_weights = {name: m.weight.detach().float() for name, m in dense.model.named_modules()

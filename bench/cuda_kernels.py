@@ -15,7 +15,7 @@ How it times, so the ratios mean what they say:
     as in a real model where every other layer's weights pass through it between two calls.
     Without this, one 4096x11008 expert at 70% (33 MB) sits in an H100's 50 MB L2 while the dense
     weight (90 MB) does not.
-  * The experts are packed on the GPU by se_export.sparse_format (the checkpoint's own packer).
+  * The experts are packed on the GPU by se_export.formats.sparse_format (the checkpoint's own packer).
   * Up to --gemv-sweep-max tokens it also times the path the default GEMV threshold does not
     take (GEMV vs grouped), the evidence for that threshold; and the taken path's variants kept
     for comparison beside the default, all with the routing given (GEMV_VARIANTS: scalar csr16
@@ -43,13 +43,13 @@ from pathlib import Path
 import torch
 
 from se_export.atomic import atomic_write_text
-from se_export.sparse_format import PackedExperts, pack_experts
+from se_export.formats.sparse_format import PackedExperts, pack_experts
 
 SHAPES = ["576x1536", "1536x576", "2048x8192", "8192x2048", "4096x11008", "11008x4096"]
 COLD_FACTOR = 3  # rotate over at least this many L2 capacities of weights
 # The variants kept for comparison (environment the kernels read per call): the GEMV's, per
-# format, and the grouped kernel's (none at present: the fourteenth session's comparisons on the
-# H100 chose its design and the losing variants were deleted, BENCHMARKS.md)
+# format, and the grouped kernel's (none at present: comparisons on an H100 chose its design and
+# the losing variants were deleted)
 GEMV_VARIANTS = {"bitmap": {}, "csr16": {"scalar": {"SE_CUDA_GEMV_VECTORS": "0"}}}
 GROUPED_VARIANTS: dict[str, dict[str, str]] = {}
 KERNELS_HEADER = Path(__file__).resolve().parent.parent / "plugins" / "cuda" / "se_cuda_kernels.h"
@@ -137,7 +137,7 @@ def call_sequences(sets: list, weights: list[torch.Tensor], xs: list[torch.Tenso
 
 
 def bench_shape(shape: str, args, l2_bytes: int, rows: list[dict]) -> None:
-    from se_export.cuda_kernels import CudaExperts
+    from se_export.backends.cuda_kernels import CudaExperts
 
     inn, out = map(int, shape.split("x"))
     k = args.experts

@@ -37,11 +37,11 @@ import torch
 
 from se_export.adapters import adapter_for, decoder_layers
 from se_export.atomic import atomic_write_text
-from se_export.capture import layer_output
 from se_export.data import eval_windows, load_text, tokenize
-from se_export.evaluate import perplexity
+from se_export.eval.evaluate import perplexity
+from se_export.method.capture import layer_output
+from se_export.modeling.modules import decoded_expert_cache
 from se_export.models import load_model
-from se_export.modules import decoded_expert_cache
 
 OUT_JSON = Path("bench/results/drift.json")
 OUT_PNG = Path("docs/quality_drift.png")

@@ -24,8 +24,8 @@ import numpy as np
 def _torch_run(model_spec: str, prompt_len: int, decode_tokens: int, repeats: int) -> dict:
     import torch
 
+    from se_export.export.onnx_export import cache_argument, returned_cache
     from se_export.models import load_model
-    from se_export.onnx_export import cache_argument, returned_cache
 
     torch.set_grad_enabled(False)
     loaded = load_model(model_spec)
@@ -59,7 +59,7 @@ def _torch_run(model_spec: str, prompt_len: int, decode_tokens: int, repeats: in
 
 
 def _ort_run(folder: str, prompt_len: int, decode_tokens: int, repeats: int) -> dict:
-    from se_export.bench_ort import bench_one
+    from se_export.eval.bench_ort import bench_one
 
     r = bench_one(Path(folder), prompt_len, decode_tokens, repeats, 0)
     return {"prefill_ms": r["prefill_ms"], "decode_tokens_per_s": r["decode_tokens_per_s"],

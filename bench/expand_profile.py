@@ -16,7 +16,7 @@ import torch
 
 from se_export.atomic import atomic_write_text
 from se_export.data import calibration_windows, load_text, tokenize
-from se_export.expand import ExpandConfig, expand_model
+from se_export.method.expand import ExpandConfig, expand_model
 from se_export.models import load_model
 
 

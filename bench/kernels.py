@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from se_export import kernels
 from se_export.atomic import atomic_write_text
-from se_export.sparse_format import pack_experts
-from se_export.sparsity import parse_sparsity
+from se_export.backends import kernels
+from se_export.formats.sparse_format import pack_experts
+from se_export.method.sparsity import parse_sparsity
 
 SHAPES = ["576x1536", "1536x576", "2048x8192", "8192x2048", "4096x11008", "11008x4096"]  # in x out
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -79,8 +79,7 @@ def copies_for_cold(round_bytes: int, budget: int = 3 * 2**30) -> int:
     Why: a real model's decode step reads every layer's weights from DRAM. With one copy, this
     Xeon's 480 MiB L3 kept part of a 4096 x 11008 expert between rounds (a round of dense, bitmap
     and csr16 weights is 312 MB), and more of it for the kernel that streams faster: 70% batch 1
-    measured 3.1-3.5x with one copy against 2.4-2.8x fully cold (BENCHMARKS.md, fifteenth
-    session)."""
+    measured 3.1-3.5x with one copy against 2.4-2.8x fully cold."""
     return max(1, min(-(-2 * last_level_cache_bytes() // max(round_bytes, 1)), budget // max(round_bytes, 1)))
 
 
@@ -202,8 +201,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="kernel and torch threads (0: all cores)")
     parser.add_argument("--router-experts", type=int, default=16)
     parser.add_argument("--warm", action="store_true",
-                        help="one copy of every weight (the protocol before the fifteenth session: part of the "
-                             "weights may stay in a large last-level cache between rounds)")
+                        help="one copy of every weight (part of the weights may stay in a large last-level cache "
+                             "between rounds, flattering both sides)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/kernels.json"))
     args = parser.parse_args()
     if args.threads:

@@ -36,10 +36,10 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import cpu_model, sparse_mask, time_rounds
 
-from se_export import onnx_schema
 from se_export.atomic import atomic_write_text
-from se_export.ort_runtime import session_options
-from se_export.sparse_format import pack_experts
+from se_export.backends.ort_runtime import session_options
+from se_export.export import onnx_schema
+from se_export.formats.sparse_format import pack_experts
 
 
 def dense_model(weight: torch.Tensor):
@@ -134,7 +134,7 @@ def bench(shapes: list[str], batches: list[int], sparsities: list[str], threads:
 
 
 def bench_e2e(dense_dir: Path, expanded_dir: Path, prompt_len: int, rounds: int, threads: int) -> dict:
-    from se_export.ort_runtime import OrtCausalLM
+    from se_export.backends.ort_runtime import OrtCausalLM
 
     def load(folder: Path, settings: dict[str, str]) -> OrtCausalLM:
         with op_settings(settings):

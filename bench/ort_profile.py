@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from se_export import ort_runtime
 from se_export.atomic import atomic_write_text
+from se_export.backends import ort_runtime
 
 
 def profile_decode(folder: Path, prompt_len: int, steps: int, threads: int) -> dict:

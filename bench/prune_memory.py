@@ -31,9 +31,9 @@ def _inputs(tokens: int, in_features: int, experts: int) -> tuple[torch.Tensor, 
 
 
 def run_variant(variant: str, tokens: int, in_features: int, out_features: int, experts: int) -> dict:
-    from se_export import expand
-    from se_export.sparsegpt import ClusterHessians, input_gram, sparsegpt_prune
-    from se_export.sparsity import parse_sparsity
+    from se_export.method import expand
+    from se_export.method.sparsegpt import ClusterHessians, input_gram, sparsegpt_prune
+    from se_export.method.sparsity import parse_sparsity
 
     x, labels, weight = _inputs(tokens, in_features, experts)
     weight = weight[:out_features]

@@ -44,13 +44,13 @@ from pathlib import Path
 import torch
 
 from se_export.atomic import atomic_write_text
-from se_export.checkpoint import is_checkpoint
 from se_export.data import calibration_windows, eval_windows, load_text, tokenize
-from se_export.evaluate import perplexity
-from se_export.expand import DATA_FREE_METHODS, ExpandConfig, expand_model
+from se_export.eval.evaluate import perplexity
+from se_export.formats.checkpoint import is_checkpoint
+from se_export.formats.partial import PARTIAL_DIR, prepare_workdir
+from se_export.method.expand import DATA_FREE_METHODS, ExpandConfig, expand_model
+from se_export.modeling.modules import RoutedSparseLinear, decoded_expert_cache
 from se_export.models import load_model
-from se_export.modules import RoutedSparseLinear, decoded_expert_cache
-from se_export.partial import PARTIAL_DIR, prepare_workdir
 
 RESULTS = Path("bench/results")
 CACHE = RESULTS / "quality"
@@ -129,7 +129,7 @@ def checkpoint_dir(cfg: Config, model: str) -> Path:
 def mlp_accounting(model: torch.nn.Module, dense_linears: dict[str, tuple[int, int]]) -> dict:
     """Active MLP weights per token (chosen expert's kept weights + router) and stored bytes
     (the smaller of the two formats, so every grid point is priced the same way)."""
-    from se_export.sparse_format import packed_nbytes
+    from se_export.formats.sparse_format import packed_nbytes
 
     active, stored, router_bytes = 0.0, 0, 0
     for name, (out_f, in_f) in dense_linears.items():
@@ -180,7 +180,7 @@ def router_summary(layers: list[dict]) -> dict:
 
 def config_of_checkpoint(path: Path) -> tuple[Config, dict]:
     """The grid configuration an ``se-export expand`` checkpoint was made with (and its manifest)."""
-    from se_export.checkpoint import read_manifest
+    from se_export.formats.checkpoint import read_manifest
 
     m = read_manifest(path)
     calib = m.get("calibration", {})
@@ -206,7 +206,7 @@ def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path |
     linears = None if checkpoint else mlp_linears(model)
     report: dict = {"config": asdict(cfg), "label": cfg.label, "key": key, "eval": eval_setup}
     if checkpoint is not None:  # expanded earlier by `se-export expand` with the same settings
-        from se_export.checkpoint import read_manifest
+        from se_export.formats.checkpoint import read_manifest
 
         manifest = read_manifest(checkpoint)
         exp = json.loads((checkpoint / "expand_report.json").read_text())
@@ -280,7 +280,7 @@ def remove_partial_evals(key: str) -> None:
 
 def keep_checkpoint(cfg: Config, model_name: str, loaded, expand_cfg, result, work: Path) -> None:
     """Save the expanded grid point as an se-export checkpoint (then drop its resumable state)."""
-    from se_export.checkpoint import save_expansion
+    from se_export.formats.checkpoint import save_expansion
 
     calibration = {"source": "wiki", "samples": cfg.calib_samples, "seqlen": cfg.seqlen, "seed": cfg.seed}
     save_expansion(loaded.model, loaded.tokenizer, checkpoint_dir(cfg, model_name), source=loaded.source,

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from se_export import plots
 from se_export.adapters import adapter_for, decoder_layers
-from se_export.analyze import analyze_model
 from se_export.data import calibration_windows, eval_windows, load_text, tokenize
-from se_export.evaluate import perplexity
+from se_export.eval import plots
+from se_export.eval.analyze import analyze_model
+from se_export.eval.evaluate import perplexity
 from se_export.models import load_model
 
 

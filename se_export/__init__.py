@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 def load(path: str | Path):
     """Load an expanded checkpoint folder as a transformers causal LM."""
-    from .checkpoint import load_checkpoint
+    from .formats.checkpoint import load_checkpoint
 
     return load_checkpoint(Path(path))
 

@@ -56,11 +56,11 @@ def expand(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Expand every MLP linear into K routed sparse experts and save a compact checkpoint."""
-    from .checkpoint import is_checkpoint, save_expansion
     from .data import calibration_windows, load_text, tokenize
-    from .expand import DATA_FREE_METHODS, ExpandConfig, expand_model
+    from .formats.checkpoint import is_checkpoint, save_expansion
+    from .formats.partial import PARTIAL_DIR, prepare_workdir, remove_partial
+    from .method.expand import DATA_FREE_METHODS, ExpandConfig, expand_model
     from .models import load_model
-    from .partial import PARTIAL_DIR, prepare_workdir, remove_partial
 
     cfg = ExpandConfig(method=method, experts=experts if experts is not None else (16 if method == "se" else 1),
                        sparsity=sparsity, pca_factor=pca_factor, seed=seed, true_sequential=true_sequential,
@@ -92,8 +92,8 @@ def expand(
         calibration = {"source": text.name, "sha256": text.sha256, "samples": calib_samples,
                        "seqlen": seqlen, "seed": seed}
     if allocate == "wasserstein":
-        from .allocation import allocate_experts, layer_scores
-        from .analyze import analyze_model
+        from .eval.analyze import analyze_model
+        from .method.allocation import allocate_experts, layer_scores
 
         results, _ = analyze_model(loaded.model, windows[:32], pairs=16, show_progress=not quiet)
         cfg.experts_per_layer = allocate_experts(layer_scores([r.wd for r in results]), cfg.experts)
@@ -129,11 +129,11 @@ def evaluate(
                                                      "with the same model, text and settings continues from it")] = None,
 ) -> None:
     """Perplexity on non-overlapping windows (the standard protocol)."""
-    from .checkpoint import is_checkpoint, read_manifest
     from .data import eval_windows, load_text, tokenize
-    from .evaluate import perplexity
+    from .eval.evaluate import perplexity
+    from .formats.checkpoint import is_checkpoint, read_manifest
+    from .modeling.modules import decoded_expert_cache
     from .models import load_model
-    from .modules import decoded_expert_cache
 
     body = load_text(text)
     if Path(model).is_dir() and is_checkpoint(Path(model)):
@@ -168,8 +168,9 @@ def analyze(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Wasserstein neurons: per-neuron WD to N(0,1), mapping difficulty, plots and a report."""
-    from . import plots
-    from .analyze import (
+    from .data import calibration_windows, load_text, tokenize
+    from .eval import plots
+    from .eval.analyze import (
         analyze_model,
         neuron_outputs,
         neuron_variants,
@@ -177,7 +178,6 @@ def analyze(
         write_report,
         write_summary,
     )
-    from .data import calibration_windows, load_text, tokenize
     from .models import load_model
 
     if not 0 < top < 1:
@@ -216,7 +216,7 @@ def analyze(
     target = decoder_layers(loaded.model, adapter)[layer_idx].get_submodule(adapter.groups[0][0])
     x = kept[layer_idx]
     dense = neuron_outputs(target, x, adapter)[:, index]
-    from .modules import RoutedSparseLinear
+    from .modeling.modules import RoutedSparseLinear
 
     neuron_info = None
     if not isinstance(target, RoutedSparseLinear):  # a checkpoint's experts have no single dense row
@@ -243,8 +243,8 @@ def onnx_cmd(
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
 ) -> None:
     """Export a generation-ready ONNX graph (past/present KV cache, dynamic batch/sequence/past)."""
+    from .export.onnx_export import check_export_args, export_onnx
     from .models import load_model
-    from .onnx_export import check_export_args, export_onnx
 
     if out.exists() and not overwrite:
         raise SEError(f"{out} already exists: pass --overwrite to replace it or choose another --out")
@@ -271,7 +271,7 @@ def validate_cmd(
 ) -> None:
     """Compare an exported graph with PyTorch: logits, routing, decode step, generation, perplexity."""
     from .atomic import atomic_write_text
-    from .validate import format_report, to_json, validate
+    from .eval.validate import format_report, to_json, validate
 
     report = validate(onnx_dir, backend=backend, tokens=tokens, model=model, ppl_windows=ppl_windows, engine=engine,
                       plugin=plugin)
@@ -300,7 +300,7 @@ def trt_cmd(
     dry_run: Annotated[bool, typer.Option(help="prepare the graph and print the trtexec line; build nothing")] = False,
 ) -> None:
     """Build a TensorRT engine (prefill + decode profiles) with the RoutedSparseMatMul plugin."""
-    from .trt_build import DEFAULT_ENGINE, ShapeRanges, build_engine
+    from .backends.trt_build import DEFAULT_ENGINE, ShapeRanges, build_engine
 
     ranges = ShapeRanges(max_batch=max_batch, opt_seq=opt_seq, max_seq=max_seq, opt_past=opt_past, max_past=max_past)
     engine = out or onnx_dir / DEFAULT_ENGINE
@@ -328,7 +328,7 @@ def bench_ort_cmd(
 ) -> None:
     """Prefill latency and decode tokens/s in ONNX Runtime (CPU), every export in one run."""
     from .atomic import atomic_write_text
-    from .bench_ort import bench_interleaved, bench_ort, format_interleaved_table, format_table
+    from .eval.bench_ort import bench_interleaved, bench_ort, format_interleaved_table, format_table
 
     if interleave < 0:
         raise SEError(f"--interleave must be >= 0, got {interleave}")

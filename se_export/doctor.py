@@ -13,11 +13,11 @@ import os
 import platform
 import sys
 
-from . import kernels
-from .cuda_kernels import CUDA_LIB
+from .backends import kernels
+from .backends.cuda_kernels import CUDA_LIB
+from .backends.kernels import KERNELS_LIB, ORT_LIB, find_library, library_dirs
+from .backends.trt_build import TRT_PLUGIN_LIB
 from .errors import SEError
-from .kernels import KERNELS_LIB, ORT_LIB, find_library, library_dirs
-from .trt_build import TRT_PLUGIN_LIB
 
 PACKAGES = ("torch", "transformers", "safetensors", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
             "tensorrt", "polygraphy")

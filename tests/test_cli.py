@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import se_export
-from se_export.checkpoint import MANIFEST, WEIGHTS
+from se_export.formats.checkpoint import MANIFEST, WEIGHTS
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -147,7 +147,7 @@ def test_doctor_reports_the_libraries_and_kernel_path_this_process_uses(tmp_path
     """`se-export doctor` names the CPU kernels' path the library really takes, and each built library."""
     import torch
 
-    from se_export import kernels
+    from se_export.backends import kernels
 
     proc = run_cli("doctor", "--json", tmp_path / "doctor.json")
     assert proc.returncode == 0, proc.stderr

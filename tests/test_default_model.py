@@ -15,10 +15,10 @@ from se_export.data import (
     tokenize,
     wikitext2_path,
 )
-from se_export.evaluate import perplexity
-from se_export.expand import ExpandConfig, expand_model
+from se_export.eval.evaluate import perplexity
+from se_export.method.expand import ExpandConfig, expand_model
+from se_export.modeling.modules import RoutedSparseLinear
 from se_export.models import load_model
-from se_export.modules import RoutedSparseLinear
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,1 @@
+"""Runtimes of the op: the C++ CPU kernels, the CUDA kernels, ONNX Runtime and TensorRT."""

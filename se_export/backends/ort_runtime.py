@@ -1,0 +1,149 @@
+"""ONNX Runtime sessions for se-export graphs: custom-op library loading, prefill/decode with the
+KV cache, greedy generation and perplexity (shared by ``validate`` and ``bench ort``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SEError
+from ..export.onnx_export import MODEL_FILE, read_onnx_manifest
+from .kernels import ORT_LIB, find_library
+
+
+def ort_library() -> Path:
+    path = find_library(ORT_LIB)
+    if path is None:
+        raise SEError(f"{ORT_LIB} (the RoutedSparseMatMul op for ONNX Runtime) is not built: run `make plugins`, "
+                      "set SE_EXPORT_LIB_DIR, or export with --portable")
+    return path
+
+
+def session_options(threads: int = 0, custom_ops: bool = True, profile_prefix: str | None = None,
+                    spinning: bool = True):
+    """``spinning=False`` for sessions that take turns call by call in one process (benchmarks): a
+    pool left spinning after its call takes the cores from the next session's call."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix:  # ONNX Runtime's per-node profiler (bench/ort_profile.py)
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    if threads:
+        opts.intra_op_num_threads = threads
+    if custom_ops:
+        opts.register_custom_ops_library(str(ort_library()))
+        # the op runs its loops on ONNX Runtime's intra-op pool (KernelContext_ParallelFor), so the
+        # session keeps ONNX Runtime's own threading settings (spinning included)
+    return opts
+
+
+class StepModel:
+    """Greedy generation and perplexity on top of a backend's one-step ``run`` (ORT, TensorRT).
+
+    Subclasses set ``manifest``, ``layers``, ``kv_heads``, ``head_dim`` and ``float_type``."""
+
+    manifest: dict
+    layers: int
+    kv_heads: int
+    head_dim: int
+    float_type: type = np.float32
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.float_type) for _ in range(2 * self.layers)]
+
+    def feeds(self, input_ids: np.ndarray, past: list[np.ndarray] | None,
+              attention_mask: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The graph's inputs for one step, by name (Optimum past/present convention)."""
+        batch, seq = input_ids.shape
+        past = past if past is not None else self.empty_past(batch)
+        past_len = past[0].shape[2] if past else 0
+        if attention_mask is None:
+            attention_mask = np.ones((batch, past_len + seq), np.int64)
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        if self.manifest.get("uses_position_ids"):
+            feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq), (batch, seq)).astype(np.int64)
+        for i in range(self.layers):
+            feeds[f"past_key_values.{i}.key"] = past[2 * i]
+            feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
+        return feeds
+
+    def run(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None,
+            attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def generate(self, input_ids: np.ndarray, new_tokens: int) -> np.ndarray:
+        """Greedy decoding with the KV cache (prefill once, then one token per step)."""
+        logits, past, _ = self.run(input_ids)
+        out = []
+        for _ in range(new_tokens):
+            token = logits[:, -1].astype(np.float32).argmax(-1)[:, None]
+            out.append(token)
+            logits, past, _ = self.run(token, past)
+        return np.concatenate(out, axis=1) if out else np.zeros((input_ids.shape[0], 0), np.int64)
+
+    def nll(self, windows: np.ndarray) -> tuple[float, int]:
+        """Summed next-token NLL and token count over ``windows [W, L]`` (each its own context)."""
+        total, count = 0.0, 0
+        for window in windows:
+            logits, _, _ = self.run(window[None])
+            logp = log_softmax(logits[0, :-1].astype(np.float64))
+            total -= float(logp[np.arange(window.shape[0] - 1), window[1:]].sum())
+            count += window.shape[0] - 1
+        return total, count
+
+
+class OrtCausalLM(StepModel):
+    """An exported causal LM in ONNX Runtime (CPU), with the Optimum-style past/present I/O."""
+
+    def __init__(self, folder: Path, threads: int = 0, model_file: Path | None = None,
+                 profile_prefix: str | None = None, spinning: bool = True) -> None:
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        self.manifest = read_onnx_manifest(self.folder)
+        path = model_file or self.folder / MODEL_FILE
+        needs_op = self.manifest.get("custom_op_nodes", 0) > 0
+        # A portable graph decodes each token's expert from initializers: tokens x out x in transient
+        # memory per linear. Without the arena it is returned after every node (the arena would keep
+        # the peak of the largest call); constant folding has nothing worth precomputing there.
+        lazy = self.manifest.get("portable") and self.manifest.get("expanded_linears", 0) > 0
+        opts = session_options(threads, needs_op, profile_prefix, spinning)
+        if lazy:
+            opts.enable_cpu_mem_arena = False
+        try:
+            self.session = ort.InferenceSession(str(path), opts,
+                                                providers=["CPUExecutionProvider"],
+                                                disabled_optimizers=["ConstantFolding"] if lazy else None)
+        except SEError:
+            raise
+        except Exception as exc:  # ONNX Runtime raises its own exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SEError(f"ONNX Runtime cannot load {path}: {first}") from None
+        self.float_type = np.float16 if self.manifest["dtype"] == "fp16" else np.float32
+        self.layers = self.manifest["num_layers"]
+        self.kv_heads = self.manifest["num_kv_heads"]
+        self.head_dim = self.manifest["head_dim"]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None,
+            attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
+        """One step: ``(logits, present, extra outputs by name)``."""
+        outs = self.session.run(None, self.feeds(input_ids, past, attention_mask))
+        named = dict(zip(self.output_names, outs, strict=True))
+        present = [named[f"present.{i}.{kind}"] for i in range(self.layers) for kind in ("key", "value")]
+        return named["logits"], present, named
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def perplexity_from(total: float, count: int) -> float:
+    return math.exp(total / max(1, count))

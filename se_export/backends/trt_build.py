@@ -1,0 +1,168 @@
+"""``se-export trt``: build a TensorRT engine from an ``se-export onnx`` folder.
+
+The graph is first rewritten into TensorRT's form (``trt_onnx``), our plugin library is loaded
+into the builder's registry (``RoutedSparseMatMul`` v1), and two optimization profiles are made:
+prefill (many tokens, tuned at ``opt_seq``) and decode (one token, tuned at ``opt_past``), so one
+engine serves both phases. TensorRT 10 builds fp16 from an fp32 graph with the kFP16 flag;
+TensorRT 11 removed weak typing, so it builds strongly typed and fp16 needs an fp16 export.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..atomic import atomic_path, atomic_write_text
+from ..errors import SEError
+from ..export.onnx_export import MODEL_FILE, read_onnx_manifest
+from ..export.trt_onnx import prepare_for_tensorrt
+from .kernels import find_library
+
+TRT_PLUGIN_LIB = "libse_trt_plugin.so"
+TRT_ONNX_FILE = "model.trt.onnx"
+DEFAULT_ENGINE = "model.engine"  # se-export trt's --out default, inside the ONNX folder
+
+
+@dataclass(frozen=True)
+class ShapeRanges:
+    """Batch, prompt and cache ranges of the two profiles (tokens)."""
+
+    max_batch: int = 1
+    opt_seq: int = 128
+    max_seq: int = 512
+    opt_past: int = 256
+    max_past: int = 1024
+
+    def check(self) -> None:
+        for opt, hi, name in ((self.opt_seq, self.max_seq, "seq"), (self.opt_past, self.max_past, "past")):
+            if not 1 <= opt <= hi:
+                raise SEError(f"bad shape ranges: --opt-{name} {opt} must be between 1 and --max-{name} {hi}")
+        if self.max_batch < 1:
+            raise SEError(f"bad shape ranges: --max-batch {self.max_batch} must be >= 1")
+
+
+def profiles(manifest: dict, r: ShapeRanges) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
+    """``[prefill, decode]``, each ``{input: (min, opt, max)}`` in the export's I/O names."""
+    heads, dim = manifest["num_kv_heads"], manifest["head_dim"]
+
+    def one(seq: tuple[int, int, int], past: tuple[int, int, int]) -> dict:
+        batch = (1, 1, r.max_batch)
+        shapes = {"input_ids": tuple((batch[i], seq[i]) for i in range(3)),
+                  "attention_mask": tuple((batch[i], seq[i] + past[i]) for i in range(3))}
+        if manifest.get("uses_position_ids"):
+            shapes["position_ids"] = shapes["input_ids"]
+        for name in manifest["inputs"]:
+            if name.startswith("past_key_values."):
+                shapes[name] = tuple((batch[i], heads, past[i], dim) for i in range(3))
+        return shapes
+
+    return [one((1, r.opt_seq, r.max_seq), (0, 0, r.max_past)), one((1, 1, 1), (1, r.opt_past, r.max_past))]
+
+
+def trtexec_command(onnx_path: Path, engine: Path, plugin: Path, fp16: bool, profile: dict) -> str:
+    """The equivalent trtexec line. It names one profile: the prefill one, which covers decode too
+    (past 0..max), without the decode-tuned second profile that the Python build adds."""
+    def shapes(k: int) -> str:
+        return ",".join(f"{name}:{'x'.join(map(str, s[k]))}" for name, s in profile.items())
+
+    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine}", f"--dynamicPlugins={plugin}",
+            f"--minShapes={shapes(0)}", f"--optShapes={shapes(1)}", f"--maxShapes={shapes(2)}"]
+    if fp16:
+        args.append("--fp16")
+    return shlex.join(args)
+
+
+def plugin_library(explicit: Path | None) -> Path:
+    if explicit is not None:
+        if not explicit.is_file():
+            raise SEError(f"plugin library {explicit} does not exist: build it with `make plugins`")
+        return explicit
+    found = find_library(TRT_PLUGIN_LIB)
+    if found is None:
+        raise SEError(f"{TRT_PLUGIN_LIB} is not built (it needs nvcc): run `make plugins` on a machine with the CUDA "
+                      "toolkit, or pass --plugin PATH")
+    return found
+
+
+def import_tensorrt():
+    """The tensorrt module, or a one-line SEError saying how to get it."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise SEError("the tensorrt Python module is not installed: install TensorRT 10 (pip install tensorrt, from "
+                      "NVIDIA's index, on a machine with a CUDA GPU), or run the trtexec line printed by --dry-run"
+                      ) from None
+    return trt
+
+
+def require_gpu() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SEError("no CUDA GPU is visible: TensorRT builds and runs engines on the GPU they target "
+                      "(use --dry-run to print the trtexec line for another machine)")
+
+
+def build_engine(onnx_dir: Path, engine: Path, *, fp16: bool = False, plugin: Path | None = None,
+                 ranges: ShapeRanges = ShapeRanges(), workspace_gb: float = 4.0, dry_run: bool = False,
+                 log=print) -> dict:
+    """Prepare the graph, print the trtexec equivalent, build and save the engine atomically."""
+    ranges.check()
+    manifest = read_onnx_manifest(onnx_dir)
+    trt = None
+    if not dry_run:  # fail fast, before rewriting a large graph
+        trt = import_tensorrt()
+        require_gpu()
+    needs_plugin = manifest.get("custom_op_nodes", 0) > 0
+    lib = plugin_library(plugin) if needs_plugin else None
+    trt_onnx = onnx_dir / TRT_ONNX_FILE
+    stats = prepare_for_tensorrt(onnx_dir / MODEL_FILE, trt_onnx)
+    log(f"TensorRT form of the graph: {trt_onnx} ({stats['nodes']} RoutedSparseMatMul nodes, "
+        f"{stats['indices_packed']} index tensors as int32 words)")
+    log("equivalent: " + trtexec_command(trt_onnx, engine, lib or Path("<none>"), fp16,
+                                         profiles(manifest, ranges)[0]))
+    if trt is None:
+        return {"engine": None, "trt_onnx": str(trt_onnx), **stats}
+    major = int(trt.__version__.split(".")[0])
+    if fp16 and major >= 11 and manifest["dtype"] != "fp16":
+        raise SEError("TensorRT 11 builds strongly typed networks only: export with se-export onnx --dtype fp16 "
+                      "and build that folder (--fp16 is implied)")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    if lib is not None:
+        builder.get_plugin_registry().load_library(str(lib))
+    strongly_typed = major >= 11 or manifest["dtype"] == "fp16"
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(trt_onnx)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise SEError(f"TensorRT cannot parse {trt_onnx}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if fp16 and not strongly_typed:
+        config.set_flag(trt.BuilderFlag.FP16)
+    for shapes in profiles(manifest, ranges):
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise SEError("TensorRT could not build the engine (see the TensorRT log above)")
+    info = {"engine": str(engine), "trt_onnx": str(trt_onnx), "tensorrt": trt.__version__,
+            "build_seconds": round(time.perf_counter() - start, 1), "fp16": fp16 or manifest["dtype"] == "fp16",
+            "plugin": str(lib) if lib else None, "ranges": asdict(ranges), **stats}
+    with atomic_path(engine) as tmp:
+        tmp.write_bytes(bytes(serialized))
+    atomic_write_text(engine_info_path(engine), json.dumps(info, indent=1))
+    return info
+
+
+def engine_info_path(engine: Path) -> Path:
+    """Build facts kept beside the engine (precision, plugin, ranges) for validate and bench."""
+    return engine.with_name(engine.name + ".json")

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, backend validation, latency benchmarks, Wasserstein analysis and plots."""

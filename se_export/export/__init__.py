@@ -1,0 +1,1 @@
+"""ONNX export: the custom op's schema, the exporter, graph rewrites and TensorRT's form of the graph."""

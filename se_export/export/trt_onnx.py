@@ -1,0 +1,103 @@
+"""Prepare an se-export ONNX graph for TensorRT's ONNX parser (a graph rewrite, no TensorRT needed).
+
+TensorRT differs from ONNX Runtime in three ways that matter to ``RoutedSparseMatMul``:
+it has no 16-bit integer type and limits uint8 tensors to I/O casts, so the indices (bitmap
+bytes or csr16 columns) become int32 words holding the same little-endian bytes, zero-padded to
+a whole word (the plugin and our ONNX Runtime op both read that form); a plugin layer has a fixed
+number of outputs (every
+node gets its ``expert_ids`` output), and empty optional inputs are dropped (the plugin tells a
+bias from ``expert_ids`` at position 6 by type).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import atomic_path
+from ..errors import SEError
+from . import onnx_schema
+
+EXTERNAL_DATA_THRESHOLD = 256 << 20
+
+
+def as_int32_words(indices: np.ndarray) -> np.ndarray:
+    """The little-endian bytes of ``indices`` as int32 words, zero-padded to a whole word."""
+    raw = np.ascontiguousarray(indices).astype(indices.dtype.newbyteorder("<")).view(np.uint8).reshape(-1)
+    padded = np.zeros((raw.size + 3) // 4 * 4, np.uint8)
+    padded[: raw.size] = raw
+    return padded.view("<i4").astype(np.int32)
+
+
+def _is_empty_initializer(name: str, inits: dict) -> bool:
+    return name in inits and int(np.prod(inits[name].dims)) == 0
+
+
+def prepare_graph(model, drop_empty_bias: bool = True) -> dict:
+    """Rewrite every RoutedSparseMatMul node of ``model`` (onnx.ModelProto) in place; returns counts.
+
+    ``drop_empty_bias=False`` keeps the 0-element bias placeholder (a form ONNX Runtime's schema
+    still accepts, used to check the rest of the rewrite there)."""
+    from onnx import TensorProto, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    stats = {"nodes": 0, "indices_packed": 0, "outputs_added": 0, "inputs_dropped": 0}
+    converted: set[str] = set()
+    for node in graph.node:
+        if node.domain != onnx_schema.DOMAIN or node.op_type != onnx_schema.OP_TYPE:
+            continue
+        stats["nodes"] += 1
+        name = node.input[4]
+        if name not in inits:
+            raise SEError(f"node {node.name}: indices '{name}' are not an initializer; re-export with se-export onnx")
+        tensor = inits[name]
+        if tensor.data_type in (TensorProto.UINT8, TensorProto.INT16) and name not in converted:
+            if any(c.op_type != onnx_schema.OP_TYPE for c in consumers[name]):
+                raise SEError(f"initializer {name} is shared with other ops; cannot retype it for TensorRT")
+            tensor.CopyFrom(numpy_helper.from_array(as_int32_words(numpy_helper.to_array(tensor)), name))
+            converted.add(name)
+            stats["indices_packed"] += 1
+        inputs = list(node.input)
+        while inputs and inputs[-1] == "":
+            inputs.pop()
+        if drop_empty_bias and len(inputs) >= 7 and (inputs[6] == "" or _is_empty_initializer(inputs[6], inits)):
+            del inputs[6]  # no bias: position 6 is then expert_ids (int32) or nothing
+            stats["inputs_dropped"] += 1
+        if len(inputs) != len(node.input):
+            del node.input[:]
+            node.input.extend(inputs)
+        if len(node.output) < 2 or node.output[1] == "":
+            outputs = [node.output[0], f"{node.output[0]}__expert_ids_unused"]
+            del node.output[:]
+            node.output.extend(outputs)
+            stats["outputs_added"] += 1
+    return stats
+
+
+def prepare_for_tensorrt(src: Path, dst: Path, drop_empty_bias: bool = True) -> dict:
+    """Write the TensorRT form of ``src`` (model.onnx of se-export onnx) to ``dst`` (a file path)."""
+    import onnx
+
+
+    try:
+        model = onnx.load(str(src), load_external_data=True)
+    except Exception as exc:  # onnx raises DecodeError / OSError variants
+        raise SEError(f"cannot read {src}: {exc}: re-run se-export onnx") from None
+    stats = prepare_graph(model, drop_empty_bias)
+    large = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    data_name = dst.name + ".data"
+    with atomic_path(dst) as tmp:  # the weights file is written first; model.onnx appears last
+        if large:
+            (dst.parent / data_name).unlink(missing_ok=True)
+            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(model, str(tmp))
+    stats["external_data"] = large
+    return stats

@@ -1,0 +1,1 @@
+"""Storage: the packed sparse format, the mask codec, checkpoints and the resume state."""

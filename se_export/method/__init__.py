@@ -1,0 +1,1 @@
+"""The method: capture calibration inputs, fit routers, prune experts (SparseGPT and baselines), expand a model."""

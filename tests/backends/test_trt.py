@@ -1,0 +1,176 @@
+"""TensorRT side without TensorRT: the graph rewrite for TensorRT's parser (checked by running the
+rewritten graph in ONNX Runtime against the original), profiles, the trtexec line, clear errors
+when TensorRT or a GPU is missing, and the CUDA kernels' decomposition (their CPU reference)
+against the torch op. Tests that need a GPU (and TensorRT) carry the ``gpu`` marker."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import itertools
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import build_tiny_model, ort_session, random_experts, single_node_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, numpy_helper
+from test_cli import _one_line_error, run_cli
+
+from se_export.backends.cuda_kernels import CUDA_LIB, _cuda_lib, reference_matmul
+from se_export.backends.kernels import find_library
+from se_export.backends.ort_runtime import OrtCausalLM
+from se_export.backends.trt_build import ShapeRanges, profiles, trtexec_command
+from se_export.export.onnx_export import MODEL_FILE, export_onnx, read_onnx_manifest
+from se_export.export.trt_onnx import prepare_for_tensorrt, prepare_graph
+from se_export.method.expand import ExpandConfig, expand_model
+from se_export.modeling import ops
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+HAS_GPU = torch.cuda.is_available()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 1000), k=st.integers(1, 4), out=st.integers(1, 16), inn=st.integers(1, 40),
+       fmt=st.sampled_from(["bitmap", "csr16"]), with_bias=st.booleans(), with_ids=st.booleans())
+def test_tensorrt_form_of_a_node_computes_the_same(seed, k, out, inn, fmt, with_bias, with_ids):
+    packed, g, b, gen = random_experts(seed, k, out, inn, fmt, torch.float16)
+    bias = torch.randn(k, out, generator=gen) if with_bias else None
+    model = single_node_model(packed, g, b, bias, with_ids)
+    model.graph.node[0].output.pop()  # as exported for an up projection: y only
+    del model.graph.output[1]
+    original = ort_session(model)
+    rewritten = copy.deepcopy(model)
+    stats = prepare_graph(rewritten)
+    node = rewritten.graph.node[0]
+    assert len(node.output) == 2, "a plugin layer has a fixed output count"
+    inits = {t.name: t for t in rewritten.graph.initializer}
+    assert stats["indices_packed"] == 1 and inits["indices"].data_type == TensorProto.INT32, "TensorRT form"
+    raw = packed.indices.numpy().tobytes()
+    words = numpy_helper.to_array(inits["indices"])
+    assert words.size == (len(raw) + 3) // 4 and words.astype("<i4").tobytes()[: len(raw)] == raw
+    expected_inputs = 6 + int(with_bias) + int(with_ids)
+    assert len(node.input) == expected_inputs, "empty optional bias dropped; expert_ids then at position 6"
+    x = torch.randn(5, inn, generator=gen)
+    feeds = {"x": x.numpy()}
+    if with_ids:
+        feeds["ids"] = torch.randint(0, k, (5,), generator=gen, dtype=torch.int32).numpy()
+    if with_ids and not with_bias:
+        return  # ONNX Runtime's lite API cannot bind expert_ids without the bias slot; TensorRT's plugin can
+    got = ort_session(rewritten).run(["y"], feeds)[0]
+    want = original.run(["y"], feeds)[0]
+    assert np.array_equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def csr16_export(tiny_tokenizer, tmp_path_factory):
+    model = build_tiny_model("llama", tiny_tokenizer, seed=3)
+    calib = torch.randint(0, len(tiny_tokenizer), (8, 64), generator=torch.Generator().manual_seed(3))
+    expand_model(model, calib, ExpandConfig(experts=2, sparsity="0.7", min_cluster_tokens=4, pca_factor=0,
+                                            format="csr16"), show_progress=False)
+    out = tmp_path_factory.mktemp("trt") / "llama-csr16"
+    export_onnx(model, tiny_tokenizer, out, source="test")
+    return out
+
+
+def test_tensorrt_form_of_an_exported_model_matches_in_ort(csr16_export, tmp_path):
+    manifest = read_onnx_manifest(csr16_export)
+    stats = prepare_for_tensorrt(csr16_export / MODEL_FILE, tmp_path / "trt.onnx")
+    assert stats["nodes"] == manifest["custom_op_nodes"] > 0
+    assert stats["indices_packed"] == stats["nodes"]
+    assert stats["inputs_dropped"] > 0, "up projections reuse the gate's routing and have no bias"
+    nodes = [n for n in onnx.load(str(tmp_path / "trt.onnx")).graph.node if n.op_type == "RoutedSparseMatMul"]
+    assert all(len(n.output) == 2 and "" not in n.input and len(n.input) in (6, 7) for n in nodes)
+    # the same rewrite with the bias placeholder kept is valid for ONNX Runtime: it must compute the same
+    dst = csr16_export / "model.trt.onnx"
+    prepare_for_tensorrt(csr16_export / MODEL_FILE, dst, drop_empty_bias=False)
+    ids = np.random.default_rng(0).integers(0, manifest["vocab_size"], (2, 9))
+    want, past, _ = OrtCausalLM(csr16_export).run(ids)
+    got, got_past, _ = OrtCausalLM(csr16_export, model_file=dst).run(ids)
+    assert np.array_equal(want, got)
+    assert all(np.array_equal(a, c) for a, c in zip(past, got_past, strict=True))
+
+
+def test_profiles_cover_prefill_and_decode(csr16_export):
+    manifest = read_onnx_manifest(csr16_export)
+    r = ShapeRanges(max_batch=2, opt_seq=16, max_seq=64, opt_past=32, max_past=128)
+    prefill, decode = profiles(manifest, r)
+    assert prefill["input_ids"] == ((1, 1), (1, 16), (2, 64))
+    assert decode["input_ids"] == ((1, 1), (1, 1), (2, 1))
+    h, d = manifest["num_kv_heads"], manifest["head_dim"]
+    assert prefill["past_key_values.0.key"] == ((1, h, 0, d), (1, h, 0, d), (2, h, 128, d))
+    assert decode["attention_mask"] == ((1, 2), (1, 33), (2, 129)), "mask covers past + new tokens"
+    assert set(prefill) == set(manifest["inputs"])
+    line = trtexec_command(csr16_export / "m.onnx", csr16_export / "e.engine", csr16_export / "lib.so", True, prefill)
+    assert "--dynamicPlugins=" in line and "--fp16" in line and "input_ids:2x64" in line
+    with pytest.raises(Exception, match="bad shape ranges"):
+        ShapeRanges(opt_seq=600, max_seq=512).check()
+
+
+def test_trt_cli_dry_run_and_errors(csr16_export, tmp_path):
+    plugin = tmp_path / "libfake.so"
+    plugin.write_bytes(b"")
+    proc = run_cli("trt", csr16_export, "--dry-run", "--plugin", plugin, "--opt-past", "32",
+                   "--max-past", "64")
+    assert proc.returncode == 0, proc.stderr
+    assert "trtexec --onnx=" in proc.stderr and f"--dynamicPlugins={plugin}" in proc.stderr
+    _one_line_error(run_cli("trt", csr16_export, "--dry-run", "--plugin", tmp_path / "missing.so"), "does not exist")
+    _one_line_error(run_cli("trt", csr16_export, "--dry-run", "--max-past", "64"), "--opt-past 256 must be between")
+    _one_line_error(run_cli("trt", tmp_path, "--dry-run"), "not an se-export ONNX folder")
+    if not HAS_TENSORRT:
+        _one_line_error(run_cli("trt", csr16_export, "--plugin", plugin), "tensorrt Python module is not installed")
+        _one_line_error(run_cli("validate", csr16_export, "--backend", "trt"), "tensorrt Python module")
+    elif not HAS_GPU:
+        _one_line_error(run_cli("trt", csr16_export, "--plugin", plugin), "no CUDA GPU")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 20), out=st.integers(1, 40), inn=st.integers(1, 300),
+       tokens=st.sampled_from([1, 3, 4, 33, 100]), fmt=st.sampled_from(["bitmap", "csr16"]),
+       vdtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), fp16_x=st.booleans(),
+       density=st.sampled_from([0.0, 0.1, 0.5, 1.0]), with_bias=st.booleans())
+def test_cuda_kernel_decomposition_matches_the_torch_op(seed, k, out, inn, tokens, fmt, vdtype, fp16_x, density,
+                                                        with_bias):
+    """The CPU reference runs the CUDA kernels' split (router feature splits and thread strides,
+    lane-per-word bitmap GEMV, 32-token x 64-row tiles decoded 64 columns per step) with the shared
+    indexing helpers; it must equal the op."""
+    packed, g, b, gen = random_experts(seed, k, out, inn, fmt, vdtype, density)
+    bias = torch.randn(k, out, generator=gen) if with_bias else None
+    x = torch.randn(tokens, inn, generator=gen).to(torch.float16 if fp16_x else torch.float32)
+    ref, ref_ids = ops.routed_sparse_matmul(x, g, b, packed.values, packed.indices, packed.row_ptr, bias, None, out,
+                                            fmt)
+    for gemv_max in (0, 1_000_000, 1):  # default split, all GEMV, all grouped
+        y, ids = reference_matmul(packed, g, b, x, bias, ref_ids, gemv_max)
+        tol = 2e-2 if fp16_x else 1e-4
+        assert torch.allclose(y.float(), ref.float(), rtol=tol, atol=tol)
+        assert torch.equal(ids, ref_ids)
+    y, ids = reference_matmul(packed, g, b, x, bias)
+    assert (ids == ref_ids).float().mean() >= 0.9, "routing differs only on near ties"
+
+
+@pytest.mark.skipif(find_library(CUDA_LIB) is None, reason="libse_cuda_kernels.so is not built (needs nvcc)")
+@pytest.mark.parametrize("experts", [1, 16, 64])
+def test_cuda_workspace_never_shrinks_as_tokens_grow(experts):
+    """TensorRT sizes the plugin's workspace for a profile's largest token count and every call
+    with fewer tokens uses it: se_cuda_workspace_size must not decrease as tokens grow (the router's
+    partial scores, whose split count falls as tokens rise, included). A host function: no GPU."""
+    size = _cuda_lib().se_cuda_workspace_size
+    sizes = [size(tokens, experts) for tokens in range(1, 5000)]
+    assert all(a <= b for a, b in itertools.pairwise(sizes))
+    assert sizes[0] >= 16 * experts * 4, "one decode token reserves its 16 splits' partial scores"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_GPU and HAS_TENSORRT), reason="needs a CUDA GPU and TensorRT")
+def test_engine_build_and_validate_on_a_tiny_expanded_model(csr16_export, tmp_path):
+    engine = tmp_path / "model.engine"
+    proc = run_cli("trt", csr16_export, "--out", engine, "--max-seq", "64", "--max-past", "128")
+    assert proc.returncode == 0, proc.stderr
+    report = tmp_path / "report.json"
+    proc = run_cli("validate", csr16_export, "--backend", "trt", "--engine", engine, "--tokens", "8",
+                   "--ppl-windows", "0", "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(report.read_text())["passed"]
