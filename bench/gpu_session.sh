@@ -53,9 +53,9 @@ facts() {
 }
 
 cpu_kernels() {
-  $PY bench/kernels.py --shapes 4096x11008 --batches 1 512 --sparsities 0.5 0.7 0.9 --values fp32 \
+  $PY bench/kernel_speed.py --shapes 4096x11008 --batches 1 512 --sparsities 0.5 0.7 0.9 --values fp32 \
     --out "$OUT/cpu_kernels_avx512.json"
-  SE_KERNELS_ISA=avx2 $PY bench/kernels.py --shapes 4096x11008 --batches 1 --sparsities 0.5 0.7 0.9 \
+  SE_KERNELS_ISA=avx2 $PY bench/kernel_speed.py --shapes 4096x11008 --batches 1 --sparsities 0.5 0.7 0.9 \
     --values fp32 --out "$OUT/cpu_kernels_avx2.json"
 }
 

@@ -7,7 +7,7 @@ rows, which bound the op's decode scratch ("dense groups whole": the whole decod
 Gemm, as before the bands). All are timed against a
 one-node ``MatMul`` graph of the same weight (fp32, as ONNX Runtime's CPU MatMul runs), in
 alternating rounds in one process, and each ratio is the median of the per-round ratios.
-One expert takes all tokens (K=1), as in ``bench/kernels.py``: the layer cost, not the routing.
+One expert takes all tokens (K=1), as in ``bench/kernel_speed.py``: the layer cost, not the routing.
 
     .venv/bin/python bench/ort_prefill.py                  # 4096x11008 and its transpose, 128 and 512 tokens, 50%
     .venv/bin/python bench/ort_prefill.py --shapes 576x1536 --batches 512 --sparsities 0.5 2:4
@@ -34,7 +34,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import cpu_model, sparse_mask, time_rounds
+from kernel_speed import cpu_model, sparse_mask, time_rounds
 
 from se_export.atomic import atomic_write_text
 from se_export.backends.ort_runtime import session_options

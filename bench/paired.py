@@ -16,7 +16,9 @@ import json
 import math
 from pathlib import Path
 
-from quality import RESULTS, paired_ratio_ci
+from quality import RESULTS
+
+from se_export.eval.stats import paired_ratio_ci
 
 
 def _grid_row(label: str, all_windows: bool, text: str) -> dict:

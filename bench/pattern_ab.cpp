@@ -1,6 +1,6 @@
 // Batch-1 time of the bitmap kernel on 2:4 rows against unstructured 50% rows, paired in one process.
 //
-// Why: bench/kernels.py measured 2:4 rows at 1.33-1.48x the dense speed against 1.50-1.61x for
+// Why: bench/kernel_speed.py measured 2:4 rows at 1.33-1.48x the dense speed against 1.50-1.61x for
 // unstructured 50%, at the same bytes, which suggested that an N:M format (fixed offsets, no
 // popcounts) could pay. Those were separate timing loops in one run; here the two patterns are timed
 // back to back in every repetition (order alternating), on DRAM-cold weight sets, and the median

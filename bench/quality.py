@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -43,13 +42,13 @@ from pathlib import Path
 
 import torch
 
+from se_export.api import evaluate, expand
 from se_export.atomic import atomic_write_text
-from se_export.data import calibration_windows, eval_windows, load_text, tokenize
-from se_export.eval.evaluate import perplexity
+from se_export.eval.stats import claim_check, claim_table
 from se_export.formats.checkpoint import is_checkpoint
-from se_export.formats.partial import PARTIAL_DIR, prepare_workdir
-from se_export.method.expand import DATA_FREE_METHODS, ExpandConfig, expand_model
-from se_export.modeling.modules import RoutedSparseLinear, decoded_expert_cache
+from se_export.formats.partial import PARTIAL_DIR
+from se_export.method.expand import DATA_FREE_METHODS
+from se_export.modeling.modules import RoutedSparseLinear
 from se_export.models import load_model
 
 RESULTS = Path("bench/results")
@@ -213,24 +212,21 @@ def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path |
         expansion = manifest.get("expansion", {})
         report.update(expansion_summary(expansion.get("seconds"), expansion.get("resumed_layers", 0), exp["layers"]))
         report["from_checkpoint"] = str(checkpoint)
-    elif cfg.method != "dense":
-        text = load_text("wiki")
-        calib = calibration_windows(tokenize(loaded.tokenizer, text), cfg.calib_samples, cfg.seqlen, cfg.seed)
-        ecfg = ExpandConfig(method=cfg.method, experts=cfg.experts, sparsity=cfg.sparsity,
-                            pca_factor=cfg.pca_factor, seed=cfg.seed, true_sequential=cfg.true_sequential)
-        work = WORK / key
-        workdir = prepare_workdir(work, key, resume=(work / PARTIAL_DIR).is_dir())
-        result = expand_model(model, calib, ecfg, workdir=workdir, show_progress=not args.quiet)
-        keep_checkpoint(cfg, args.model, loaded, ecfg, result, work)
-        report.update(expansion_summary(result.seconds, result.resumed_layers, result.layers))
+    elif cfg.method != "dense":  # `se-export expand`'s recipe, kept as a checkpoint (resumable in place)
+        out = checkpoint_dir(cfg, args.model)
+        expansion = expand(loaded, out, method=cfg.method, experts=cfg.experts, sparsity=cfg.sparsity,
+                           calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, pca_factor=cfg.pca_factor,
+                           seed=cfg.seed, true_sequential=cfg.true_sequential, resume=(out / PARTIAL_DIR).is_dir(),
+                           show_progress=not args.quiet)
+        loaded = expansion.loaded
+        report.update(expansion_summary(expansion.result.seconds, expansion.result.resumed_layers,
+                                        expansion.result.layers))
     if checkpoint is not None:
         linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, RoutedSparseLinear)}
     report.update(mlp_accounting(model, linears))
-    with decoded_expert_cache(8 << 30):
-        for name, windows in zip(EVAL_TEXTS, (args.eval_windows, args.ood_windows), strict=True):
-            ids = tokenize(loaded.tokenizer, load_text(name))
-            report[name] = perplexity(model, eval_windows(ids, 512, windows or None), show_progress=not args.quiet,
-                                      batch=EVAL_BATCH, resume=partial_eval_path(key, name))
+    for name, windows in zip(EVAL_TEXTS, (args.eval_windows, args.ood_windows), strict=True):
+        report[name] = evaluate(loaded, name, seqlen=512, max_windows=windows or None, batch=EVAL_BATCH,
+                                resume=partial_eval_path(key, name), show_progress=not args.quiet)
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return report
@@ -276,16 +272,6 @@ def partial_eval_path(key: str, text: str) -> Path:
 def remove_partial_evals(key: str) -> None:
     for text in EVAL_TEXTS:
         partial_eval_path(key, text).unlink(missing_ok=True)
-
-
-def keep_checkpoint(cfg: Config, model_name: str, loaded, expand_cfg, result, work: Path) -> None:
-    """Save the expanded grid point as an se-export checkpoint (then drop its resumable state)."""
-    from se_export.formats.checkpoint import save_expansion
-
-    calibration = {"source": "wiki", "samples": cfg.calib_samples, "seqlen": cfg.seqlen, "seed": cfg.seed}
-    save_expansion(loaded.model, loaded.tokenizer, checkpoint_dir(cfg, model_name), source=loaded.source,
-                   cfg=expand_cfg, calibration=calibration, result=result)
-    shutil.rmtree(work, ignore_errors=True)  # the finished expansion's per-layer resumable state
 
 
 def load_results(eval_setup: dict | None = None) -> list[dict]:
@@ -427,52 +413,8 @@ def eval_setup_for(model: str, wikitext2_windows: int, pydocs_windows: int) -> d
             "seqlen": 512, "calibration": "wiki"}
 
 
-def paired_ratio_ci(nll_a: list[float], nll_b: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval of ppl(a) / ppl(b) over windows resampled in pairs (same text)."""
-    import numpy as np
-
-    a, b = np.asarray(nll_a), np.asarray(nll_b)
-    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
-    ratios = np.exp(a[idx].mean(axis=1) - b[idx].mean(axis=1))
-    return float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975))
-
-
-def claim_check(rows: list[dict]) -> dict:
-    """The paper's claim on these rows: SE (K=16) vs SparseGPT at every sparsity, with a paired CI."""
-    def find(method: str, experts: int, sparsity: str) -> dict | None:
-        return next((r for r in rows if r["label"].count("(") == 0 and r["config"]["method"] == method
-                     and r["config"]["experts"] == experts and r["config"]["sparsity"] == sparsity), None)
-
-    out: dict = {"rows": []}
-    for sp in ("0.5", "0.7", "0.9", "2:4"):
-        se, sg = find("se", 16, sp), find("sparsegpt", 1, sp)
-        if not (se and sg):
-            continue
-        row = {"sparsity": sp, "sparsegpt": sg["wikitext2"]["perplexity"], "se16": se["wikitext2"]["perplexity"]}
-        row["ratio"] = row["se16"] / row["sparsegpt"]
-        row["relative_gap"] = 1 - row["ratio"]
-        a, b = se["wikitext2"].get("window_nll"), sg["wikitext2"].get("window_nll")
-        if a and b and len(a) == len(b):
-            row["ratio_ci95"] = paired_ratio_ci(a, b)
-        out["rows"].append(row)
-    by = {r["sparsity"]: r for r in out["rows"]}
-    for sp in ("0.7", "0.9"):
-        if sp in by:
-            out[f"se16_better_at_{sp}"] = by[sp]["ratio"] < 1
-    if "0.9" in by and "0.5" in by:
-        out["gap_at_0.9_larger_than_at_0.5"] = by["0.9"]["relative_gap"] > by["0.5"]["relative_gap"]
-    return out
-
-
-def claim_table(claim: dict) -> str:
-    lines = ["| sparsity | SparseGPT ppl | SE K=16 ppl | SE / SparseGPT | 95% CI (paired bootstrap) | relative gap |",
-             "|---|---:|---:|---:|---|---:|"]
-    for r in claim["rows"]:
-        ci = r.get("ratio_ci95")
-        lines.append(f"| {r['sparsity']} | {r['sparsegpt']:.2f} | {r['se16']:.2f} | {r['ratio']:.3f} | "
-                     f"{f'{ci[0]:.3f} - {ci[1]:.3f}' if ci else '-'} | {r['relative_gap']:.1%} |")
-    verdicts = [f"{k}: {'yes' if v else 'no'}" for k, v in claim.items() if k != "rows"]
-    return "\n".join(lines) + ("\n\n" + "; ".join(verdicts) if verdicts else "")
+def dense_ppl(rows: list[dict]) -> float | None:
+    return next((r["wikitext2"]["perplexity"] for r in rows if r["config"]["method"] == "dense"), None)
 
 
 def write_report(model: str, subset: tuple[int, int]) -> None:
@@ -482,7 +424,8 @@ def write_report(model: str, subset: tuple[int, int]) -> None:
     if not grid_rows and not full_rows:
         print("no cached results for this evaluation setting")
         return
-    claims = {"subset": claim_check(grid_rows), "all_windows": claim_check(full_rows)}
+    claims = {"subset": claim_check(grid_rows, dense_ppl(grid_rows)),
+              "all_windows": claim_check(full_rows, dense_ppl(full_rows))}
     summary = {"subset": {"eval": eval_setup_for(model, *subset), "results": grid_rows},
                "all_windows": {"eval": eval_setup_for(model, 0, subset[1]), "results": full_rows}, "claim": claims}
     atomic_write_text(RESULTS / "quality.json", json.dumps(summary, indent=1))

@@ -1,17 +1,19 @@
-"""se-export: Sparse Expansion of causal LMs into routed sparse experts, and their deployment."""
+"""se-export: Sparse Expansion of causal LMs into routed sparse experts, and their deployment.
+
+The public API is one function per pipeline stage (``se_export.api``): ``expand``, ``load``,
+``evaluate``, ``export_onnx`` and ``validate``. They are imported on first use, so
+``import se_export`` stays light.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 __version__ = "0.1.0"
+__all__ = ["__version__", "evaluate", "expand", "export_onnx", "load", "validate"]
 
 
-def load(path: str | Path):
-    """Load an expanded checkpoint folder as a transformers causal LM."""
-    from .formats.checkpoint import load_checkpoint
+def __getattr__(name: str):
+    if name in __all__[1:]:
+        from . import api
 
-    return load_checkpoint(Path(path))
-
-
-__all__ = ["__version__", "load"]
+        return getattr(api, name)
+    raise AttributeError(f"module 'se_export' has no attribute '{name}'")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,57 +55,15 @@ def expand(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Expand every MLP linear into K routed sparse experts and save a compact checkpoint."""
-    from .data import calibration_windows, load_text, tokenize
-    from .formats.checkpoint import is_checkpoint, save_expansion
-    from .formats.partial import PARTIAL_DIR, prepare_workdir, remove_partial
-    from .method.expand import DATA_FREE_METHODS, ExpandConfig, expand_model
-    from .models import load_model
+    from .api import expand as expand_model
 
-    cfg = ExpandConfig(method=method, experts=experts if experts is not None else (16 if method == "se" else 1),
-                       sparsity=sparsity, pca_factor=pca_factor, seed=seed, true_sequential=true_sequential,
-                       min_cluster_tokens=min_cluster_tokens, value_dtype=value_dtype, format=fmt,
-                       layers=_parse_layers(layers))
-    cfg.check()
-    if cfg.method == "se" and cfg.experts > calib_samples * seqlen:
-        raise SEError(f"--experts {cfg.experts} is larger than the {calib_samples * seqlen} calibration tokens: "
-                      "use fewer experts or more --calib-samples/--seqlen")
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    if is_checkpoint(out):
-        raise SEError(f"{out} already holds a checkpoint: pass --overwrite to replace it or choose another --out")
-    if out.exists() and not (out / PARTIAL_DIR).is_dir() and any(out.iterdir()):
-        raise SEError(f"{out} is a non-empty folder that is not an se-export expansion: choose another --out")
-    if resume and not (out / PARTIAL_DIR).is_dir():
-        raise SEError(f"nothing to resume in {out}: run without --resume")
-    if allocate not in ("uniform", "wasserstein"):
-        raise SEError(f"unknown --allocate '{allocate}': use uniform or wasserstein")
-    if allocate == "wasserstein" and cfg.method != "se":
-        raise SEError("--allocate wasserstein spreads experts: it needs --method se")
-    loaded = load_model(model)
-    if cfg.method in DATA_FREE_METHODS:  # the weights alone decide: no calibration text is read
-        windows = None
-        calibration = {"source": None, "note": f"--method {cfg.method} uses no calibration data"}
-    else:
-        text = load_text(calib)
-        windows = calibration_windows(tokenize(loaded.tokenizer, text), calib_samples, seqlen, seed)
-        calibration = {"source": text.name, "sha256": text.sha256, "samples": calib_samples,
-                       "seqlen": seqlen, "seed": seed}
-    if allocate == "wasserstein":
-        from .eval.analyze import analyze_model
-        from .method.allocation import allocate_experts, layer_scores
-
-        results, _ = analyze_model(loaded.model, windows[:32], pairs=16, show_progress=not quiet)
-        cfg.experts_per_layer = allocate_experts(layer_scores([r.wd for r in results]), cfg.experts)
-        err.print(f"experts per layer (wasserstein allocation): {cfg.experts_per_layer}")
-    key = cfg.key({"model": loaded.source, "calibration": calibration,
-                   "model_config": loaded.model.config.to_json_string()})
-    workdir = prepare_workdir(out, key, resume)
     t0 = time.perf_counter()
-    result = expand_model(loaded.model, windows, cfg, workdir=workdir, show_progress=not quiet)
-    info = save_expansion(loaded.model, loaded.tokenizer, out, source=loaded.source, cfg=cfg,
-                          calibration=calibration, result=result, allocation=allocate)
-    stats = info["stats"]
-    remove_partial(out)
+    expansion = expand_model(model, out, method=method, experts=experts, sparsity=sparsity, calib=calib,
+                             calib_samples=calib_samples, seqlen=seqlen, pca_factor=pca_factor, seed=seed,
+                             true_sequential=true_sequential, min_cluster_tokens=min_cluster_tokens,
+                             value_dtype=value_dtype, format=fmt, layers=_parse_layers(layers), allocate=allocate,
+                             resume=resume, overwrite=overwrite, show_progress=not quiet, log=err.print)
+    result, stats = expansion.result, expansion.info["stats"]
     err.print(f"[green]expanded[/] {len(result.layers)} layers in {time.perf_counter() - t0:.1f}s "
               f"(peak RSS {result.peak_rss_mb:.0f} MB) -> {out}")
     err.print(f"MLP bytes: experts {stats['expert_bytes'] / 1e6:.1f} MB in memory, "
@@ -129,28 +86,15 @@ def evaluate(
                                                      "with the same model, text and settings continues from it")] = None,
 ) -> None:
     """Perplexity on non-overlapping windows (the standard protocol)."""
-    from .data import eval_windows, load_text, tokenize
-    from .eval.evaluate import perplexity
-    from .formats.checkpoint import is_checkpoint, read_manifest
-    from .modeling.modules import decoded_expert_cache
-    from .models import load_model
+    from .api import evaluate as evaluate_model
 
-    body = load_text(text)
-    if Path(model).is_dir() and is_checkpoint(Path(model)):
-        calib = read_manifest(Path(model)).get("calibration", {})
-        if calib.get("sha256") == body.sha256 and not allow_calibration_text:
-            raise SEError(f"{text} is the text {model} was calibrated on: evaluate on other text "
-                          "or pass --allow-calibration-text")
-    loaded = load_model(model)
-    windows = eval_windows(tokenize(loaded.tokenizer, body), seqlen, max_windows)
-    with decoded_expert_cache(int(cache_gb * (1 << 30))):
-        result = perplexity(loaded.model, windows, show_progress=not as_json, batch=batch, resume=resume)
-    result = {"model": model, "text": body.name, **result}
+    result = evaluate_model(model, text, seqlen=seqlen, max_windows=max_windows, batch=batch, cache_gb=cache_gb,
+                            resume=resume, allow_calibration_text=allow_calibration_text, show_progress=not as_json)
     if as_json:
         print(json.dumps(result))
     else:
         err.print(f"perplexity [bold]{result['perplexity']:.3f}[/] on {result['windows']} x {seqlen} tokens "
-                  f"of {body.name} ({result['seconds']:.1f}s)")
+                  f"of {result['text']} ({result['seconds']:.1f}s)")
 
 
 @app.command()
@@ -243,16 +187,10 @@ def onnx_cmd(
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
 ) -> None:
     """Export a generation-ready ONNX graph (past/present KV cache, dynamic batch/sequence/past)."""
-    from .export.onnx_export import check_export_args, export_onnx
-    from .models import load_model
+    from .api import export_onnx
 
-    if out.exists() and not overwrite:
-        raise SEError(f"{out} already exists: pass --overwrite to replace it or choose another --out")
-    check_export_args(dtype, opset)
-    loaded = load_model(model)
     with err.status(f"exporting {model} to ONNX ({dtype}{', portable' if portable else ''})"):
-        manifest = export_onnx(loaded.model, loaded.tokenizer, out, dtype=dtype, opset=opset, portable=portable,
-                               source=loaded.source, overwrite=overwrite)
+        manifest = export_onnx(model, out, dtype=dtype, opset=opset, portable=portable, overwrite=overwrite)
     err.print(f"[green]exported[/] {out / 'model.onnx'}: {manifest['custom_op_nodes']} RoutedSparseMatMul nodes, "
               f"{manifest['num_layers']} layers, {dtype}, opset {opset} ({manifest['export_seconds']:.0f}s)")
 
@@ -270,8 +208,9 @@ def validate_cmd(
     plugin: Annotated[Path | None, typer.Option(help="trt: libse_trt_plugin.so (default: the built one)")] = None,
 ) -> None:
     """Compare an exported graph with PyTorch: logits, routing, decode step, generation, perplexity."""
+    from .api import validate
     from .atomic import atomic_write_text
-    from .eval.validate import format_report, to_json, validate
+    from .eval.validate import format_report, to_json
 
     report = validate(onnx_dir, backend=backend, tokens=tokens, model=model, ppl_windows=ppl_windows, engine=engine,
                       plugin=plugin)

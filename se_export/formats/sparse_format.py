@@ -177,7 +177,7 @@ CSR16_MAX_DENSITY = 0.2  # at or below: csr16 even where the bitmap is smaller (
 def choose_format(k: int, out: int, inn: int, nnz: int, value_bytes: int) -> str:
     """``--format auto``: the format the CPU kernel runs faster, by measurement.
 
-    bench/kernels.py (dense and both formats timed in turn; BENCHMARKS.md, CPU kernels): at 90%
+    bench/kernel_speed.py (dense and both formats timed in turn; BENCHMARKS.md, CPU kernels): at 90%
     sparsity csr16 decodes a batch-1 row 2.2-2.8x faster than the bitmap (4096x11008: 2.2 vs 4.8 ms
     at fp16, 2.2 vs 6.1 ms at fp32) for ~23% more bytes, so experts at most 20% dense take csr16;
     denser ones take the smaller format (the bitmap at 50%, 2:4 and fp16 70%; at fp32 70% the two

@@ -11,8 +11,8 @@ prefill path (the expert decoded once per call, then torch's GEMM): "dense group
 function rotates through copies of its weights, so that each call reads them from DRAM as in a
 real model's decode step (``--warm``: one copy). Prints a Markdown table and writes JSON.
 
-    .venv/bin/python bench/kernels.py                       # full grid (~12 min on 2 cores)
-    .venv/bin/python bench/kernels.py --shapes 4096x11008 --batches 1 512
+    .venv/bin/python bench/kernel_speed.py                       # full grid (~12 min on 2 cores)
+    .venv/bin/python bench/kernel_speed.py --shapes 4096x11008 --batches 1 512
 """
 
 from __future__ import annotations
