@@ -13,7 +13,7 @@
 // (--density, 0.3; bitmap format unless --csr16, fp16 values unless --fp32); --tokens (1) are routed per call
 // (e.g. --tokens 512 --experts 1 times the prefill path). With --sets 90 the weights are cold
 // (58 MB per call sweep, more than a 32 MB L3), as in a model's decode step. Size the sweep to the
-// machine: the Xeon of the seventh session reports a 300 MB L3, where 4096x11008 needs 6-16 sets.
+// machine: a Xeon that reports a 300 MB L3 needs 6-16 sets at 4096x11008.
 #include "se_kernels.h"
 
 #include <dlfcn.h>

@@ -4,8 +4,7 @@
 //   loads   the decode's access pattern, one row at a time, with no arithmetic: each row's 64-bit
 //           mask words and its values loaded 16 at a time, advancing by popcounts, the library's
 //           prefetches;
-//   decode  the same plus the kernel's arithmetic (vexpandps, FMA with x): the library's decode
-//           before the fifteenth session;
+//   decode  the same plus the kernel's arithmetic (vexpandps, FMA with x), one row at a time;
 //   library se_routed_sparse_matmul itself (one expert, one token: routing included), which walks
 //           four rows a quarter of a work item apart at once.
 // Why: the 70% batch-1 target (BENCHMARKS.md) needs the decode within ~10% of the plain read,
