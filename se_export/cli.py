@@ -46,7 +46,9 @@ def expand(
     seed: Annotated[int, typer.Option(help="seed of windows and k-means")] = 0,
     true_sequential: Annotated[bool, typer.Option(help="calibrate down-proj on the expanded gate/up outputs")] = True,
     min_cluster_tokens: Annotated[int, typer.Option(help="smaller clusters are merged away")] = 128,
-    value_dtype: Annotated[str, typer.Option(help="stored value precision: fp16 | bf16 | fp32")] = "fp16",
+    value_dtype: Annotated[str, typer.Option(help="stored values: fp16 | bf16 | fp32, or int8 | int4 (quantized "
+                                                  "jointly with SparseGPT; by rounding for wanda/magnitude)")] = "fp16",
+    group_size: Annotated[int, typer.Option(help="int8/int4: input columns per scale")] = 128,
     fmt: Annotated[str, typer.Option("--format", help="auto | bitmap | csr16")] = "auto",
     layers: Annotated[str | None, typer.Option(help="expand only these decoder layers, e.g. 0-3,7")] = None,
     allocate: Annotated[str, typer.Option(help="uniform | wasserstein: per-layer K from the layers' WD, same total")] = "uniform",
@@ -61,7 +63,7 @@ def expand(
     expansion = expand_model(model, out, method=method, experts=experts, sparsity=sparsity, calib=calib,
                              calib_samples=calib_samples, seqlen=seqlen, pca_factor=pca_factor, seed=seed,
                              true_sequential=true_sequential, min_cluster_tokens=min_cluster_tokens,
-                             value_dtype=value_dtype, format=fmt, layers=_parse_layers(layers), allocate=allocate,
+                             value_dtype=value_dtype, group_size=group_size, format=fmt, layers=_parse_layers(layers), allocate=allocate,
                              resume=resume, overwrite=overwrite, show_progress=not quiet, log=err.print)
     result, stats = expansion.result, expansion.info["stats"]
     err.print(f"[green]expanded[/] {len(result.layers)} layers in {time.perf_counter() - t0:.1f}s "

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import se_export
 from se_export.formats.checkpoint import MANIFEST, WEIGHTS
@@ -86,6 +87,11 @@ def test_refuses_to_overwrite_a_checkpoint(expanded, tiny_model_dir, calib_file)
     (["onnx", "{model}", "--out", "{tmp}/x", "--dtype", "fp8"], "unknown --dtype"),
     (["validate", "{tmp}"], "not an se-export ONNX folder"),
     (["validate", "{tmp}/nowhere"], "is not a folder"),
+    (["expand", "{model}", "--out", "{tmp}/o", "--value-dtype", "int3"], "unknown value dtype 'int3'"),
+    (["expand", "{model}", "--out", "{tmp}/o", "--value-dtype", "int4", "--group-size", "0"], "group-size must be >= 1"),
+    (["expand", "{model}", "--out", "{tmp}/o", "--calib", "{calib}", "--calib-samples", "8", "--seqlen", "32",
+      "--experts", "2", "--min-cluster-tokens", "8", "--value-dtype", "int8", "--group-size", "4096"],
+     "larger than the 64 input features"),
 ])
 def test_bad_input_gives_one_line_error(args, needle, tmp_path, tiny_llama_dir, calib_file):
     filled = [a.format(tmp=tmp_path, model=tiny_llama_dir, calib=calib_file) for a in args]
@@ -168,3 +174,51 @@ def test_doctor_says_how_to_build_what_is_missing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("missing: run `make plugins`") == 4
     assert "CPU kernels: not built" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def expanded_int4(tmp_path_factory, tiny_llama_dir, calib_file) -> Path:
+    out = tmp_path_factory.mktemp("cli-int4") / "ckpt"
+    proc = run_cli("expand", tiny_llama_dir, "--out", out, "--experts", "4", "--calib", calib_file,
+                   "--calib-samples", "8", "--seqlen", "32", "--min-cluster-tokens", "8", "--value-dtype", "int4",
+                   "--group-size", "16", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_int4_experts_store_smaller_load_evaluate_and_refuse_export(expanded_int4, tmp_path, tiny_llama_dir,
+                                                                     calib_file, eval_file):
+    fp16 = tmp_path / "fp16"
+    proc = run_cli("expand", tiny_llama_dir, "--out", fp16, "--experts", "4", "--calib", calib_file,
+                   "--calib-samples", "8", "--seqlen", "32", "--min-cluster-tokens", "8", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    q, f = (json.loads((d / MANIFEST).read_text()) for d in (expanded_int4, fp16))
+    assert q["format_version"] == 3 and f["format_version"] == 2
+    assert q["value_dtype"] == "int4" and q["group_size"] == 16
+    assert all(m["value_dtype"] == "int4" for m in q["modules"].values())
+    # the same masks' codes at 4 bits and 16-column fp16 scales against fp16 values
+    assert q["expert_bytes_stored"] < 0.6 * f["expert_bytes_stored"]
+    model = se_export.load(expanded_int4)
+    module = next(m for m in model.modules() if hasattr(m, "quant") and m.quant is not None)
+    assert module.values.dtype == torch.int8 and int(module.values.abs().max()) <= 7
+    proc = run_cli("eval", expanded_int4, "--text", eval_file, "--seqlen", "32", "--max-windows", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["perplexity"] > 1
+    _one_line_error(run_cli("onnx", expanded_int4, "--out", tmp_path / "onnx"), "expand with --value-dtype fp16")
+
+
+def test_quantized_module_runs_the_reference_semantics(expanded_int4):
+    """The module's forward (kernels off for int codes) equals dequantize-then-matmul in float64."""
+    from se_export.modeling import ops
+
+    model = se_export.load(expanded_int4)
+    module = next(m for m in model.modules() if getattr(m, "quant", None) is not None)
+    x = torch.randn(5, 7, module.in_features)
+    ids = ops.route(x.reshape(-1, module.in_features), module.router_weight, module.router_bias)
+    packed = module.packed()
+    expect = torch.stack([packed.unpack_expert(int(k), torch.float64) @ row.double()
+                          for k, row in zip(ids, x.reshape(-1, module.in_features), strict=True)])
+    if module.bias is not None:
+        expect += module.bias.double()[ids.long()]
+    got = module(x).reshape(-1, module.out_features)
+    assert torch.allclose(got.double(), expect, atol=1e-4, rtol=1e-4)

@@ -249,6 +249,10 @@ def export_onnx(model: nn.Module, tokenizer, out: Path, *, dtype: str = "fp32", 
     onnx_schema.register()
     torch_dtype = DTYPES[dtype]
     model.eval()
+    if quantized := [n for n, m in expanded_modules(model).items() if m.quant is not None]:
+        raise SEError(f"{quantized[0]} stores {expanded_modules(model)[quantized[0]].quant.name} values, which "
+                      f"RoutedSparseMatMul version {onnx_schema.OP_VERSION} cannot take (float values only): "
+                      "expand with --value-dtype fp16 to export")
     expanded = len(expanded_modules(model))
     if portable:
         make_portable(model)

@@ -29,8 +29,9 @@ from .tensor_aliases import dedupe_tensors, restore_aliases
 
 MANIFEST = "se_manifest.json"
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: masks and row pointers stored raw
+FORMAT_VERSION = 2  # float values; 3 when any expert stores int8/int4 codes and scales
+QUANTIZED_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: masks and row pointers stored raw
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -70,8 +71,9 @@ def save_checkpoint(model: nn.Module, tokenizer, out: Path, info: dict) -> dict:
     model.config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    quantized = any(m.get("value_dtype") in ("int8", "int4") for m in modules.values())
     manifest = {
-        "format_version": FORMAT_VERSION,
+        "format_version": QUANTIZED_FORMAT_VERSION if quantized else FORMAT_VERSION,
         "producer": "se-export",
         **info,
         "modules": modules,
@@ -104,6 +106,7 @@ def save_expansion(model: nn.Module, tokenizer, out: Path, *, source: str, cfg, 
     info = {"base_model": source, "method": cfg.method, "experts": cfg.experts, "sparsity": str(cfg.check()),
             "allocation": allocation, "experts_per_layer": cfg.experts_per_layer,
             "pca_factor": cfg.pca_factor, "true_sequential": cfg.true_sequential, "value_dtype": cfg.value_dtype,
+            **({"group_size": cfg.group_size} if cfg.value_dtype in ("int8", "int4") else {}),
             "calibration": calibration, "stats": expanded_stats(model),
             "expansion": {"seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
                           "resumed_layers": result.resumed_layers}}

@@ -9,7 +9,7 @@ the checkpoint stores the mask as a coded bitmap whatever the format, and load r
 module's format from it: K=16 at 70% goes from 1.21x to 1.18x of ``K (1 - s)`` dense bytes, and a
 csr16 expert stops paying 16 bits per kept weight on disk (BENCHMARKS.md, "Stored bytes"). zlib's
 checksum catches a damaged stream; the decoded size and population are checked against the
-manifest and the values.
+manifest and the values. int4 codes are stored two per byte (``quantization.pack_int4``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import SEError
+from .quantization import pack_int4, unpack_int4
 from .sparse_format import (
     FORMATS,
     PackedExperts,
@@ -32,6 +33,7 @@ from .sparse_format import (
 )
 
 CODEC = "deflate"
+INT4 = "int4"  # storage of int4 codes: two per byte
 _LEVEL = 6  # level 9 codes real masks no smaller; 1 is ~0.7% larger
 
 
@@ -63,6 +65,9 @@ def encode_masks(tensors: dict[str, torch.Tensor], modules: dict[str, dict]) -> 
         del stored[f"{name}.indices"], stored[f"{name}.row_ptr"]
         stored[f"{name}.mask.{CODEC}"] = stream
         storage[name] = {"mask": CODEC}
+        if modules[name].get("value_dtype") == INT4:
+            stored[f"{name}.values.{INT4}"] = pack_int4(stored.pop(f"{name}.values"))
+            storage[name]["values"] = INT4
     return stored, storage
 
 
@@ -86,7 +91,7 @@ def _decoded(name: str, meta: dict, stream: torch.Tensor) -> tuple[torch.Tensor,
 def decode_masks(tensors: dict[str, torch.Tensor], modules: dict[str, dict], storage: dict) -> dict[str, torch.Tensor]:
     """Inverse of ``encode_masks``: indices and row pointers back under their usual names."""
     for name, how in storage.items():
-        if how != {"mask": CODEC} or modules.get(name, {}).get("format") not in FORMATS:
+        if how not in ({"mask": CODEC}, {"mask": CODEC, "values": INT4}) or modules.get(name, {}).get("format") not in FORMATS:
             raise SEError(f"checkpoint stores {name} as {how}, which this se-export cannot read; upgrade se-export")
     names = list(storage)
     try:
@@ -97,11 +102,16 @@ def decode_masks(tensors: dict[str, torch.Tensor], modules: dict[str, dict], sto
         decoded = list(pool.map(lambda a: _decoded(*a), [(n, modules[n], s) for n, s in zip(names, streams, strict=True)]))
     for name, (indices, row_ptr) in zip(names, decoded, strict=True):
         tensors[f"{name}.indices"], tensors[f"{name}.row_ptr"] = indices, row_ptr
+        if storage[name].get("values") == INT4:
+            try:
+                tensors[f"{name}.values"] = unpack_int4(tensors.pop(f"{name}.values.{INT4}"), int(modules[name]["nnz"]))
+            except KeyError as exc:
+                raise SEError(f"corrupt checkpoint: tensor {exc} is missing; re-run se-export expand") from None
     return tensors
 
 
 def stored_expert_bytes(stored: dict[str, torch.Tensor], modules: dict[str, dict]) -> int:
     """Bytes the checkpoint file spends on experts (values, coded masks, anything stored raw)."""
-    suffixes = ("values", "indices", f"mask.{CODEC}", "row_ptr")
+    suffixes = ("values", f"values.{INT4}", "scales", "indices", f"mask.{CODEC}", "row_ptr")
     keys = [f"{m}.{s}" for m in modules for s in suffixes]
     return sum(stored[k].numel() * stored[k].element_size() for k in keys if k in stored)

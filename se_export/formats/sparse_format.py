@@ -9,6 +9,10 @@ so every backend can find a row without a prefix scan. They differ in how column
 * ``csr16``: ``indices`` is int16 ``[nnz]`` holding unsigned 16-bit column numbers. Costs
   16 bits per kept weight: cheaper at very high sparsity.
 
+Values are floats (fp32, fp16, bf16), or int8 codes with one fp16 scale per expert, row and
+group of ``group_size`` input columns (``--value-dtype int8|int4``; ``quantization``): the
+weight a code stands for is ``code * scale`` in fp32.
+
 ``auto`` picks the format the CPU kernel runs faster (csr16 at most 20% dense, else the smaller
 one; see ``choose_format``). A kept weight whose value happens to be zero stays
 stored: the pattern is the mask, not the values, so sparsity counts are exact.
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import SEError
+from .quantization import QuantSpec, column_scales, quantize
 
 FORMATS = ("bitmap", "csr16")
 _BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
@@ -40,26 +45,39 @@ class PackedExperts:
     values: torch.Tensor
     indices: torch.Tensor
     row_ptr: torch.Tensor
+    scales: torch.Tensor | None = None  # quantized values: fp16 [K, out, groups]; None for float values
+    quant: QuantSpec | None = None
 
     @property
     def nnz(self) -> int:
         return int(self.values.numel())
 
+    @property
+    def quantized(self) -> bool:
+        return self.quant is not None
+
     def nbytes(self) -> int:
-        """Bytes of all three tensors: what the checkpoint stores for these experts."""
-        return sum(t.numel() * t.element_size() for t in (self.values, self.indices, self.row_ptr))
+        """Bytes of the tensors in memory (int4 codes take a byte each until they are stored)."""
+        parts = [self.values, self.indices, self.row_ptr] + ([self.scales] if self.scales is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts)
 
     def clone(self) -> PackedExperts:
         """The same experts in fresh memory (benchmarks rotate copies so every call reads DRAM)."""
         return dataclasses.replace(self, values=self.values.clone(), indices=self.indices.clone(),
-                                   row_ptr=self.row_ptr.clone())
+                                   row_ptr=self.row_ptr.clone(),
+                                   scales=None if self.scales is None else self.scales.clone())
 
     def expert_nnz(self) -> list[int]:
         rp = [*self.row_ptr.view(self.num_experts, -1)[:, 0].tolist(), self.nnz]
         return [rp[k + 1] - rp[k] for k in range(self.num_experts)]
 
     def unpack_expert(self, k: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Dense ``[out, in]`` weight of expert k (for the reference op and for tests)."""
+        """Dense ``[out, in]`` weight of expert k (for the reference op and for tests); quantized
+        values are dequantized (``code * scale`` in fp32, then ``dtype``, fp32 by default)."""
+        if self.quantized:
+            codes = dataclasses.replace(self, scales=None, quant=None).unpack_expert(k, torch.float32)
+            return (codes * column_scales(self.scales[k], self.in_features, self.quant.group_size)).to(
+                dtype or torch.float32)
         dtype = dtype or self.values.dtype
         out, inn = self.out_features, self.in_features
         start = int(self.row_ptr[k * out])
@@ -100,7 +118,8 @@ class PackedExperts:
         return torch.stack([bitmap_to_mask(bitmap[k], self.in_features) for k in range(self.num_experts)])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"values": self.values, "indices": self.indices, "row_ptr": self.row_ptr}
+        out = {"values": self.values, "indices": self.indices, "row_ptr": self.row_ptr}
+        return out if self.scales is None else {**out, "scales": self.scales}
 
 
 def mask_to_bitmap(mask: torch.Tensor) -> torch.Tensor:
@@ -135,7 +154,7 @@ def kept_values(weights: torch.Tensor, mask: torch.Tensor, value_dtype: torch.dt
     """The weights where ``mask`` is True, row-major, as ``value_dtype``. On the CPU through numpy's
     ``compress``: 3-4x faster than boolean indexing, which builds an index list first (a 16-expert
     gate/up group of the default model: 42 vs 152 ms per 14M weights)."""
-    if weights.device.type == "cpu" and weights.dtype in (torch.float16, torch.float32, torch.float64):
+    if weights.device.type == "cpu" and weights.dtype in (torch.float16, torch.float32, torch.float64, torch.int8):
         kept = np.compress(mask.reshape(-1).numpy(), weights.detach().reshape(-1).numpy())
         return torch.from_numpy(kept).to(value_dtype)
     return weights[mask].to(value_dtype)
@@ -190,9 +209,18 @@ def choose_format(k: int, out: int, inn: int, nnz: int, value_bytes: int) -> str
 
 
 def pack_experts(
-    weights: torch.Tensor, mask: torch.Tensor, fmt: str = "auto", value_dtype: torch.dtype = torch.float16
+    weights: torch.Tensor, mask: torch.Tensor, fmt: str = "auto", value_dtype: torch.dtype = torch.float16,
+    quant: QuantSpec | None = None, scales: torch.Tensor | None = None,
 ) -> PackedExperts:
-    """Pack dense ``[K, out, in]`` weights where ``mask`` is True (the kept weights)."""
+    """Pack dense ``[K, out, in]`` weights where ``mask`` is True (the kept weights). With ``quant``,
+    the values are the int8 codes of ``weights`` on the grid ``scales [K, out, groups]`` (weights
+    already on that grid, as the joint sweep leaves them, are stored exactly)."""
+    if quant is not None:
+        if scales is None or tuple(scales.shape) != (*weights.shape[:2], quant.groups(weights.shape[-1])):
+            raise ValueError(f"quantized packing needs scales [K, out, groups], got "
+                             f"{None if scales is None else tuple(scales.shape)}")
+        packed = pack_experts(quantize(weights, scales, quant), mask, fmt, torch.int8)
+        return dataclasses.replace(packed, scales=scales.to(torch.float16).contiguous(), quant=quant)
     if weights.shape != mask.shape or weights.dim() != 3:
         raise ValueError(f"weights {tuple(weights.shape)} and mask {tuple(mask.shape)} must both be [K, out, in]")
     k, out, inn = weights.shape
@@ -238,7 +266,17 @@ def validate_packed(p: PackedExperts) -> None:
                 problems.append("bitmap population differs from the number of values")
             elif not torch.equal(p.row_ptr, row_ptr_from_counts(counts)):
                 problems.append("row_ptr differs from the bitmap's row populations")
-    elif p.format == "csr16":
+    if p.quant is not None:
+        expect = (p.num_experts, p.out_features, p.quant.groups(p.in_features))
+        if p.values.dtype != torch.int8:
+            problems.append(f"quantized values are {p.values.dtype}, expected int8 codes")
+        elif p.nnz and int(p.values.abs().max()) > p.quant.qmax:
+            problems.append(f"{p.quant.name} codes outside [-{p.quant.qmax}, {p.quant.qmax}]")
+        if p.scales is None or tuple(p.scales.shape) != expect or p.scales.dtype != torch.float16:
+            problems.append(f"scales {None if p.scales is None else tuple(p.scales.shape)} (expected fp16 {expect})")
+        elif not bool(torch.isfinite(p.scales).all()) or bool((p.scales <= 0).any()):
+            problems.append("scales not finite and positive")
+    if p.format == "csr16":
         if p.indices.numel() != p.nnz or p.indices.dtype != torch.int16:
             problems.append("csr16 column count differs from the number of values")
         elif p.nnz and int((p.indices.to(torch.int64) & 0xFFFF).max()) >= p.in_features:

@@ -38,6 +38,7 @@ from torch import nn
 from ..adapters import MlpAdapter, adapter_for, decoder_layers, linear_weight, set_submodule
 from ..errors import SEError
 from ..formats.partial import load_partial_layer, save_partial_layer
+from ..formats.quantization import QuantSpec, parse_quant, round_to_nearest
 from ..formats.sparse_format import FORMATS, pack_experts
 from ..modeling.modules import RoutedSparseLinear, decoded_expert_cache
 from ..progress import progress_bar
@@ -83,7 +84,8 @@ METHODS: dict[str, Method] = {
     "magnitude": Method(mask=_magnitude, data_free=True),
 }
 DATA_FREE_METHODS = tuple(name for name, m in METHODS.items() if m.data_free)  # no calibration passes
-VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+                "int8": torch.int8, "int4": torch.int8}  # int4 codes are int8 in memory, packed on disk
 _LAYER_CACHE_BYTES = 4 << 30  # decoded experts of the layer being calibrated
 # Hessians and their factors in one pruning pass (experts_per_chunk): 512 MiB is all 16 experts up
 # to 1024 inputs, 7 at the default model's 1536, 1 from 4096 on; passes of fewer experts cost no
@@ -106,6 +108,7 @@ class ExpandConfig:
     blocksize: int = 128
     percdamp: float = 0.01
     value_dtype: str = "fp16"
+    group_size: int = 128  # input columns per scale of int8/int4 values
     format: str = "auto"
     batch_size: int = 8
     layers: list[int] | None = None
@@ -127,6 +130,7 @@ class ExpandConfig:
             raise SEError(f"--method {self.method} prunes one expert; drop --experts or use --method se")
         if self.value_dtype not in VALUE_DTYPES:
             raise SEError(f"unknown value dtype '{self.value_dtype}': use one of {', '.join(VALUE_DTYPES)}")
+        parse_quant(self.value_dtype, self.group_size)
         if self.format not in ("auto", *FORMATS):
             raise SEError(f"unknown format '{self.format}': use auto or one of {', '.join(FORMATS)}")
         if self.pca_factor < 0:
@@ -218,11 +222,15 @@ def expand_group(
 
     clusters = None if x is None else ClusterHessians(x, labels, num_experts, total=gram)
     lap("hessians")
-    if method.mask is None:
-        pruned, keep = _prune_experts(weight, clusters, spec, cfg, bounds, report, lap)
-    else:
+    quant = parse_quant(cfg.value_dtype, cfg.group_size, in_features)
+    scales = None
+    if method.mask is None:  # SparseGPT: quantized jointly, inside the sweep
+        pruned, keep, scales = _prune_experts(weight, clusters, spec, cfg, bounds, report, lap, quant)
+    else:  # a mask without weight updates: quantized by rounding to nearest
         keep = torch.cat([method.mask(weight[a:b], gram, spec) for a, b in bounds]).unsqueeze(0)
         pruned = weight.unsqueeze(0) * keep
+        if quant is not None:
+            pruned, scales = round_to_nearest(pruned, keep, quant)
         lap("prune")
         if clusters is not None:
             hessians = clusters.hessians([0])
@@ -235,7 +243,8 @@ def expand_group(
     group_name = f"{prefix}.{names[0]}"
     modules: dict[str, RoutedSparseLinear] = {}
     for name, (a, b), (_, bias) in zip(names, bounds, dense, strict=True):
-        packed = pack_experts(pruned[:, a:b], keep[:, a:b], cfg.format, value_dtype)
+        packed = pack_experts(pruned[:, a:b], keep[:, a:b], cfg.format, value_dtype, quant,
+                              None if scales is None else scales[:, a:b])
         expert_bias = None if bias is None else bias.float().expand(num_experts, -1).contiguous()
         modules[name] = RoutedSparseLinear(packed, router_weight, router_bias, expert_bias, router_group=group_name)
     report["format"] = {n: m.format for n, m in modules.items()}
@@ -256,24 +265,29 @@ def experts_per_chunk(in_features: int, num_experts: int, budget: int | None = N
 
 
 def _prune_experts(weight: torch.Tensor, clusters: ClusterHessians, spec: SparsitySpec, cfg: ExpandConfig,
-                   bounds: list[tuple[int, int]], report: dict, lap: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor]:
+                   bounds: list[tuple[int, int]], report: dict, lap: Callable[[str], None],
+                   quant: QuantSpec | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """SparseGPT for every expert, batched over as many experts as the memory budget allows;
-    fills the report's damping, dead inputs and reconstruction errors; returns (pruned, keep)."""
+    fills the report's damping, dead inputs and reconstruction errors; returns (pruned, keep,
+    scales), the pruned weights dequantized when ``quant`` quantizes them in the same sweep."""
     num_experts = clusters.num_experts
     chunk = experts_per_chunk(weight.shape[1], num_experts)
     order = clusters.expert_order()  # the derived Hessian last, whatever the chunk size
     pruned = torch.empty(num_experts, *weight.shape)
     keep = torch.empty(num_experts, *weight.shape, dtype=torch.bool)
+    scales = None if quant is None else torch.empty(num_experts, weight.shape[0], quant.groups(weight.shape[1]))
     damping, dead, errors = [0.0] * num_experts, [0] * num_experts, [0.0] * num_experts
     for c in range(0, num_experts, chunk):
         ids = order[c : c + chunk]
         hessians = clusters.hessians(ids)
         lap("hessians")
         result = sparsegpt_prune(weight, hessians, spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
-                                 row_segments=bounds)
+                                 row_segments=bounds, quant=quant)
         lap("prune")
         index = torch.tensor(ids)
         pruned[index], keep[index] = result.weight, result.keep
+        if scales is not None:
+            scales[index] = result.scales
         for i, k in enumerate(ids):
             damping[k], dead[k] = result.damping[i], result.dead_inputs[i]
         for k, error in zip(ids, reconstruction_error(weight, result.weight, hessians), strict=True):
@@ -281,7 +295,7 @@ def _prune_experts(weight: torch.Tensor, clusters: ClusterHessians, spec: Sparsi
         del result, hessians
         lap("pack")  # the reconstruction-error diagnostic is booked with packing, as before
     report["damping"], report["dead_inputs"], report["reconstruction_error"] = damping, dead, errors
-    return pruned, keep
+    return pruned, keep, scales
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -314,6 +328,10 @@ def expand_model(
     selected = set(range(len(layers)) if cfg.layers is None else cfg.layers)
     if bad := [i for i in selected if not 0 <= i < len(layers)]:
         raise SEError(f"--layers {bad} out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
+    if parse_quant(cfg.value_dtype, cfg.group_size) is not None:  # refuse a group size before any work
+        narrowest = min(linear_weight(layers[i].get_submodule(n), adapter)[0].shape[1]
+                        for i in selected for group in adapter.groups for n in group)
+        parse_quant(cfg.value_dtype, cfg.group_size, narrowest)
     last = max(selected, default=-1)
     start = time.perf_counter()
     result = ExpandResult()

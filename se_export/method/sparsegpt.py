@@ -11,7 +11,13 @@ a column is a contiguous row; inside each 128-column block the rank-1 updates to
 16-column sub-block and one batched GEMM carries the sub-block's errors to the rest of the
 block (the reference's lazy-batch idea applied once more); the inverse Hessian's Cholesky
 factor comes from one Cholesky and one triangular inverse. Same result up to rounding
-(tests/test_sparsegpt.py checks it against an immediate-update float64 reference).
+(tests/method/test_sparsegpt.py checks it against an immediate-update float64 reference).
+
+Joint sparsify + quantize (SparseGPT's joint mode; with sparsity 0 it is GPTQ): with ``quant``,
+every kept weight is rounded to its group's grid as the sweep reaches it, and the error
+``(w - q) / d`` is carried to the later columns like the pruning error, so they absorb both. A
+group's scales are fixed when the sweep reaches its first column, from the weights as updated so
+far and, where the block's mask is already chosen, from the kept ones only.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..formats.quantization import QuantSpec, scale_from_peak
 from .sparsity import SparsitySpec
 
 
@@ -29,6 +36,7 @@ class PruneResult:
     keep: torch.Tensor  # [E, out, in] bool
     damping: list[float]  # final damping (fraction of mean diag H) per expert
     dead_inputs: list[int]  # inputs never active in the expert's cluster
+    scales: torch.Tensor | None = None  # [E, out, groups] fp32 (fp16-representable) with ``quant``
 
 
 def input_gram(x: torch.Tensor, block: int = 256) -> torch.Tensor:
@@ -165,12 +173,14 @@ def sparsegpt_prune(
     row_segments: list[tuple[int, int]] | None = None,
     dtype: torch.dtype = torch.float32,
     substep: int = 16,
+    quant: QuantSpec | None = None,
 ) -> PruneResult:
     """Prune ``weight [out, in]`` (or ``[E, out, in]``) once per Hessian in ``hessians [E, in, in]``.
 
     ``dtype`` is the working precision (fp32 like the reference code; fp64 for exact tests);
     ``substep`` the width of the lazily updated sub-blocks inside a block (1 = the reference's
-    immediate updates).
+    immediate updates); ``quant`` rounds the kept weights to int8/int4 group grids in the same
+    sweep (the returned weights are then the dequantized values, on the grid of ``scales``).
     """
     num_experts, cols = hessians.shape[0], hessians.shape[-1]
     # the sweep runs on transposed weights [E, in, out]: a column is then a contiguous row (each
@@ -194,6 +204,8 @@ def sparsegpt_prune(
     step = max(1, substep)
     if spec.structured:
         step = -(-step // spec.group_m) * spec.group_m
+    scales = None if quant is None else torch.empty(num_experts, quant.groups(cols), rows, dtype=dtype)
+    scale = None  # [E, rows]: the grid of the group being swept
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
@@ -221,8 +233,16 @@ def sparsegpt_prune(
                         err_scale[:, i : i + width] = mask1[:, i : i + width] / d[:, i : i + width, None]
                         keep_scale[:, i : i + width] = (~mask1[:, i : i + width]).to(dtype)
                 col = w1[:, i]
-                torch.mul(col, err_scale[:, i], out=err1[:, i])
-                col.mul_(keep_scale[:, i])  # w1 now holds the pruned column q
+                if quant is None:
+                    torch.mul(col, err_scale[:, i], out=err1[:, i])
+                    col.mul_(keep_scale[:, i])  # w1 now holds the pruned column q
+                else:
+                    if (i1 + i) % quant.group_size == 0:
+                        scale = _group_scale(w1, wt, i, i1, i2, mask1, quant, spec.structured)
+                        scales[:, (i1 + i) // quant.group_size] = scale
+                    q = torch.clamp(torch.round(col / scale), -quant.qmax, quant.qmax).mul_(scale).mul_(keep_scale[:, i])
+                    torch.sub(col, q, out=err1[:, i]).div_(d[:, i, None])
+                    col.copy_(q)  # w1 now holds the pruned, quantized column
                 if i + 1 < j2:
                     w1[:, i + 1 : j2].addcmul_(hinv1[:, i, i + 1 : j2, None], err1[:, i, None, :], value=-1.0)
             if j2 < count:
@@ -231,7 +251,25 @@ def sparsegpt_prune(
         if i2 < cols:
             wt[:, i2:] -= hinv[:, i1:i2, i2:].transpose(1, 2) @ err1[:, :count]
     w = wt.transpose(1, 2).contiguous()
-    return PruneResult(w, (~prune).transpose(1, 2).contiguous(), damp.tolist(), dead.sum(1).tolist())
+    out_scales = None if scales is None else scales.transpose(1, 2).float().contiguous()
+    return PruneResult(w, (~prune).transpose(1, 2).contiguous(), damp.tolist(), dead.sum(1).tolist(), out_scales)
+
+
+def _group_scale(w1: torch.Tensor, wt: torch.Tensor, i: int, i1: int, i2: int, mask1: torch.Tensor, quant: QuantSpec,
+                 structured: bool) -> torch.Tensor:
+    """Scales ``[E, rows]`` of the group starting at block column ``i``: the group's weights as
+    updated so far (its columns in this block from ``w1``, later ones from ``wt``), pruned ones
+    left out where the block's unstructured mask already says which they are."""
+    start = i1 + i
+    end = min(start + quant.group_size, wt.shape[1])
+    inside = min(end, i2) - start
+    group = w1[:, i : i + inside].abs()
+    if not structured:
+        group = group * (~mask1[:, i : i + inside])
+    peak = group.amax(1)
+    if end > i2:
+        peak = torch.maximum(peak, wt[:, i2:end].abs().amax(1))
+    return scale_from_peak(peak, quant).to(w1.dtype)
 
 
 def reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, hessians: torch.Tensor) -> list[float]:

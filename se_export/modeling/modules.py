@@ -1,6 +1,8 @@
 """``RoutedSparseLinear``: the nn.Module that replaces an expanded linear layer.
 
 It owns a folded router and K packed sparse experts and calls ``se::routed_sparse_matmul``.
+Experts with int8/int4 values run the reference semantics (dequantize, then the same grouped
+product) in PyTorch; the kernels and the ONNX op take float values.
 Decoding a packed expert costs more than multiplying it on CPU, so evaluation and calibration
 may enable ``decoded_expert_cache``: a byte-bounded LRU of decoded fp32 experts that runs the
 same grouped product (``ops.grouped_expert_matmul``) without repeating the decode.
@@ -17,6 +19,7 @@ from torch import nn
 
 from ..backends import kernels
 from ..errors import SEError
+from ..formats.quantization import QuantSpec
 from ..formats.sparse_format import PackedExperts, validate_packed
 from . import ops
 
@@ -116,6 +119,7 @@ class RoutedSparseLinear(nn.Module):
         self.out_features = packed.out_features
         self.num_experts = packed.num_experts
         self.format = packed.format
+        self.quant = packed.quant
         self.router_group = router_group
         self.record_routing = False
         self.last_expert_ids: torch.Tensor | None = None
@@ -127,20 +131,24 @@ class RoutedSparseLinear(nn.Module):
         self.register_buffer("indices", packed.indices)
         self.register_buffer("row_ptr", packed.row_ptr)
         self.register_buffer("bias", None if bias is None else bias)
+        self.register_buffer("scales", packed.scales)
 
     def packed(self) -> PackedExperts:
         return PackedExperts(self.format, self.num_experts, self.out_features, self.in_features,
-                             self.values, self.indices, self.row_ptr)
+                             self.values, self.indices, self.row_ptr, self.scales, self.quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _CACHE.budget > 0:
+        if _CACHE.budget > 0 or self.quant is not None:
             flat = x.reshape(-1, self.in_features)
-            forced = self.forced_ids(x)
-            ids = forced.reshape(-1) if forced is not None else ops.route(flat, self.router_weight, self.router_bias)
+            given = self.shared_expert_ids(x)
+            ids = given.reshape(-1) if given is not None else ops.route(flat, self.router_weight, self.router_bias)
+            packed = self.packed()
+            weight = (lambda k: _CACHE.get(self, k)) if _CACHE.budget > 0 else packed.unpack_expert
             y = ops.grouped_expert_matmul(
-                flat, ids, self.num_experts, self.out_features, lambda k: _CACHE.get(self, k), self.bias
+                flat, ids, self.num_experts, self.out_features, weight, self.bias
             ).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             ids = ids.reshape(x.shape[:-1])
+            self.remember_expert_ids(x, ids)
         elif self._use_kernels(x):
             given = self.shared_expert_ids(x)
             y, ids = self._bound_experts().matmul(x, self.router_weight, self.router_bias, given)
@@ -158,7 +166,8 @@ class RoutedSparseLinear(nn.Module):
 
     def _use_kernels(self, x: torch.Tensor) -> bool:
         """Plain eager CPU inference runs the C++ kernels (shared with ONNX Runtime) when built."""
-        return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16)
+        return (self.quant is None and type(x) is torch.Tensor and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.float16)
                 and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
                 and not torch.jit.is_tracing() and kernels.available())
 
@@ -185,17 +194,22 @@ class RoutedSparseLinear(nn.Module):
 
     def meta(self) -> dict:
         """What a checkpoint manifest records to rebuild this module (tensors go separately)."""
-        return {"format": self.format, "experts": self.num_experts, "in": self.in_features,
+        meta = {"format": self.format, "experts": self.num_experts, "in": self.in_features,
                 "out": self.out_features, "router_group": self.router_group, "bias": self.bias is not None,
                 "nnz": int(self.values.numel()), "value_dtype": str(self.values.dtype).removeprefix("torch.")}
+        if self.quant is not None:
+            meta.update(value_dtype=self.quant.name, group_size=self.quant.group_size)
+        return meta
 
     @classmethod
     def from_tensors(cls, prefix: str, meta: dict, tensors: dict[str, torch.Tensor]) -> RoutedSparseLinear:
         """Rebuild from ``meta()`` and the tensors saved under ``prefix.<buffer>``, checking them."""
         try:
+            quant = QuantSpec(int(meta["value_dtype"].removeprefix("int")), int(meta["group_size"])) \
+                if meta.get("value_dtype") in ("int8", "int4") else None
             packed = PackedExperts(meta["format"], int(meta["experts"]), int(meta["out"]), int(meta["in"]),
                                    tensors[f"{prefix}.values"], tensors[f"{prefix}.indices"],
-                                   tensors[f"{prefix}.row_ptr"])
+                                   tensors[f"{prefix}.row_ptr"], tensors[f"{prefix}.scales"] if quant else None, quant)
             router_weight = tensors[f"{prefix}.router_weight"]
             router_bias = tensors[f"{prefix}.router_bias"]
             bias = tensors[f"{prefix}.bias"] if meta.get("bias") else None
@@ -209,4 +223,5 @@ class RoutedSparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"experts={self.num_experts}, format={self.format}, bias={self.bias is not None}")
+                f"experts={self.num_experts}, format={self.format}, bias={self.bias is not None}"
+                + (f", values={self.quant.name}, group_size={self.quant.group_size}" if self.quant else ""))

@@ -1,0 +1,119 @@
+"""Quantized expert values: symmetric integer codes with one fp16 scale per expert, row and group.
+
+A kept weight ``w`` in column ``c`` of row ``r`` of expert ``k`` is stored as the integer code
+``q = clamp(round(w / s), -qmax, qmax)`` with ``s = scales[k, r, c // group_size]``, and stands
+for the weight ``q * s`` (computed in fp32, which holds it exactly: at most 8 bits of code times
+11 bits of fp16 significand). ``qmax`` is 127 for int8 and 7 for int4; the grid is symmetric
+(no zero point), so a pruned weight and a zero code mean the same thing.
+
+Scales are rounded to fp16 when they are chosen, so the weights the SparseGPT sweep compensates
+for are exactly the ones stored. A group's scale is its largest kept ``|w|`` over ``qmax``; a
+group with no kept weight (or only zeros) gets scale 1.
+
+In memory and in the op, codes are int8 ``[nnz]`` in the packed order of the values (int4 codes
+too, in ``[-7, 7]``). On disk, int4 codes are packed two per byte (``pack_int4``): value ``i``
+is the low nibble of byte ``i // 2`` when ``i`` is even, the high nibble when it is odd, in
+two's complement; a row may start in the middle of a byte, since rows are located by
+``row_ptr`` in values, not in bytes. The last byte's unused high nibble is zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SEError
+
+QUANT_BITS = {"int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How expert values are quantized: ``bits`` (8 or 4) and ``group_size`` input columns per scale."""
+
+    bits: int
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise SEError(f"quantized values are int8 or int4, not {self.bits} bits")
+        if self.group_size < 1:
+            raise SEError(f"--group-size must be >= 1 (got {self.group_size})")
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    def groups(self, in_features: int) -> int:
+        return math.ceil(in_features / self.group_size)
+
+
+def parse_quant(value_dtype: str, group_size: int, in_features: int | None = None) -> QuantSpec | None:
+    """The QuantSpec of ``--value-dtype`` (None for a float dtype). A group size that does not divide
+    the input features leaves a short last group, which is fine; one larger than them is refused."""
+    if value_dtype not in QUANT_BITS:
+        return None
+    spec = QuantSpec(QUANT_BITS[value_dtype], group_size)
+    if in_features is not None and group_size > in_features:
+        raise SEError(f"--group-size {group_size} is larger than the {in_features} input features: "
+                      "use a group size of at most the smallest linear's input features (e.g. 128)")
+    return spec
+
+
+def group_scales(weight: torch.Tensor, keep: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """fp32 scales ``[..., out, groups]`` (fp16-representable) of the kept weights ``[..., out, in]``."""
+    inn = weight.shape[-1]
+    pad = spec.groups(inn) * spec.group_size - inn
+    kept = (weight.float() * keep).abs()
+    if pad:
+        kept = torch.nn.functional.pad(kept, (0, pad))
+    peak = kept.reshape(*kept.shape[:-1], -1, spec.group_size).amax(-1)
+    return scale_from_peak(peak, spec)
+
+
+def scale_from_peak(peak: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The fp16-rounded scale for groups whose largest kept ``|w|`` is ``peak`` (1 where it is 0)."""
+    scale = (peak / spec.qmax).to(torch.float16).to(torch.float32)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def column_scales(scales: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """Per-column scales ``[..., out, in]`` from per-group ``[..., out, groups]``."""
+    return scales.float().repeat_interleave(group_size, dim=-1)[..., :in_features]
+
+
+def quantize(weight: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """int8 codes ``[..., out, in]`` of ``weight`` on the grid ``scales`` (per group)."""
+    s = column_scales(scales, weight.shape[-1], spec.group_size)
+    return torch.clamp(torch.round(weight.float() / s), -spec.qmax, spec.qmax).to(torch.int8)
+
+
+def round_to_nearest(weight: torch.Tensor, keep: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTN of already pruned weights: ``(dequantized weights, scales)``; pruned weights stay 0."""
+    scales = group_scales(weight, keep, spec)
+    codes = quantize(weight, scales, spec)
+    return codes.float() * column_scales(scales, weight.shape[-1], spec.group_size) * keep, scales
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in ``[-8, 7]`` ``[n]`` to uint8 ``[ceil(n / 2)]``: even values in the low nibble."""
+    flat = codes.reshape(-1).to(torch.int16) & 0x0F
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    pairs = flat.view(-1, 2)
+    return (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """Inverse of ``pack_int4``: int8 codes ``[count]`` (sign-extended nibbles)."""
+    if packed.numel() != math.ceil(count / 2):
+        raise SEError(f"corrupt int4 values: {packed.numel()} bytes for {count} codes; re-run se-export expand")
+    b = packed.to(torch.int16)
+    nibbles = torch.stack([b & 0x0F, (b >> 4) & 0x0F], dim=1).reshape(-1)[:count]
+    return torch.where(nibbles > 7, nibbles - 16, nibbles).to(torch.int8)
