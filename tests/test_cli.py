@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -222,3 +223,14 @@ def test_quantized_module_runs_the_reference_semantics(expanded_int4):
         expect += module.bias.double()[ids.long()]
     got = module(x).reshape(-1, module.out_features)
     assert torch.allclose(got.double(), expect, atol=1e-4, rtol=1e-4)
+
+
+def test_python_m_se_export_is_the_cli_and_logs_progress_as_plain_lines(expanded, eval_file):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "se_export", "eval", str(expanded), "--text", str(eval_file),
+                           "--seqlen", "32", "--max-windows", "3", "--batch", "1"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    steps = [line for line in proc.stderr.splitlines() if re.search(r"\d/3, \d+:\d\d:\d\d elapsed", line)]
+    assert len(steps) == 3, proc.stderr  # one line per window (stderr is a pipe here, not a terminal)
+    assert "perplexity" in proc.stderr and "3 x 32 tokens" in proc.stderr
