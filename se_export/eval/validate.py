@@ -213,9 +213,23 @@ def prompt_ids(tokenizer, vocab: int) -> list[np.ndarray]:
 def eval_text_windows(tokenizer, windows: int, seqlen: int) -> np.ndarray | None:
     if tokenizer is None or windows <= 0:
         return None
-
     text = load_text("wikitext2" if wikitext2_path() else "pydocs")
     return eval_windows(tokenize(tokenizer, text), seqlen, windows).numpy()
+
+
+@dataclass
+class Comparison:
+    """What every check compares: the PyTorch reference and the backend on the same prompts."""
+
+    torch_lm: TorchCausalLM
+    backend_lm: object  # OrtCausalLM or TrtCausalLM: run, generate, nll
+    backend: str
+    dtype: str
+    prompts: list[np.ndarray]
+    groups: list[str]  # router groups of the expanded model
+    mapping: dict[str, str]  # router group -> the graph output holding its expert ids
+    why_no_routing: str | None
+    report: Report
 
 
 def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str | None = None,
@@ -228,20 +242,14 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
         raise SEError(f"unknown --backend '{backend}': use ort or trt")
     dtype = manifest["dtype"]
     if backend == "trt":  # loads first: no TensorRT, GPU or engine fails fast, before the PyTorch model
-
         backend_lm = TrtCausalLM(onnx_dir, engine or onnx_dir / DEFAULT_ENGINE, plugin)
         dtype = "fp16" if backend_lm.fp16 else dtype  # an fp16 engine of an fp32 graph
-
     source = model or manifest.get("source")
     if not source:
         raise SEError(f"{onnx_dir} does not record its PyTorch source: pass --model")
     loaded = load_model(source)
-    torch_lm = TorchCausalLM(loaded.model)
     tokenizer = _onnx_tokenizer(onnx_dir) or loaded.tokenizer
     report = Report(backend, str(onnx_dir), dtype, manifest["portable"])
-    prompts = prompt_ids(tokenizer, manifest["vocab_size"])
-
-
     mods = expanded_modules(loaded.model)
     groups = list(dict.fromkeys(m.router_group or n for n, m in mods.items()))
     if backend == "trt":
@@ -254,90 +262,105 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
         finally:
             if extra is not None:
                 extra.unlink(missing_ok=True)
-
+    c = Comparison(TorchCausalLM(loaded.model), backend_lm, backend, dtype, prompt_ids(tokenizer, manifest["vocab_size"]),
+                   groups, mapping, why_not, report)
     with decoded_expert_cache(8 << 30):
-        # 1. logits on every prompt, batch 1, and on a batch of 3 equal-length prompts
-        # fp16 activations flip near-tie routers, and one flipped expert moves a position's logits
-        # far more than fp16 rounding does: an fp16 backend is compared with the reference routed
-        # as the backend routed (the flips themselves are the routing check's business); its
-        # comparison with the reference's own routing is reported beside it. fp32 must route alike.
-        replay = dtype == "fp16" and bool(mapping) and bool(mods)
-        stats, free = [], []
-        agree: dict[str, list[float]] = {}
-        width = min(p.shape[1] for p in prompts)
-        batch = np.concatenate([p[:, :width] for p in prompts[:3]])
-        for ids in [*prompts, batch]:
-            ref, torch_ids = torch_lm.run_recording_routing(ids)
-            got, _, named = backend_lm.run(ids)
-            free.append(compare_logits(ref, got))
-            if replay:
-                backend_routing = {g: named[v] for g, v in mapping.items()}
-                stats.append(compare_logits(torch_lm.run(ids, routing=backend_routing)[0], got))
-            else:
-                stats.append(free[-1])
-            if mapping and ids is not batch:
-                for group, value in mapping.items():
-                    if group in torch_ids:
-                        same = float((named[value].reshape(-1).astype(np.int64) == torch_ids[group]).mean())
-                        agree.setdefault(group, []).append(same)
-        merged = merge_logit_stats(stats)
-        extra = {}
-        if replay:
-            own = merge_logit_stats(free)
-            extra = {"reference_routing": "the backend's", "own_routing_cosine": own["cosine"],
-                     "own_routing_top1": own["top1"], "own_routing_max_abs": own["max_abs"]}
-        report.check("logits", logits_ok(merged, dtype), **merged, tolerance=TOLERANCES[dtype],
-                     prompts=len(prompts), batch=int(batch.shape[0]), **extra)
-
-        # 2. routing agreement per router group
-        if mods:
-            if mapping:
-                per_group = {g: float(np.mean(v)) for g, v in agree.items()}
-                overall = float(np.mean(list(per_group.values()))) if per_group else 0.0
-                need = 1.0 if dtype == "fp32" else 0.99
-                report.check("routing", overall >= need and len(per_group) == len(groups), agreement=overall,
-                             min_group=min(per_group.values()) if per_group else 0.0, groups=len(per_group),
-                             required=need, per_group=per_group)
-            else:
-                report.checks["routing"] = {"passed": None, "reason": why_not}
-
-        # 3. a decode step with past equals the last position of the full run
-        ids = prompts[1]
-        full, _, _ = backend_lm.run(ids)
-        _, past, _ = backend_lm.run(ids[:, :-1])
-        step, _, _ = backend_lm.run(ids[:, -1:], past)
-        s = compare_logits(full[:, -1:], step)
-        report.check("decode_step", logits_ok(s, dtype), **s)
-
-        # 4. greedy generation with the KV cache
+        check_logits_and_routing(c)
+        check_decode_step(c)
         if tokens > 0:
-            same, total, first_diff = 0, 0, []
-            for ids in prompts:
-                a = torch_lm.generate(ids, tokens)
-                b = backend_lm.generate(ids, tokens)
-                same += int((a == b).sum())
-                total += a.size
-                mismatch = np.nonzero(a[0] != b[0])[0]
-                first_diff.append(int(mismatch[0]) if mismatch.size else None)
-            rate = same / max(1, total)
-            details = {"agreement": rate, "tokens_per_prompt": tokens, "first_mismatch": first_diff}
-            if dtype == "fp32":
-                report.check("generation", rate == 1.0, **details)
-            else:  # fp16 rounding flips near-tie argmaxes and greedy decoding then diverges: informational
-                report.checks["generation"] = {"passed": None, **details,
-                                               "reason": "fp16: reported, not a pass criterion"}
-
-        # 5. perplexity both ways
+            check_generation(c, tokens)
         windows = eval_text_windows(tokenizer, ppl_windows, ppl_seqlen)
         if windows is not None and len(windows):
-            t_nll, count = windows_nll(lambda ids: torch_lm.run(ids)[0], windows)
-            b_nll, _ = backend_lm.nll(windows)
-            p_torch, p_backend = perplexity_from(t_nll, count), perplexity_from(b_nll, count)
-            rel = abs(p_backend - p_torch) / p_torch
-            report.check("perplexity", rel <= (1e-4 if dtype == "fp32" else 1e-2), torch=p_torch, **{backend: p_backend},
-                         relative_diff=rel, windows=len(windows), seqlen=ppl_seqlen)
+            check_perplexity(c, windows)
     report.seconds = round(time.perf_counter() - start, 1)
     return report
+
+
+def check_logits_and_routing(c: Comparison) -> None:
+    """Logits on every prompt (batch 1) and on a batch of 3 equal-length prompts; routing agreement
+    per router group.
+
+    fp16 activations flip near-tie routers, and one flipped expert moves a position's logits far
+    more than fp16 rounding does: an fp16 backend is compared with the reference routed as the
+    backend routed (the flips themselves are the routing check's business); its comparison with
+    the reference's own routing is reported beside it. fp32 must route alike."""
+    replay = c.dtype == "fp16" and bool(c.mapping) and bool(c.groups)
+    stats, free = [], []
+    agree: dict[str, list[float]] = {}
+    width = min(p.shape[1] for p in c.prompts)
+    batch = np.concatenate([p[:, :width] for p in c.prompts[:3]])
+    for ids in [*c.prompts, batch]:
+        ref, torch_ids = c.torch_lm.run_recording_routing(ids)
+        got, _, named = c.backend_lm.run(ids)
+        free.append(compare_logits(ref, got))
+        if replay:
+            backend_routing = {g: named[v] for g, v in c.mapping.items()}
+            stats.append(compare_logits(c.torch_lm.run(ids, routing=backend_routing)[0], got))
+        else:
+            stats.append(free[-1])
+        if c.mapping and ids is not batch:
+            for group, value in c.mapping.items():
+                if group in torch_ids:
+                    same = float((named[value].reshape(-1).astype(np.int64) == torch_ids[group]).mean())
+                    agree.setdefault(group, []).append(same)
+    merged = merge_logit_stats(stats)
+    extra = {}
+    if replay:
+        own = merge_logit_stats(free)
+        extra = {"reference_routing": "the backend's", "own_routing_cosine": own["cosine"],
+                 "own_routing_top1": own["top1"], "own_routing_max_abs": own["max_abs"]}
+    c.report.check("logits", logits_ok(merged, c.dtype), **merged, tolerance=TOLERANCES[c.dtype],
+                   prompts=len(c.prompts), batch=int(batch.shape[0]), **extra)
+    if not c.groups:
+        return
+    if not c.mapping:
+        c.report.checks["routing"] = {"passed": None, "reason": c.why_no_routing}
+        return
+    per_group = {g: float(np.mean(v)) for g, v in agree.items()}
+    overall = float(np.mean(list(per_group.values()))) if per_group else 0.0
+    need = 1.0 if c.dtype == "fp32" else 0.99
+    c.report.check("routing", overall >= need and len(per_group) == len(c.groups), agreement=overall,
+                   min_group=min(per_group.values()) if per_group else 0.0, groups=len(per_group),
+                   required=need, per_group=per_group)
+
+
+def check_decode_step(c: Comparison) -> None:
+    """A decode step with the KV cache equals the last position of the full run."""
+    ids = c.prompts[1]
+    full, _, _ = c.backend_lm.run(ids)
+    _, past, _ = c.backend_lm.run(ids[:, :-1])
+    step, _, _ = c.backend_lm.run(ids[:, -1:], past)
+    s = compare_logits(full[:, -1:], step)
+    c.report.check("decode_step", logits_ok(s, c.dtype), **s)
+
+
+def check_generation(c: Comparison, tokens: int) -> None:
+    """Greedy generation with the KV cache: identical at fp32; at fp16 reported, since rounding
+    flips near-tie argmaxes and greedy decoding then diverges."""
+    same, total, first_diff = 0, 0, []
+    for ids in c.prompts:
+        a = c.torch_lm.generate(ids, tokens)
+        b = c.backend_lm.generate(ids, tokens)
+        same += int((a == b).sum())
+        total += a.size
+        mismatch = np.nonzero(a[0] != b[0])[0]
+        first_diff.append(int(mismatch[0]) if mismatch.size else None)
+    rate = same / max(1, total)
+    details = {"agreement": rate, "tokens_per_prompt": tokens, "first_mismatch": first_diff}
+    if c.dtype == "fp32":
+        c.report.check("generation", rate == 1.0, **details)
+    else:
+        c.report.checks["generation"] = {"passed": None, **details, "reason": "fp16: reported, not a pass criterion"}
+
+
+def check_perplexity(c: Comparison, windows: np.ndarray) -> None:
+    """Perplexity of both on the same windows (relative difference 1e-4 at fp32, 1e-2 at fp16)."""
+    t_nll, count = windows_nll(lambda ids: c.torch_lm.run(ids)[0], windows)
+    b_nll, _ = c.backend_lm.nll(windows)
+    p_torch, p_backend = perplexity_from(t_nll, count), perplexity_from(b_nll, count)
+    rel = abs(p_backend - p_torch) / p_torch
+    c.report.check("perplexity", rel <= (1e-4 if c.dtype == "fp32" else 1e-2), torch=p_torch,
+                   **{c.backend: p_backend}, relative_diff=rel, windows=len(windows), seqlen=windows.shape[1])
 
 
 def _onnx_tokenizer(folder: Path):
