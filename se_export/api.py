@@ -56,7 +56,7 @@ class Expansion:
 def expand(model: str | LoadedModel, out: Path | str, *, method: str = "se", experts: int | None = None,
            sparsity: str = "0.5", calib: str = "wiki", calib_samples: int = 128, seqlen: int = 512,
            pca_factor: int = 32, seed: int = 0, true_sequential: bool = True, min_cluster_tokens: int = 128,
-           value_dtype: str = "fp16", group_size: int = 128, format: str = "auto", layers: list[int] | None = None,
+           value_dtype: str = "fp16", group_size: int | None = None, format: str = "auto", layers: list[int] | None = None,
            allocate: str = "uniform", resume: bool = False, overwrite: bool = False, show_progress: bool = True,
            log: Callable[[str], None] | None = None) -> Expansion:
     """Expand every MLP linear of ``model`` into routed sparse experts and save the checkpoint in

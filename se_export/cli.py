@@ -48,7 +48,8 @@ def expand(
     min_cluster_tokens: Annotated[int, typer.Option(help="smaller clusters are merged away")] = 128,
     value_dtype: Annotated[str, typer.Option(help="stored values: fp16 | bf16 | fp32, or int8 | int4 (quantized "
                                                   "jointly with SparseGPT; by rounding for wanda/magnitude)")] = "fp16",
-    group_size: Annotated[int, typer.Option(help="int8/int4: input columns per scale")] = 128,
+    group_size: Annotated[int | None, typer.Option(help="int8/int4: input columns per scale (default: 128 for "
+                                                     "int8, 32 for int4)")] = None,
     fmt: Annotated[str, typer.Option("--format", help="auto | bitmap | csr16")] = "auto",
     layers: Annotated[str | None, typer.Option(help="expand only these decoder layers, e.g. 0-3,7")] = None,
     allocate: Annotated[str, typer.Option(help="uniform | wasserstein: per-layer K from the layers' WD, same total")] = "uniform",

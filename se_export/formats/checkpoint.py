@@ -25,6 +25,7 @@ from ..errors import SEError
 from ..modeling.modules import RoutedSparseLinear
 from .mask_codec import decode_masks, encode_masks, stored_expert_bytes
 from .partial import PARTIAL_DIR
+from .quantization import parse_quant
 from .tensor_aliases import dedupe_tensors, restore_aliases
 
 MANIFEST = "se_manifest.json"
@@ -106,7 +107,7 @@ def save_expansion(model: nn.Module, tokenizer, out: Path, *, source: str, cfg, 
     info = {"base_model": source, "method": cfg.method, "experts": cfg.experts, "sparsity": str(cfg.check()),
             "allocation": allocation, "experts_per_layer": cfg.experts_per_layer,
             "pca_factor": cfg.pca_factor, "true_sequential": cfg.true_sequential, "value_dtype": cfg.value_dtype,
-            **({"group_size": cfg.group_size} if cfg.value_dtype in ("int8", "int4") else {}),
+            **({"group_size": quant.group_size} if (quant := parse_quant(cfg.value_dtype, cfg.group_size)) else {}),
             "calibration": calibration, "stats": expanded_stats(model),
             "expansion": {"seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
                           "resumed_layers": result.resumed_layers}}

@@ -108,7 +108,7 @@ class ExpandConfig:
     blocksize: int = 128
     percdamp: float = 0.01
     value_dtype: str = "fp16"
-    group_size: int = 128  # input columns per scale of int8/int4 values
+    group_size: int | None = None  # input columns per scale of int8/int4 values (None: the dtype's default)
     format: str = "auto"
     batch_size: int = 8
     layers: list[int] | None = None

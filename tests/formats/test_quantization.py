@@ -103,6 +103,7 @@ def test_validation_refuses_corrupt_codes_and_scales():
 
 def test_value_dtype_parsing():
     assert parse_quant("fp16", 128) is None
+    assert parse_quant("int4") == QuantSpec(4, 32) and parse_quant("int8") == QuantSpec(8, 128)
     assert parse_quant("int4", 64, in_features=576) == QuantSpec(4, 64)
     with pytest.raises(SEError, match="larger than the 64 input features"):
         parse_quant("int8", 128, in_features=64)
