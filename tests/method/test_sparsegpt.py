@@ -15,8 +15,13 @@ from se_export.method.sparsegpt import (
 from se_export.method.sparsity import parse_sparsity
 
 
-def reference_sparsegpt(weight, hessian, fraction=0.0, prune_n=0, group_m=0, blocksize=8, percdamp=0.01):
-    """Straightforward SparseGPT in float64: immediate (not lazy) updates, one column at a time."""
+def reference_sparsegpt(weight, hessian, fraction=0.0, prune_n=0, group_m=0, blocksize=8, percdamp=0.01,
+                        bits=None, group=None):
+    """Straightforward SparseGPT in float64: immediate (not lazy) updates, one column at a time.
+
+    With ``bits``, joint quantization: each group's scales are fixed when the sweep reaches its
+    first column, from the kept weights as updated so far (all of the group's weights for N:M,
+    whose masks are chosen later); returns the scales too."""
     w = weight.double().clone()
     h = hessian.double().clone()
     cols = w.shape[1]
@@ -26,6 +31,8 @@ def reference_sparsegpt(weight, hessian, fraction=0.0, prune_n=0, group_m=0, blo
     h += percdamp * torch.diag(h).mean() * torch.eye(cols, dtype=torch.float64)
     hinv = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
     prune = torch.zeros_like(w, dtype=torch.bool)
+    qmax = 2 ** (bits - 1) - 1 if bits else None
+    scales = torch.zeros(w.shape[0], -(-cols // group), dtype=torch.float64) if bits else None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         d = torch.diag(hinv)[i1:i2]
@@ -40,11 +47,21 @@ def reference_sparsegpt(weight, hessian, fraction=0.0, prune_n=0, group_m=0, blo
                 score = w[:, i : i + group_m] ** 2 / torch.diag(hinv)[i : i + group_m] ** 2
                 idx = torch.argsort(score, dim=1, stable=True)[:, :prune_n]
                 prune[:, i : i + group_m].scatter_(1, idx, True)
-            q = torch.where(prune[:, i], 0.0, w[:, i])
+            q = w[:, i]
+            if bits:
+                if i % group == 0:
+                    part = w[:, i : i + group].abs()
+                    if not group_m:
+                        part = part * ~prune[:, i : i + group]
+                    s = (part.amax(1) / qmax).to(torch.float16).double()
+                    scales[:, i // group] = torch.where(s > 0, s, torch.ones_like(s))
+                s = scales[:, i // group]
+                q = torch.clamp(torch.round(q / s), -qmax, qmax) * s
+            q = torch.where(prune[:, i], 0.0, q)
             err = (w[:, i] - q) / hinv[i, i]
             w[:, i:] -= err[:, None] * hinv[i, i:][None, :]
             w[:, i] = q
-    return w, ~prune
+    return (w, ~prune, scales) if bits else (w, ~prune)
 
 
 def _problem(out, inn, tokens, seed):
@@ -212,47 +229,6 @@ def test_cluster_hessians_on_demand_equal_direct_products_and_keep_the_derived_o
 # ------------------------------------------------------------------ joint sparsify + quantize
 
 
-def reference_joint(weight, hessian, fraction, prune_n, group_m, blocksize, bits, group, percdamp=0.01):
-    """Joint SparseGPT + quantization in float64 with immediate updates: each group's scales are
-    fixed when the sweep reaches its first column, from the kept weights as updated so far (all
-    of the group's weights for N:M, whose masks are chosen later)."""
-    qmax = 2 ** (bits - 1) - 1
-    w = weight.double().clone()
-    h = hessian.double().clone()
-    cols = w.shape[1]
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    h += percdamp * torch.diag(h).mean() * torch.eye(cols, dtype=torch.float64)
-    hinv = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
-    prune = torch.zeros_like(w, dtype=torch.bool)
-    scales = torch.zeros(w.shape[0], -(-cols // group), dtype=torch.float64)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        d = torch.diag(hinv)[i1:i2]
-        if not group_m:
-            score = (w[:, i1:i2] ** 2 / d**2).flatten()
-            block = torch.zeros_like(score, dtype=torch.bool)
-            block[torch.argsort(score, stable=True)[: round(score.numel() * fraction)]] = True
-            prune[:, i1:i2] = block.view(w.shape[0], -1)
-        for i in range(i1, i2):
-            if group_m and (i - i1) % group_m == 0:
-                score = w[:, i : i + group_m] ** 2 / torch.diag(hinv)[i : i + group_m] ** 2
-                prune[:, i : i + group_m].scatter_(1, torch.argsort(score, dim=1, stable=True)[:, :prune_n], True)
-            if i % group == 0:
-                part = w[:, i : i + group].abs()
-                if not group_m:
-                    part = part * ~prune[:, i : i + group]
-                s = (part.amax(1) / qmax).to(torch.float16).double()
-                scales[:, i // group] = torch.where(s > 0, s, torch.ones_like(s))
-            s = scales[:, i // group]
-            q = torch.where(prune[:, i], 0.0, torch.clamp(torch.round(w[:, i] / s), -qmax, qmax) * s)
-            err = (w[:, i] - q) / hinv[i, i]
-            w[:, i:] -= err[:, None] * hinv[i, i:][None, :]
-            w[:, i] = q
-    return w, ~prune, scales
-
-
 @settings(max_examples=25, deadline=None)
 @given(out=st.integers(2, 10), inn=st.integers(8, 40), spec=st.sampled_from(["0.5", "0.7", "0", "2:4"]),
        bits=st.sampled_from([4, 8]), group=st.sampled_from([2, 4, 8, 16]), seed=st.integers(0, 999))
@@ -263,8 +239,8 @@ def test_joint_quantization_matches_the_float64_reference(out, inn, spec, bits, 
     if parsed.structured and inn % 4:
         inn += 4 - inn % 4
     weight, h, _ = _problem(out, inn, 200, seed)
-    ref_w, ref_keep, ref_scales = reference_joint(weight, h[0], parsed.fraction, parsed.prune_n, parsed.group_m, 8,
-                                                  bits, group)
+    ref_w, ref_keep, ref_scales = reference_sparsegpt(weight, h[0], parsed.fraction, parsed.prune_n, parsed.group_m,
+                                                      blocksize=8, bits=bits, group=group)
     res = sparsegpt_prune(weight, h, parsed, blocksize=8, substep=1, dtype=torch.float64,
                           quant=QuantSpec(bits, group))
     assert torch.equal(res.keep[0], ref_keep)
