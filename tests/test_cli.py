@@ -234,3 +234,21 @@ def test_python_m_se_export_is_the_cli_and_logs_progress_as_plain_lines(expanded
     steps = [line for line in proc.stderr.splitlines() if re.search(r"\d/3, \d+:\d\d:\d\d elapsed", line)]
     assert len(steps) == 3, proc.stderr  # one line per window (stderr is a pipe here, not a terminal)
     assert "perplexity" in proc.stderr and "3 x 32 tokens" in proc.stderr
+
+
+def test_int4_experts_export_portable_and_validate_in_onnx_runtime(expanded_int4, tmp_path):
+    """Standard ops carry the int8 codes and fp16 scales; ONNX Runtime's logits, decode step with
+    the KV cache and greedy generation match the dequantizing PyTorch reference at fp32."""
+    out = tmp_path / "onnx-int4"
+    proc = run_cli("onnx", expanded_int4, "--out", out, "--portable")
+    assert proc.returncode == 0, proc.stderr
+    import onnx
+
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    kinds = {i.data_type for i in graph.initializer}
+    assert onnx.TensorProto.INT8 in kinds and onnx.TensorProto.FLOAT16 in kinds  # codes and scales, not floats
+    assert not any(n.domain == "se" for n in graph.node)
+    proc = run_cli("validate", out, "--tokens", "8", "--ppl-windows", "0", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["passed"] and {"logits", "decode_step", "generation"} <= set(report["checks"])

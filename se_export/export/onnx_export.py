@@ -110,6 +110,9 @@ class PortableRoutedLinear(nn.Module):
     its routed expert's bitmap rows and row starts, unpacks the bits, and a ``cumsum`` along the
     row indexes ``values``: ``tokens x out x in`` work per call (decode: one expert's worth), never
     the K dense experts, and nothing a constant folder could precompute into dense copies.
+    int8/int4 experts keep their int8 codes; each token also gathers its expert's fp16 scales,
+    one per row and group, spread over the columns by a constant group index (``Gather``), and
+    ``code * scale`` is computed in fp32 as in the reference.
     """
 
     def __init__(self, src: RoutedSparseLinear) -> None:
@@ -125,6 +128,9 @@ class PortableRoutedLinear(nn.Module):
         # one trailing zero so the gather below never indexes an empty tensor
         self.register_buffer("values", torch.cat([packed.values, packed.values.new_zeros(1)]))
         self.register_buffer("bias", None if src.bias is None else src.bias.float())
+        self.register_buffer("scales", packed.scales)  # None for float values
+        group = packed.quant.group_size if packed.quant else 1
+        self.register_buffer("column_group", torch.arange(self.in_features, dtype=torch.int64) // group)
 
     def routed_weights(self, ids: torch.Tensor) -> torch.Tensor:
         """``[tokens, out, in]``: each token's routed expert, decoded from its packed rows.
@@ -138,7 +144,10 @@ class PortableRoutedLinear(nn.Module):
         position = self.row_start[ids].unsqueeze(-1) + torch.cumsum(mask.to(torch.int32), dim=-1, dtype=torch.int32) - 1
         index = torch.clamp(position, min=0).reshape(-1)  # int32: ONNX Gather takes it (GatherND would not)
         picked = torch.index_select(self.values, 0, index).reshape(position.shape)  # stored precision
-        return torch.where(mask, picked.to(torch.float32), 0.0)
+        weight = picked.to(torch.float32)
+        if self.scales is not None:  # int codes: times their row and group's scale
+            weight = weight * torch.index_select(self.scales[ids], 2, self.column_group).to(torch.float32)
+        return torch.where(mask, weight, 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.float32)
@@ -249,10 +258,10 @@ def export_onnx(model: nn.Module, tokenizer, out: Path, *, dtype: str = "fp32", 
     onnx_schema.register()
     torch_dtype = DTYPES[dtype]
     model.eval()
-    if quantized := [n for n, m in expanded_modules(model).items() if m.quant is not None]:
+    if not portable and (quantized := [n for n, m in expanded_modules(model).items() if m.quant is not None]):
         raise SEError(f"{quantized[0]} stores {expanded_modules(model)[quantized[0]].quant.name} values, which "
                       f"RoutedSparseMatMul version {onnx_schema.OP_VERSION} cannot take (float values only): "
-                      "expand with --value-dtype fp16 to export")
+                      "export with --portable (standard ops), or expand with --value-dtype fp16")
     expanded = len(expanded_modules(model))
     if portable:
         make_portable(model)
