@@ -30,6 +30,7 @@ import argparse
 import fcntl
 import hashlib
 import json
+import math
 import os
 import resource
 import subprocess
@@ -47,6 +48,8 @@ from se_export.atomic import atomic_write_text
 from se_export.eval.stats import claim_check, claim_table
 from se_export.formats.checkpoint import is_checkpoint
 from se_export.formats.partial import PARTIAL_DIR
+from se_export.formats.quantization import DEFAULT_GROUP_SIZE
+from se_export.formats.sparse_format import packed_nbytes
 from se_export.method.expand import DATA_FREE_METHODS
 from se_export.modeling.modules import RoutedSparseLinear
 from se_export.models import load_model
@@ -72,11 +75,29 @@ class Config:
     calib_samples: int = 128
     seqlen: int = 512
     seed: int = 0
+    value_dtype: str = "fp16"  # fp16, or int8 / int4 quantized values
+    group_size: int = 0  # input columns per scale of int8/int4 (0: the dtype's default)
+    quant: str = "joint"  # int8/int4 with SparseGPT: joint (in the sweep) or rtn (rounded after it)
+
+    @property
+    def quantized(self) -> bool:
+        return self.value_dtype in ("int8", "int4")
+
+    @property
+    def precision(self) -> str:
+        """``fp16``, ``int4``, ``int4 RTN``: the value precision and, for SparseGPT-based methods,
+        how it was reached (wanda and magnitude always round to nearest)."""
+        if not self.quantized:
+            return self.value_dtype
+        text = self.value_dtype + (f" G{self.group_size}" if self.group_size else "")
+        return text + (" RTN" if self.quant == "rtn" and self.method in ("se", "sparsegpt") else "")
 
     @property
     def label(self) -> str:
         if self.method == "dense":
             return "dense"
+        if self.sparsity == "0":  # a dense model quantized: GPTQ is SparseGPT's sweep at sparsity 0
+            return f"dense {self.precision} ({'GPTQ' if self.method == 'sparsegpt' else 'RTN'})"
         name = f"se K={self.experts}" if self.method == "se" else self.method
         extras = []
         if self.pca_factor != 32:
@@ -87,7 +108,17 @@ class Config:
             extras.append(f"calib={self.calib_samples}")
         if self.seed != 0:
             extras.append(f"seed={self.seed}")
-        return f"{name} @ {self.sparsity}" + (f" ({', '.join(extras)})" if extras else "")
+        values = f" {self.precision}" if self.quantized else ""
+        return f"{name} @ {self.sparsity}{values}" + (f" ({', '.join(extras)})" if extras else "")
+
+    def fields(self) -> dict:
+        """The configuration as hashed into cache keys: the value-precision fields only when they
+        differ from fp16 values, so rows cached before those fields existed keep their keys."""
+        out = asdict(self)
+        for name, default in (("value_dtype", "fp16"), ("group_size", 0), ("quant", "joint")):
+            if out[name] == default:
+                del out[name]
+        return out
 
 
 def main_grid() -> list[Config]:
@@ -110,42 +141,65 @@ def seed_grid() -> list[Config]:
             for method, experts in (("sparsegpt", 1), ("se", 16))]
 
 
-GRIDS = {"main": main_grid, "ablation": ablation_grid, "seeds": seed_grid}
+def quant_grid() -> list[Config]:
+    """Quantized values (issue: quantized sparse experts), in priority order: SE K=16 at 50% with
+    int8, joint int4 and RTN int4 (the targets); the dense int8/int4 models a user would pick
+    instead (GPTQ = SparseGPT at sparsity 0, and RTN); then SparseGPT and SE K=16 / K=4 at 50% and
+    70% with each precision."""
+    precisions = (("int8", "joint"), ("int4", "joint"), ("int4", "rtn"))
+    grid = [Config("se", "0.5", 16, value_dtype=v, quant=q) for v, q in precisions]
+    grid += [Config(m, "0", 1, value_dtype=v) for v in ("int4", "int8") for m in ("sparsegpt", "magnitude")]
+    for sparsity in ("0.5", "0.7"):
+        for method, experts in (("sparsegpt", 1), ("se", 16), ("se", 4)):
+            grid += [Config(method, sparsity, experts, value_dtype=v, quant=q) for v, q in precisions]
+    return list(dict.fromkeys(grid))
+
+
+GRIDS = {"main": main_grid, "ablation": ablation_grid, "seeds": seed_grid, "quant": quant_grid}
 
 
 def cache_key(cfg: Config, eval_setup: dict) -> str:
-    blob = json.dumps({"config": asdict(cfg), "eval": eval_setup}, sort_keys=True)
+    blob = json.dumps({"config": cfg.fields(), "eval": eval_setup}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def checkpoint_dir(cfg: Config, model: str) -> Path:
     """Where a grid point's expanded model is kept, keyed by what changes the weights only, so
     another evaluation setting (all windows) re-evaluates it without expanding again."""
-    blob = json.dumps({"config": asdict(cfg), "model": model}, sort_keys=True)
+    blob = json.dumps({"config": cfg.fields(), "model": model}, sort_keys=True)
     return WORK / "ckpt" / hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def mlp_accounting(model: torch.nn.Module, dense_linears: dict[str, tuple[int, int]]) -> dict:
-    """Active MLP weights per token (chosen expert's kept weights + router) and stored bytes
-    (the smaller of the two formats, so every grid point is priced the same way)."""
-    from se_export.formats.sparse_format import packed_nbytes
-
-    active, stored, router_bytes = 0.0, 0, 0
+    """Active MLP weights per token (chosen expert's kept weights + router), the MLP bytes a token
+    reads (that expert's values, index and scales, and the router) and stored bytes (the smaller of
+    the two formats, so every grid point is priced the same way; experts that keep every weight are
+    priced without an index, as a dense quantized model stores them)."""
+    active, stored, read, router_bytes = 0.0, 0, 0.0, 0
     for name, (out_f, in_f) in dense_linears.items():
         module = model.get_submodule(name)
         if isinstance(module, RoutedSparseLinear):
-            k = module.num_experts
-            active += module.values.numel() / k + (in_f * k if k > 1 else 0)
-            # the compact storage's price whatever format --format auto chose for speed
-            stored += min(packed_nbytes(f, k, module.out_features, module.in_features, module.values.numel(),
-                                        module.values.element_size()) for f in ("bitmap", "csr16"))
-            router_bytes += (module.router_weight.numel() + module.router_bias.numel()) * 4 if k > 1 else 0
+            k, nnz = module.num_experts, module.values.numel()
+            value_bytes = module.quant.bits / 8 if module.quant is not None else module.values.element_size()
+            scale_bytes = 0 if module.quant is None else module.scales.numel() * 2  # fp16 on disk
+            # the compact storage's price whatever format --format auto chose for speed (value bytes 0:
+            # the index and row pointers only)
+            index_bytes = 0 if nnz == k * out_f * in_f else min(
+                packed_nbytes(f, k, out_f, in_f, nnz, 0) for f in ("bitmap", "csr16"))
+            router = (module.router_weight.numel() + module.router_bias.numel()) * 4 if k > 1 else 0
+            expert_bytes = math.ceil(nnz * value_bytes) + index_bytes + scale_bytes
+            active += nnz / k + (in_f * k if k > 1 else 0)
+            stored += expert_bytes
+            read += expert_bytes / k + router
+            router_bytes += router
         else:
             active += out_f * in_f
             stored += out_f * in_f * 2  # dense fp16, the same value precision as the experts
+            read += out_f * in_f * 2
     dense = sum(o * i for o, i in dense_linears.values())
     return {"active_weights_per_token": int(active), "active_fraction": active / dense,
-            "stored_mlp_bytes": stored, "router_bytes": router_bytes, "dense_mlp_bytes_fp16": dense * 2}
+            "stored_mlp_bytes": stored, "read_mlp_bytes_per_token": int(read), "router_bytes": router_bytes,
+            "dense_mlp_bytes_fp16": dense * 2}
 
 
 def mlp_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
@@ -187,8 +241,13 @@ def config_of_checkpoint(path: Path) -> tuple[Config, dict]:
         calib = {"source": "wiki", "samples": Config.calib_samples, "seqlen": Config.seqlen, "seed": Config.seed}
     if calib.get("source") != "wiki" or m.get("allocation", "uniform") != "uniform":
         raise SystemExit(f"{path}: not calibrated like the grid (wiki text, uniform K)")
+    value_dtype = m.get("value_dtype", "fp16")
+    group_size = int(m.get("group_size") or 0)
+    if group_size == DEFAULT_GROUP_SIZE.get(value_dtype):
+        group_size = 0
     return Config(m["method"], str(m["sparsity"]), int(m["experts"]), int(m["pca_factor"]), bool(m["true_sequential"]),
-                  int(calib["samples"]), int(calib["seqlen"]), int(calib["seed"])), m
+                  int(calib["samples"]), int(calib["seqlen"]), int(calib["seed"]), value_dtype, group_size,
+                  m.get("quant_method", "joint")), m
 
 
 def expansion_summary(seconds: float | None, resumed_layers: int, layers: list[dict]) -> dict:
@@ -216,7 +275,10 @@ def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path |
         out = checkpoint_dir(cfg, args.model)
         expansion = expand(loaded, out, method=cfg.method, experts=cfg.experts, sparsity=cfg.sparsity,
                            calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, pca_factor=cfg.pca_factor,
-                           seed=cfg.seed, true_sequential=cfg.true_sequential, resume=(out / PARTIAL_DIR).is_dir(),
+                           seed=cfg.seed, true_sequential=cfg.true_sequential, value_dtype=cfg.value_dtype,
+                           group_size=cfg.group_size or None,
+                           quant_method=cfg.quant if cfg.quantized and cfg.method in ("se", "sparsegpt") else "joint",
+                           resume=(out / PARTIAL_DIR).is_dir(),
                            show_progress=not args.quiet)
         loaded = expansion.loaded
         report.update(expansion_summary(expansion.result.seconds, expansion.result.resumed_layers,
@@ -282,22 +344,31 @@ def load_results(eval_setup: dict | None = None) -> list[dict]:
 def markdown_table(rows: list[dict]) -> str:
     dense = next((r for r in rows if r["config"]["method"] == "dense"), None)
     head = ("| configuration | WikiText-2 ppl | vs dense | out-of-domain ppl | active MLP weights/token | "
-            "stored MLP MB | largest cluster | MLP output error | expand s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "stored MLP MB | MLP MB read/token | largest cluster | MLP output error | expand s |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     order = {"dense": 0, "magnitude": 1, "wanda": 2, "sparsegpt": 3, "se": 4}
     spars = {s: i for i, s in enumerate(("0", "0.5", "0.7", "0.9", "2:4"))}
 
     def sort_key(r):
         c = r["config"]
-        return spars.get(c["sparsity"], 9), order[c["method"]], c["experts"], r["label"]
+        return spars.get(c["sparsity"], 9), order[c["method"]], c["experts"], c.get("value_dtype", "fp16"), r["label"]
 
     for r in sorted(rows, key=sort_key):
         ppl = r["wikitext2"]["perplexity"]
         rel = f"{ppl / dense['wikitext2']['perplexity']:.2f}x" if dense else "-"
         lines.append(f"| {r['label']} | {ppl:.2f} | {rel} | {r['pydocs']['perplexity']:.2f} | "
                      f"{r['active_weights_per_token'] / 1e6:.2f} M ({r['active_fraction']:.0%}) | "
-                     f"{r['stored_mlp_bytes'] / 1e6:.1f} | {largest_cluster(r)} | {output_error(r)} | {expand_time(r)} |")
+                     f"{r['stored_mlp_bytes'] / 1e6:.1f} | {read_bytes(r) / 1e6:.1f} | {largest_cluster(r)} | {output_error(r)} | {expand_time(r)} |")
     return "\n".join(lines)
+
+
+def read_bytes(row: dict) -> float:
+    """MLP bytes a token reads (its experts' values, index and scales, plus the routers); rows cached
+    before this was recorded get it from the stored bytes (each expert holds 1/K of them)."""
+    if "read_mlp_bytes_per_token" in row:
+        return row["read_mlp_bytes_per_token"]
+    return row["stored_mlp_bytes"] / row["config"]["experts"] + row.get("router_bytes", 0)
 
 
 def expand_time(row: dict) -> str:
@@ -326,7 +397,7 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    main = [r for r in rows if r["label"].count("(") == 0]
+    main = [r for r in rows if r["label"].count("(") == 0 and r["config"].get("value_dtype", "fp16") == "fp16"]
     dense = next((r for r in main if r["config"]["method"] == "dense"), None)
     series: dict[str, list[dict]] = {}
     for r in main:
@@ -394,6 +465,50 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
+def pareto_plot(rows: list[dict], path: Path) -> Path | None:
+    """Perplexity against stored MLP bytes and against MLP bytes read per token, every method and
+    value precision at 50% and 70% sparsity and the dense models: the trade-off a user picks from."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r["label"].count("(") == 0 or r["config"]["sparsity"] == "0"]
+    points = [r for r in points if r["config"]["sparsity"] in ("0", "0.5", "0.7")
+              and r["config"]["method"] in ("dense", "sparsegpt", "se", "magnitude")
+              and (r["config"]["method"] != "magnitude" or r["config"]["sparsity"] == "0")]
+    if not points:
+        return None
+    markers = {"fp16": "o", "int8": "s", "int4": "^", "int4 RTN": "v"}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    families: dict[str, str] = {}
+    for r in sorted(points, key=lambda r: r["label"]):
+        c = r["config"]
+        family = ("dense" if c["sparsity"] == "0" or c["method"] == "dense"
+                  else f"se K={c['experts']} @ {c['sparsity']}" if c["method"] == "se" else f"sparsegpt @ {c['sparsity']}")
+        precision = Config(**c).precision.replace(f" G{c.get('group_size', 0)}", "")
+        color = families.setdefault(family, f"C{len(families)}")
+        for ax, x in zip(axes, (r["stored_mlp_bytes"], read_bytes(r)), strict=True):
+            ax.scatter([x / 1e6], [r["wikitext2"]["perplexity"]], color=color, marker=markers.get(precision, "x"),
+                       s=45, edgecolors="k", linewidths=0.4)
+            ax.annotate(precision if c["method"] != "magnitude" else f"{precision} RTN", (x / 1e6, r["wikitext2"]["perplexity"]),
+                        fontsize=6, xytext=(3, 2), textcoords="offset points")
+    for ax, xlabel in zip(axes, ("stored MLP bytes, MB", "MLP bytes read per token, MB"), strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", lw=0.3, alpha=0.5)
+    axes[0].set_ylabel("WikiText-2 perplexity, all windows (log)")
+    handles = [plt.Line2D([], [], color=col, marker="o", ls="", label=f) for f, col in families.items()]
+    handles += [plt.Line2D([], [], color="grey", marker=m, ls="", label=p) for p, m in markers.items()]
+    axes[1].legend(handles=handles, fontsize=7, loc="upper right")
+    fig.suptitle("Quality against memory and bytes read (SmolLM2-135M MLPs; marker: value precision)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _save_ppl_plot(fig, ax, xlabel: str, title: str, path: Path) -> Path:
     """Label a perplexity plot the way all of them are labelled, write it, free it."""
     import matplotlib.pyplot as plt
@@ -438,6 +553,8 @@ def write_report(model: str, subset: tuple[int, int]) -> None:
     atomic_write_text(RESULTS / "quality.md", text)
     print(text)
     for p in plots(grid_rows, Path("docs")):
+        print(f"wrote {p}")
+    if full_rows and (p := pareto_plot(full_rows, Path("docs") / "quality_pareto.png")):
         print(f"wrote {p}")
 
 

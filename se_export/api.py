@@ -56,7 +56,8 @@ class Expansion:
 def expand(model: str | LoadedModel, out: Path | str, *, method: str = "se", experts: int | None = None,
            sparsity: str = "0.5", calib: str = "wiki", calib_samples: int = 128, seqlen: int = 512,
            pca_factor: int = 32, seed: int = 0, true_sequential: bool = True, min_cluster_tokens: int = 128,
-           value_dtype: str = "fp16", group_size: int | None = None, format: str = "auto", layers: list[int] | None = None,
+           value_dtype: str = "fp16", group_size: int | None = None, quant_method: str = "joint",
+           format: str = "auto", layers: list[int] | None = None,
            allocate: str = "uniform", resume: bool = False, overwrite: bool = False, show_progress: bool = True,
            log: Callable[[str], None] | None = None) -> Expansion:
     """Expand every MLP linear of ``model`` into routed sparse experts and save the checkpoint in
@@ -69,7 +70,7 @@ def expand(model: str | LoadedModel, out: Path | str, *, method: str = "se", exp
     cfg = ExpandConfig(method=method, experts=experts if experts is not None else (16 if routed else 1),
                        sparsity=sparsity, pca_factor=pca_factor, seed=seed, true_sequential=true_sequential,
                        min_cluster_tokens=min_cluster_tokens, value_dtype=value_dtype, group_size=group_size,
-                       format=format, layers=layers)
+                       quant_method=quant_method, format=format, layers=layers)
     cfg.check()
     data_free = METHODS[cfg.method].data_free
     if routed and cfg.experts > calib_samples * seqlen:

@@ -50,6 +50,8 @@ def expand(
                                                   "jointly with SparseGPT; by rounding for wanda/magnitude)")] = "fp16",
     group_size: Annotated[int | None, typer.Option(help="int8/int4: input columns per scale (default: 128 for "
                                                      "int8, 32 for int4)")] = None,
+    quant_method: Annotated[str, typer.Option(help="int8/int4 with sparsegpt/se: joint (inside the SparseGPT "
+                                                   "sweep) | rtn (rounded after it)")] = "joint",
     fmt: Annotated[str, typer.Option("--format", help="auto | bitmap | csr16")] = "auto",
     layers: Annotated[str | None, typer.Option(help="expand only these decoder layers, e.g. 0-3,7")] = None,
     allocate: Annotated[str, typer.Option(help="uniform | wasserstein: per-layer K from the layers' WD, same total")] = "uniform",
@@ -64,7 +66,7 @@ def expand(
     expansion = expand_model(model, out, method=method, experts=experts, sparsity=sparsity, calib=calib,
                              calib_samples=calib_samples, seqlen=seqlen, pca_factor=pca_factor, seed=seed,
                              true_sequential=true_sequential, min_cluster_tokens=min_cluster_tokens,
-                             value_dtype=value_dtype, group_size=group_size, format=fmt, layers=_parse_layers(layers), allocate=allocate,
+                             value_dtype=value_dtype, group_size=group_size, quant_method=quant_method, format=fmt, layers=_parse_layers(layers), allocate=allocate,
                              resume=resume, overwrite=overwrite, show_progress=not quiet, log=err.print)
     result, stats = expansion.result, expansion.info["stats"]
     err.print(f"[green]expanded[/] {len(result.layers)} layers in {time.perf_counter() - t0:.1f}s "

@@ -93,6 +93,9 @@ def test_refuses_to_overwrite_a_checkpoint(expanded, tiny_model_dir, calib_file)
     (["expand", "{model}", "--out", "{tmp}/o", "--calib", "{calib}", "--calib-samples", "8", "--seqlen", "32",
       "--experts", "2", "--min-cluster-tokens", "8", "--value-dtype", "int8", "--group-size", "4096"],
      "larger than the 64 input features"),
+    (["expand", "{model}", "--out", "{tmp}/o", "--quant-method", "rtn"], "add --value-dtype int8 or int4"),
+    (["expand", "{model}", "--out", "{tmp}/o", "--value-dtype", "int4", "--quant-method", "gptq"],
+     "unknown --quant-method 'gptq'"),
 ])
 def test_bad_input_gives_one_line_error(args, needle, tmp_path, tiny_llama_dir, calib_file):
     filled = [a.format(tmp=tmp_path, model=tiny_llama_dir, calib=calib_file) for a in args]

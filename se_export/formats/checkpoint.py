@@ -107,7 +107,8 @@ def save_expansion(model: nn.Module, tokenizer, out: Path, *, source: str, cfg, 
     info = {"base_model": source, "method": cfg.method, "experts": cfg.experts, "sparsity": str(cfg.check()),
             "allocation": allocation, "experts_per_layer": cfg.experts_per_layer,
             "pca_factor": cfg.pca_factor, "true_sequential": cfg.true_sequential, "value_dtype": cfg.value_dtype,
-            **({"group_size": quant.group_size} if (quant := parse_quant(cfg.value_dtype, cfg.group_size)) else {}),
+            **({"group_size": quant.group_size, "quant_method": cfg.quant_method}
+               if (quant := parse_quant(cfg.value_dtype, cfg.group_size)) else {}),
             "calibration": calibration, "stats": expanded_stats(model),
             "expansion": {"seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
                           "resumed_layers": result.resumed_layers}}

@@ -27,6 +27,9 @@ import torch
 from ..errors import SEError
 
 QUANT_BITS = {"int8": 8, "int4": 4}
+# how SparseGPT-based methods quantize: inside the column sweep (later columns absorb the rounding
+# error, as GPTQ does) or by rounding the finished weights to nearest (the baseline the sweep beats)
+QUANT_METHODS = ("joint", "rtn")
 # input columns per scale when --group-size is not given: the sizes that met the quality targets on
 # the default model at K=16, 50% (int8 at 128: +1.1% perplexity; int4 at 128: +11%, at 32: +6%)
 DEFAULT_GROUP_SIZE = {"int8": 128, "int4": 32}

@@ -38,7 +38,7 @@ from torch import nn
 from ..adapters import MlpAdapter, adapter_for, decoder_layers, linear_weight, set_submodule
 from ..errors import SEError
 from ..formats.partial import load_partial_layer, save_partial_layer
-from ..formats.quantization import QuantSpec, parse_quant, round_to_nearest
+from ..formats.quantization import QUANT_METHODS, QuantSpec, parse_quant, round_to_nearest
 from ..formats.sparse_format import FORMATS, pack_experts
 from ..modeling.modules import RoutedSparseLinear, decoded_expert_cache
 from ..progress import progress_bar
@@ -109,6 +109,7 @@ class ExpandConfig:
     percdamp: float = 0.01
     value_dtype: str = "fp16"
     group_size: int | None = None  # input columns per scale of int8/int4 values (None: the dtype's default)
+    quant_method: str = "joint"  # int8/int4 with SparseGPT: "joint" (inside the sweep) or "rtn" (rounded after it)
     format: str = "auto"
     batch_size: int = 8
     layers: list[int] | None = None
@@ -130,7 +131,11 @@ class ExpandConfig:
             raise SEError(f"--method {self.method} prunes one expert; drop --experts or use --method se")
         if self.value_dtype not in VALUE_DTYPES:
             raise SEError(f"unknown value dtype '{self.value_dtype}': use one of {', '.join(VALUE_DTYPES)}")
-        parse_quant(self.value_dtype, self.group_size)
+        quant = parse_quant(self.value_dtype, self.group_size)
+        if self.quant_method not in QUANT_METHODS:
+            raise SEError(f"unknown --quant-method '{self.quant_method}': use one of {', '.join(QUANT_METHODS)}")
+        if self.quant_method != "joint" and quant is None:
+            raise SEError(f"--quant-method {self.quant_method} rounds int8/int4 values: add --value-dtype int8 or int4")
         if self.format not in ("auto", *FORMATS):
             raise SEError(f"unknown format '{self.format}': use auto or one of {', '.join(FORMATS)}")
         if self.pca_factor < 0:
@@ -224,8 +229,12 @@ def expand_group(
     lap("hessians")
     quant = parse_quant(cfg.value_dtype, cfg.group_size, in_features)
     scales = None
-    if method.mask is None:  # SparseGPT: quantized jointly, inside the sweep
-        pruned, keep, scales = _prune_experts(weight, clusters, spec, cfg, bounds, report, lap, quant)
+    if method.mask is None:  # SparseGPT: quantized jointly, inside the sweep (or rounded after it)
+        joint = cfg.quant_method == "joint"
+        pruned, keep, scales = _prune_experts(weight, clusters, spec, cfg, bounds, report, lap, quant if joint else None)
+        if quant is not None and not joint:
+            pruned, scales = round_to_nearest(pruned, keep, quant)
+            lap("prune")
     else:  # a mask without weight updates: quantized by rounding to nearest
         keep = torch.cat([method.mask(weight[a:b], gram, spec) for a, b in bounds]).unsqueeze(0)
         pruned = weight.unsqueeze(0) * keep

@@ -80,3 +80,28 @@ def test_a_seed_row_is_labelled_and_kept_out_of_the_claim(quality):
     seeded["label"] = cfg.label
     claim = claim_check([seeded, *rows])
     assert claim["rows"][0]["ratio"] == pytest.approx(math.exp(-0.2))  # the seed-0 row, not the seeded one
+
+
+def test_quantized_rows_get_their_own_labels_and_keys_and_fp16_keys_do_not_move(quality):
+    """Rows cached before value precisions were a grid field keep their keys: the key of an fp16
+    configuration is the hash of the fields it had then."""
+    import hashlib
+    import json
+
+    fp16 = quality.Config("se", "0.5", 16)
+    old_fields = {"method": "se", "sparsity": "0.5", "experts": 16, "pca_factor": 32, "true_sequential": True,
+                  "calib_samples": 128, "seqlen": 512, "seed": 0}
+    blob = json.dumps({"config": old_fields, "eval": {}}, sort_keys=True)
+    assert quality.cache_key(fp16, {}) == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    grid = quality.quant_grid()
+    labels = [c.label for c in grid]
+    assert len(set(labels)) == len(labels) == len({quality.cache_key(c, {}) for c in grid})
+    assert {"se K=16 @ 0.5 int4", "se K=16 @ 0.5 int4 RTN", "dense int4 (GPTQ)", "dense int4 (RTN)"} <= set(labels)
+    assert quality.Config("se", "0.5", 16, value_dtype="int4", group_size=128).label == "se K=16 @ 0.5 int4 G128"
+
+
+def test_bytes_read_per_token_of_a_row_cached_without_them(quality):
+    """One expert's share of the stored bytes plus the router's: what a token reads."""
+    cached = {"config": {"experts": 16}, "stored_mlp_bytes": 1600, "router_bytes": 7}
+    assert quality.read_bytes(cached) == 107
+    assert quality.read_bytes({**cached, "read_mlp_bytes_per_token": 5}) == 5

@@ -245,6 +245,27 @@ def test_zero_sparsity_expansion_reproduces_the_dense_model(family, tiny_tokeniz
     assert torch.allclose(model(x).logits, dense, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["sparsegpt", "se"])
+def test_rtn_quantization_rounds_the_finished_sparsegpt_weights(method, tiny_tokenizer, calib):
+    """--quant-method rtn is the fp32 expansion rounded to the int4 grid afterwards (float64 RTN
+    recomputed here), while the joint sweep's weights differ from that rounding. Layer 0's gate and
+    up projections only: every later linear is calibrated on outputs the rounding already changed."""
+    kw = dict(method=method, experts=2 if method == "se" else 1)
+    fp32, _ = _expand("llama", tiny_tokenizer, calib, value_dtype="fp32", **kw)
+    rtn, _ = _expand("llama", tiny_tokenizer, calib, value_dtype="int4", group_size=16, quant_method="rtn", **kw)
+    joint, _ = _expand("llama", tiny_tokenizer, calib, value_dtype="int4", group_size=16, **kw)
+    for name in ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"):
+        ref = fp32.get_submodule(name)
+        w = ref.packed().unpack(torch.float64)  # [K, out, in], zeros where pruned
+        groups = w.reshape(*w.shape[:-1], -1, 16)
+        scale = (groups.abs().amax(-1, keepdim=True) / 7).to(torch.float16).double()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        expected = (torch.clamp(torch.round(groups / scale), -7, 7) * scale).reshape(w.shape)
+        got = rtn.get_submodule(name).packed().unpack(torch.float64)
+        assert torch.allclose(got, expected, atol=1e-6), name
+        assert not torch.allclose(joint.get_submodule(name).packed().unpack(torch.float64), expected, atol=1e-6), name
+
+
 @pytest.mark.parametrize(("family", "true_sequential", "method"),
                          [("llama", True, "se"), ("llama", False, "se"), ("llama", False, "sparsegpt"),
                           ("qwen2", True, "se"), ("mistral", True, "se"), ("gemma", True, "se")])
