@@ -72,10 +72,10 @@ WeightSet random_set(int64_t in, int64_t out, int64_t K, double density, bool fp
   s.router_bias.assign(K, 0.f);
   if (csr16)
     s.experts = se_experts{SE_CSR16, fp32 ? SE_F32 : SE_F16, K, out, in, s.values.data(), nnz, s.cols.data(),
-                           static_cast<int64_t>(s.cols.size()), s.row_ptr.data(), nullptr};
+                           static_cast<int64_t>(s.cols.size()), s.row_ptr.data(), nullptr, nullptr, 0};
   else
     s.experts = se_experts{SE_BITMAP, fp32 ? SE_F32 : SE_F16, K, out, in, s.values.data(), nnz, s.bitmap.data(),
-                           static_cast<int64_t>(s.bitmap.size()), s.row_ptr.data(), nullptr};
+                           static_cast<int64_t>(s.bitmap.size()), s.row_ptr.data(), nullptr, nullptr, 0};
   return s;
 }
 

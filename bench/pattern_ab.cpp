@@ -58,7 +58,7 @@ WeightSet random_set(int64_t in, int64_t out, bool two_four, std::mt19937& rng) 
   s.router_weight.assign(in, 0.f);
   s.router_bias.assign(1, 0.f);
   s.experts = se_experts{SE_BITMAP, SE_F32, 1, out, in, s.values.data(), nnz, s.bits.data(),
-                         static_cast<int64_t>(s.bits.size()), s.row_ptr.data(), nullptr};
+                         static_cast<int64_t>(s.bits.size()), s.row_ptr.data(), nullptr, nullptr, 0};
   return s;
 }
 

@@ -54,7 +54,7 @@ Set random_set(int64_t in, int64_t out, double density, std::mt19937_64& rng) {
   }
   s.values.assign(static_cast<size_t>(nnz + 64), 0.5f);  // 16-value loads may pass the last value
   s.experts = se_experts{SE_BITMAP, SE_F32, 1, out, in, s.values.data(), nnz, s.bitmap.data(),
-                         static_cast<int64_t>(s.bitmap.size()), s.row_ptr.data(), nullptr};
+                         static_cast<int64_t>(s.bitmap.size()), s.row_ptr.data(), nullptr, nullptr, 0};
   return s;
 }
 

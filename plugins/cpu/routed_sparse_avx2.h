@@ -5,6 +5,7 @@
 #pragma once
 
 #include "routed_sparse_common.h"
+#include "se_quant.h"
 
 namespace se_cpu {
 
@@ -154,6 +155,68 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_bitmap_avx2(const 
   return se_values::bitmap_bits<VD>(v, bits, byte, nbytes, p, x, s);  // tail columns, last values of the array
 }
 
+// 16 quantized codes from value p as sign-extended bytes (int4: nibbles spread to bytes)
+template <int VD>
+__attribute__((target("avx2,fma,f16c,popcnt,bmi"))) inline __m128i code_bytes16(const void* values, int64_t p) {
+  if constexpr (VD == SE_I8) {
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(values) + p));
+  } else {
+    const __m128i v = _mm_cvtsi64_si128(static_cast<long long>(se_quant::nibbles16(values, p)));
+    const __m128i low = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+    const __m128i spread = _mm_unpacklo_epi8(_mm_and_si128(v, low), _mm_and_si128(_mm_srli_epi16(v, 4), low));
+    return _mm_sub_epi8(_mm_xor_si128(spread, eight), eight);
+  }
+}
+
+// lo/hi + (the codes at p expanded to the set bits of mask bytes m0, m1) * x[0..16) * scale: one
+// byte shuffle expands both bytes' codes (se_quant::expand_controls), then two 8-lane FMAs
+template <int VD>
+__attribute__((target("avx2,fma,f16c,popcnt,bmi"))) inline void quant_step_avx2(const void* values, int64_t& p,
+                                                                               unsigned m0, unsigned m1,
+                                                                               const float* x, float scale,
+                                                                               __m256& lo, __m256& hi) {
+  uint64_t c0, c1;
+  se_quant::expand_controls(m0, m1, c0, c1);
+  const __m128i e = _mm_shuffle_epi8(code_bytes16<VD>(values, p),
+                                     _mm_set_epi64x(static_cast<long long>(c1), static_cast<long long>(c0)));
+  p += _mm_popcnt_u32(m0) + _mm_popcnt_u32(m1);
+  const __m256 s = _mm256_set1_ps(scale);
+  lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(e)), _mm256_mul_ps(_mm256_loadu_ps(x), s), lo);
+  hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(e, 8))),
+                       _mm256_mul_ps(_mm256_loadu_ps(x + 8), s), hi);
+}
+
+// One bitmap row of int8/int4 codes times x on AVX2 (q.shift >= 4): 16 columns per step, four
+// steps per 64 columns into eight accumulators; tail columns and the array's last values scalar.
+template <int VD>
+__attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_bitmap_quant_avx2(const se_experts* e,
+                                                                                 const uint8_t* bits,
+                                                                                 int64_t nbytes, int64_t p,
+                                                                                 int64_t end, const float* x,
+                                                                                 const se_quant::RowScales& q) {
+  const void* v = e->values;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  const int64_t full = e->in_features / 8;
+  int64_t byte = 0;
+  if (end + se_quant::kVectorSlack<VD> <= e->nnz) {
+    for (; byte + 8 <= full; byte += 8) {
+      se_values::prefetch_values<VD>(v, p);
+      __builtin_prefetch(bits + byte + se_values::kPrefetchMaskBytes);
+      const uint8_t* m = bits + byte;
+      const int64_t c = byte * 8;
+      quant_step_avx2<VD>(v, p, m[0], m[1], x + c, q.at(c), a0, a1);
+      quant_step_avx2<VD>(v, p, m[2], m[3], x + c + 16, q.at(c + 16), a2, a3);
+      quant_step_avx2<VD>(v, p, m[4], m[5], x + c + 32, q.at(c + 32), a4, a5);
+      quant_step_avx2<VD>(v, p, m[6], m[7], x + c + 48, q.at(c + 48), a6, a7);
+    }
+    for (; byte + 2 <= full; byte += 2)
+      quant_step_avx2<VD>(v, p, bits[byte], bits[byte + 1], x + byte * 8, q.at(byte * 8), a0, a1);
+  }
+  const float s = hsum(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                                     _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7))));
+  return se_quant::bitmap_bits<VD>(v, bits, byte, nbytes, p, x, q, s);
+}
+
 // Four bitmap rows in lock step on AVX2: row i's mask bytes at bits + i * stride, its values from
 // p[i] up to end[i] (rows in the order of their values), results into out[i]. The AVX-512 path's
 // four weight streams per core (se_avx512::dot_bitmap_rows) for CPUs without AVX-512, two
@@ -215,10 +278,14 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) inline float load_value_avx2
 
 // row_block_portable with W/8 ymm accumulators (8 or 64 tokens) per kept weight; with Avx512 the
 // 64-token tile's multiply-adds run as W/16 zmm FMAs (se_avx512::tile_products) instead
+// (quantized values: q gives the row's scales; each kept weight is dequantized once, then
+// multiplied into all W tokens)
 template <int VD, int W, bool Avx512 = false>
 __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) void row_block_avx2(const se_experts* e, const uint8_t* bitmap_row,
                                                               int64_t c0, int64_t c1, int64_t end, int64_t& pos,
-                                                              const float* xt, float* acc) {
+                                                              const float* xt, float* acc,
+                                                              const se_quant::RowScales* q = nullptr) {
+  static_assert(!(Avx512 && se_values::kQuantized<VD>), "the AVX-512 tile takes float values");
   static_assert(W % 8 == 0 && W <= 64, "the AVX2 tile holds W/8 vectors of 8 tokens");
   constexpr int kRegs = W / 8;
   __m256 a[kRegs];
@@ -236,7 +303,12 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) void row_block_avx2(const se
       pos += n;
       return;
     }
-    for (; pos < end && cols[pos] < c1; ++pos) add(load_value_avx2<VD>(e->values, pos), xt + cols[pos] * W);
+    for (; pos < end && cols[pos] < c1; ++pos) {
+      if constexpr (se_values::kQuantized<VD>)
+        add(load_value<VD>(e->values, pos) * q->at(cols[pos]), xt + cols[pos] * W);
+      else
+        add(load_value_avx2<VD>(e->values, pos), xt + cols[pos] * W);
+    }
   } else {  // decode the block's columns without branches (table + popcount), then a linear loop
     alignas(16) uint16_t cols[kColBlock + 8];
     int64_t n = 0;
@@ -253,7 +325,12 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) void row_block_avx2(const se
       pos += n;
       return;
     }
-    for (int64_t j = 0; j < n; ++j) add(load_value_avx2<VD>(e->values, pos + j), xb + cols[j] * W);
+    for (int64_t j = 0; j < n; ++j) {
+      if constexpr (se_values::kQuantized<VD>)
+        add(load_value<VD>(e->values, pos + j) * q->at(c0 + cols[j]), xb + cols[j] * W);
+      else
+        add(load_value_avx2<VD>(e->values, pos + j), xb + cols[j] * W);
+    }
     pos += n;
   }
   for (int i = 0; i < kRegs; ++i) _mm256_storeu_ps(acc + 8 * i, _mm256_add_ps(_mm256_loadu_ps(acc + 8 * i), a[i]));

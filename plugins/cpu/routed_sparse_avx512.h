@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "se_kernels.h"
+#include "se_quant.h"
 #include "se_values.h"
 
 #ifndef SE_AVX512_TARGET
@@ -106,6 +107,60 @@ SE_AVX512_TARGET float dot_bitmap(const void* values, int64_t nnz, int64_t in_fe
   }
   return finish_row<VD>(values, nnz, bits, byte, full, nbytes, p, x,
                         _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+// 16 quantized codes from value p widened to fp32 (int4: nibbles spread to bytes, sign-extended)
+template <int VD>
+SE_AVX512_TARGET inline __m512 codes16(const void* values, int64_t p) {
+  __m128i bytes;
+  if constexpr (VD == SE_I8) {
+    bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(values) + p));
+  } else {
+    const __m128i v = _mm_cvtsi64_si128(static_cast<long long>(se_quant::nibbles16(values, p)));
+    const __m128i low = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+    const __m128i spread = _mm_unpacklo_epi8(_mm_and_si128(v, low), _mm_and_si128(_mm_srli_epi16(v, 4), low));
+    bytes = _mm_sub_epi8(_mm_xor_si128(spread, eight), eight);
+  }
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+}
+
+// acc + (the codes at p expanded to the set bits of the 16-bit mask m) * x[0..16) * scale
+template <int VD>
+SE_AVX512_TARGET inline __m512 quant_step(const void* values, int64_t& p, unsigned m, const float* x, float scale,
+                                          __m512 acc) {
+  const __m512 w = _mm512_maskz_expand_ps(static_cast<__mmask16>(m), codes16<VD>(values, p));
+  p += __builtin_popcount(m);
+  return _mm512_fmadd_ps(w, _mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(scale)), acc);
+}
+
+// One bitmap row of int8/int4 codes times x (q.shift >= 4: a 16-column step lies in one group):
+// the fp16/fp32 row's loop with the codes widened in registers and x scaled per step. The last
+// values of the array (where a 16-code load would pass them) and tail columns run scalar.
+template <int VD>
+SE_AVX512_TARGET float dot_bitmap_quant(const void* values, int64_t nnz, int64_t in_features, const uint8_t* bits,
+                                        int64_t nbytes, int64_t p, int64_t end, const float* x,
+                                        const se_quant::RowScales& q) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  const int64_t full = in_features / 8;
+  int64_t byte = 0;
+  if (end + se_quant::kVectorSlack<VD> <= nnz) {
+    for (; byte + 8 <= full; byte += 8) {
+      se_values::prefetch_values<VD>(values, p);
+      __builtin_prefetch(bits + byte + se_values::kPrefetchMaskBytes);
+      uint64_t m;
+      std::memcpy(&m, bits + byte, 8);
+      const int64_t c = byte * 8;
+      a0 = quant_step<VD>(values, p, static_cast<unsigned>(m) & 0xffffu, x + c, q.at(c), a0);
+      a1 = quant_step<VD>(values, p, static_cast<unsigned>(m >> 16) & 0xffffu, x + c + 16, q.at(c + 16), a1);
+      a2 = quant_step<VD>(values, p, static_cast<unsigned>(m >> 32) & 0xffffu, x + c + 32, q.at(c + 32), a2);
+      a3 = quant_step<VD>(values, p, static_cast<unsigned>(m >> 48), x + c + 48, q.at(c + 48), a3);
+    }
+    for (; byte + 2 <= full; byte += 2)
+      a0 = quant_step<VD>(values, p, bits[byte] | static_cast<unsigned>(bits[byte + 1]) << 8, x + byte * 8,
+                          q.at(byte * 8), a0);
+  }
+  const float s = hsum16(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  return se_quant::bitmap_bits<VD>(values, bits, byte, nbytes, p, x, q, s);
 }
 
 // kDecodeRows bitmap rows in lock step: row i's mask bytes at bits + i * stride (nbytes each), its

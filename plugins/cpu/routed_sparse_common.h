@@ -110,9 +110,10 @@ inline int64_t row_end(const se_experts* e, int64_t k, int64_t r) {
 inline int64_t mean_row_bytes(const se_experts* e, int64_t k) {
   const int64_t out = e->out_features;
   const int64_t nnz = row_end(e, k, out - 1) - row_begin(e, k, 0);
-  const int64_t value_bytes = e->value_dtype == SE_F32 ? 4 : 2;
+  const int64_t value_bits = e->value_dtype == SE_F32 ? 32 : e->value_dtype == SE_I8 ? 8 : e->value_dtype == SE_I4 ? 4 : 16;
   const int64_t index_bytes = e->format == SE_CSR16 ? 2 * nnz : out * ((e->in_features + 7) / 8);
-  return std::max<int64_t>(1, (nnz * value_bytes + index_bytes) / out);
+  const int64_t scale_bytes = e->scales ? 2 * out * ((e->in_features + e->group_size - 1) / e->group_size) : 0;
+  return std::max<int64_t>(1, (nnz * value_bits / 8 + index_bytes + scale_bytes) / out);
 }
 
 // Rows per decode work item of an expert whose mean row holds row_bytes: row_bytes into

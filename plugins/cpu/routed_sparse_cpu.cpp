@@ -23,6 +23,29 @@ namespace se_cpu {
 
 // ------------------------------------------------------------------ driver
 
+// One row of int8/int4 codes times x (bias not included): bitmap rows on the widest vector path
+// when the group size is a power of two >= 16, everything else scalar per group (se_quant.h).
+template <int VD>
+float dot_quant_row(const se_experts* e, int64_t k, int64_t r, int64_t b, const float* x, [[maybe_unused]] Isa isa) {
+  const se_quant::RowScales q = se_quant::row_scales(e, k, r);
+  const int64_t end = row_end(e, k, r);
+  if (e->format == SE_CSR16)
+    return se_quant::dot_csr_portable<VD>(e->values, static_cast<const uint16_t*>(e->indices), b, end, x, q);
+  const int64_t nbytes = (e->in_features + 7) / 8;
+  const uint8_t* bits = static_cast<const uint8_t*>(e->indices) + (k * e->out_features + r) * nbytes;
+  if (q.shift >= 4) {
+#if SE_X86
+    if (isa == Isa::Avx512)
+      return se_avx512::dot_bitmap_quant<VD>(e->values, e->nnz, e->in_features, bits, nbytes, b, end, x, q);
+    if (isa == Isa::Avx2) return dot_bitmap_quant_avx2<VD>(e, bits, nbytes, b, end, x, q);
+#elif SE_NEON
+    if (isa == Isa::Neon)
+      return se_neon::dot_bitmap_quant<VD>(e->values, e->nnz, e->in_features, bits, nbytes, b, end, x, q);
+#endif
+  }
+  return se_quant::dot_bitmap_portable<VD>(e->values, bits, nbytes, b, x, q);
+}
+
 template <int VD>
 void run_groups(const Problem& pb, const Executor& exec) {
   const se_experts* e = pb.e;
@@ -82,8 +105,9 @@ void run_groups(const Problem& pb, const Executor& exec) {
         constexpr int kRows = se_avx512::kDecodeRows;
         const int64_t len = (r1 - item.r0) / kRows;  // rows per stream of a lock-step group
         const bool far = len * row_bytes[k] >= kFarStreamBytes;
-        const bool lock_step = isa == Isa::Avx512 && bitmap && (far || in <= kNeighbourRowsMaxIn);
-        const bool far_avx2 = isa == Isa::Avx2 && bitmap && far;
+        constexpr bool quantized = se_values::kQuantized<VD>;  // quantized rows go one by one
+        const bool lock_step = !quantized && isa == Isa::Avx512 && bitmap && (far || in <= kNeighbourRowsMaxIn);
+        const bool far_avx2 = !quantized && isa == Isa::Avx2 && bitmap && far;
 #endif
         for (int64_t i = pb.start[k]; i < pb.start[k + 1]; ++i) {
           const int64_t tok = pb.order[i];
@@ -126,7 +150,9 @@ void run_groups(const Problem& pb, const Executor& exec) {
           for (; r < r1; ++r) {
             const int64_t b = row_begin(e, k, r);
             float s;
-            if (e->format == SE_CSR16) {
+            if constexpr (se_values::kQuantized<VD>) {
+              s = dot_quant_row<VD>(e, k, r, b, xv, isa);
+            } else if (e->format == SE_CSR16) {
 #if SE_X86
               const uint16_t* cols = static_cast<const uint16_t*>(e->indices);
               s = isa == Isa::Avx512 ? se_avx512::dot_csr16<VD>(e->values, cols, b, row_end(e, k, r), xv)
@@ -170,6 +196,23 @@ void run_groups(const Problem& pb, const Executor& exec) {
         const int64_t c1 = std::min(in, c0 + kColBlock);
         for (int64_t i = 0; i < rows; ++i) {
           const uint8_t* bits = bitmap ? bitmap + (k * out + item.r0 + i) * nbytes : nullptr;
+          if constexpr (se_values::kQuantized<VD>) {
+            const se_quant::RowScales q = se_quant::row_scales(e, k, item.r0 + i);
+#if SE_X86
+            if (avx2) {
+              if (w == kTile)
+                row_block_avx2<VD, kTile>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i], &q);
+              else
+                row_block_avx2<VD, kSmallTile>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i], &q);
+              continue;
+            }
+#endif
+            if (w == kTile)
+              row_block_portable<VD, kTile>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i], &q);
+            else
+              row_block_portable<VD, kSmallTile>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i], &q);
+            continue;
+          } else {
 #if SE_X86
           if (avx2) {
             if (w == kTile && isa == Isa::Avx512)
@@ -185,6 +228,7 @@ void run_groups(const Problem& pb, const Executor& exec) {
             row_block_portable<VD, kTile>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i]);
           else
             row_block_portable<VD, kSmallTile>(e, bits, c0, c1, ends[i], pos[i], xtk, acc[i]);
+          }
         }
       }
       for (int64_t i = 0; i < rows; ++i) {
@@ -291,6 +335,8 @@ int routed_sparse_matmul(const se_experts* e, const float* router_weight, const 
   switch (e->value_dtype) {
     case SE_F32: run_groups<SE_F32>(pb, run); break;
     case SE_F16: run_groups<SE_F16>(pb, run); break;
+    case SE_I8: run_groups<SE_I8>(pb, run); break;
+    case SE_I4: run_groups<SE_I4>(pb, run); break;
     default: run_groups<SE_BF16>(pb, run); break;
   }
   if (x_dtype == SE_F16) {
@@ -304,7 +350,17 @@ int check_experts(const se_experts* e, char* err, size_t err_len) {
   try {
     if (!e) return fail(err, err_len, "experts pointer is null"), 1;
     if (e->format != SE_BITMAP && e->format != SE_CSR16) return fail(err, err_len, "format must be bitmap or csr16"), 1;
-    if (e->value_dtype < SE_F32 || e->value_dtype > SE_BF16) return fail(err, err_len, "values must be fp32, fp16 or bf16"), 1;
+    if (e->value_dtype < SE_F32 || e->value_dtype > SE_I4)
+      return fail(err, err_len, "values must be fp32, fp16, bf16, int8 or int4"), 1;
+    if (e->value_dtype == SE_I8 || e->value_dtype == SE_I4) {
+      if (!e->scales) return fail(err, err_len, "int8/int4 values need their scales"), 1;
+      if (e->group_size < 1 || e->group_size > e->in_features)
+        return fail(err, err_len, "group_size " + std::to_string(e->group_size) + " is outside [1, in_features]"), 1;
+      const int64_t count = e->num_experts * e->out_features * ((e->in_features + e->group_size - 1) / e->group_size);
+      for (int64_t i = 0; i < count; ++i)
+        if ((e->scales[i] & 0x7c00u) == 0x7c00u)
+          return fail(err, err_len, "scale " + std::to_string(i) + " is not finite (corrupt scales)"), 1;
+    }
     if (e->num_experts < 1 || e->out_features < 1 || e->in_features < 1)
       return fail(err, err_len, "experts, out_features and in_features must be >= 1"), 1;
     if (e->format == SE_CSR16 && e->in_features > 65536)

@@ -82,6 +82,13 @@ template <int VD>
 void decode_row(const se_experts* e, int64_t k, int64_t r, float* dense) {
   const int64_t in = e->in_features;
   int64_t p = row_begin(e, k, r);
+  if constexpr (se_values::kQuantized<VD>) {
+    const bool csr = e->format == SE_CSR16;
+    const auto* bits = csr ? nullptr : static_cast<const uint8_t*>(e->indices) + (k * e->out_features + r) * ((in + 7) / 8);
+    se_quant::decode_row<VD>(e->values, bits, csr ? static_cast<const uint16_t*>(e->indices) : nullptr, in, p,
+                             row_end(e, k, r), se_quant::row_scales(e, k, r), dense);
+    return;
+  }
   if (e->format == SE_CSR16) {
     std::fill(dense, dense + in, 0.f);
     const auto* cols = static_cast<const uint16_t*>(e->indices);
@@ -104,6 +111,8 @@ void decode_rows(const se_experts* e, int64_t k, int64_t first, int64_t last, fl
       float* row = dense + (r - first) * in;
       if (e->value_dtype == SE_F32) decode_row<SE_F32>(e, k, r, row);
       else if (e->value_dtype == SE_F16) decode_row<SE_F16>(e, k, r, row);
+      else if (e->value_dtype == SE_I8) decode_row<SE_I8>(e, k, r, row);
+      else if (e->value_dtype == SE_I4) decode_row<SE_I4>(e, k, r, row);
       else decode_row<SE_BF16>(e, k, r, row);
     }
   };

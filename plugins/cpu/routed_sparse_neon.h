@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "se_kernels.h"
+#include "se_quant.h"
 #include "se_values.h"
 
 namespace se_neon {
@@ -85,6 +86,49 @@ float dot_bitmap(const void* values, int64_t nnz, int64_t in_features, const uin
   }
   float s = vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));
   return se_values::bitmap_bits<VD>(values, bits, byte, nbytes, p, x, s);
+}
+
+// 16 quantized codes from value p as sign-extended bytes (int4: nibbles spread to bytes)
+template <int VD>
+inline int8x16_t code_bytes16(const void* values, int64_t p) {
+  if constexpr (VD == SE_I8) {
+    return vld1q_s8(static_cast<const int8_t*>(values) + p);
+  } else {
+    const uint8x8_t v = vcreate_u8(se_quant::nibbles16(values, p));
+    const uint8x8_t lo = vand_u8(v, vdup_n_u8(15)), hi = vshr_n_u8(v, 4);
+    const int8x16_t spread = vreinterpretq_s8_u8(vcombine_u8(vzip1_u8(lo, hi), vzip2_u8(lo, hi)));
+    return vsubq_s8(veorq_s8(spread, vdupq_n_s8(8)), vdupq_n_s8(8));
+  }
+}
+
+// a[0..4) + (the codes at p expanded to the set bits of mask bytes m0, m1) * x[0..16) * scale: one
+// table lookup expands both bytes' codes (se_quant::expand_controls), then four 4-lane FMAs
+template <int VD>
+inline void quant_step(const void* values, int64_t& p, unsigned m0, unsigned m1, const float* x, float scale,
+                       float32x4_t* a) {
+  uint64_t c0, c1;
+  se_quant::expand_controls(m0, m1, c0, c1);
+  const int8x16_t e = vqtbl1q_s8(code_bytes16<VD>(values, p), vcombine_u8(vcreate_u8(c0), vcreate_u8(c1)));
+  p += __builtin_popcount(m0) + __builtin_popcount(m1);
+  const int16x8_t lo = vmovl_s8(vget_low_s8(e)), hi = vmovl_s8(vget_high_s8(e));
+  a[0] = vfmaq_f32(a[0], vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), vmulq_n_f32(vld1q_f32(x), scale));
+  a[1] = vfmaq_f32(a[1], vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo))), vmulq_n_f32(vld1q_f32(x + 4), scale));
+  a[2] = vfmaq_f32(a[2], vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), vmulq_n_f32(vld1q_f32(x + 8), scale));
+  a[3] = vfmaq_f32(a[3], vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi))), vmulq_n_f32(vld1q_f32(x + 12), scale));
+}
+
+// One bitmap row of int8/int4 codes times x (q.shift >= 4): 16 columns per step; tail columns and
+// the array's last values run scalar.
+template <int VD>
+float dot_bitmap_quant(const void* values, int64_t nnz, int64_t in_features, const uint8_t* bits, int64_t nbytes,
+                       int64_t p, int64_t end, const float* x, const se_quant::RowScales& q) {
+  float32x4_t a[4] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
+  const int64_t full = in_features / 8;
+  int64_t byte = 0;
+  if (end + se_quant::kVectorSlack<VD> <= nnz)
+    for (; byte + 2 <= full; byte += 2) quant_step<VD>(values, p, bits[byte], bits[byte + 1], x + byte * 8, q.at(byte * 8), a);
+  const float s = vaddvq_f32(vaddq_f32(vaddq_f32(a[0], a[1]), vaddq_f32(a[2], a[3])));
+  return se_quant::bitmap_bits<VD>(values, bits, byte, nbytes, p, x, q, s);
 }
 
 }  // namespace se_neon

@@ -22,19 +22,26 @@ extern "C" {
 // The version of this header's entry points and structs: bumped whenever a signature or layout
 // changes, so a binding that loads the library at run time (ctypes) can refuse a stale build
 // instead of calling it with the wrong arguments. 2: se_routed_sparse_matmul_gemm[_on] take
-// gemm_tile_bytes.
-#define SE_KERNELS_ABI 2
+// gemm_tile_bytes. 3: int8/int4 values (SE_I8, SE_I4) with scales and group_size in se_experts.
+#define SE_KERNELS_ABI 3
 SE_API int32_t se_kernels_abi(void);
 
-enum se_dtype { SE_F32 = 0, SE_F16 = 1, SE_BF16 = 2 };
+// Value types. SE_I8 and SE_I4 are quantized values (se_export/formats/quantization.py): integer
+// codes q standing for q * scale, one fp16 scale per expert, row and group of group_size input
+// columns. SE_I8: one int8 code per value. SE_I4: two codes per byte, value i in the low nibble of
+// byte i / 2 when i is even and in the high nibble when odd, two's complement in [-8, 7]; a row may
+// start mid-byte (rows are located by row_ptr in values, not bytes).
+enum se_dtype { SE_F32 = 0, SE_F16 = 1, SE_BF16 = 2, SE_I8 = 3, SE_I4 = 4 };
 enum se_format { SE_BITMAP = 0, SE_CSR16 = 1 };
 
 // K experts of shape [out, in] in one packed format (se_export/sparse_format.py):
-//  values  [nnz]                 kept weights, expert-major then row-major (value_dtype)
+//  values  [nnz]                 kept weights, expert-major then row-major (value_dtype; SE_I4:
+//                                ceil(nnz / 2) bytes)
 //  indices bitmap: uint8 [K, out, ceil(in/8)], bit j (LSB first) of byte b = column 8b+j
 //          csr16:  uint16 [nnz] column of every value (stored as int16 in ONNX/torch)
 //  row_ptr int32 [K*out]         start of every expert row in values (row ends at the next start)
 //  bias    fp32 [K, out] or NULL
+//  scales  fp16 bits [K, out, ceil(in / group_size)] for SE_I8 / SE_I4, NULL otherwise
 typedef struct se_experts {
   int32_t format;
   int32_t value_dtype;
@@ -47,10 +54,13 @@ typedef struct se_experts {
   int64_t indices_len;  // elements of indices
   const int32_t* row_ptr;
   const float* bias;
+  const uint16_t* scales;
+  int64_t group_size;  // input columns per scale (SE_I8 / SE_I4); 0 otherwise
 } se_experts;
 
 // Full structural check (row pointers monotone and in range, csr16 columns < in, bitmap
-// popcounts equal row lengths, no bits past in). O(nnz); callers run it once per weight set.
+// popcounts equal row lengths, no bits past in; quantized values: scales present, group_size in
+// [1, in], every scale finite). O(nnz); callers run it once per weight set.
 // Returns 0 when valid; otherwise writes a one-line reason into err.
 SE_API int se_check_experts(const se_experts* experts, char* err, size_t err_len);
 

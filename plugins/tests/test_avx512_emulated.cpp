@@ -31,6 +31,18 @@ static inline simde__m512 se_emulated_maskz_expand_ps(simde__mmask16 k, simde__m
 #define _mm512_maskz_expand_ps se_emulated_maskz_expand_ps
 #endif
 
+#ifndef _mm512_cvtepi8_epi32
+// Nor vpmovsxbd: lane i is byte i of a, sign-extended to 32 bits.
+static inline simde__m512i se_emulated_cvtepi8_epi32(simde__m128i a) {
+  int8_t bytes[16];
+  int32_t lanes[16];
+  simde_mm_storeu_si128(reinterpret_cast<simde__m128i*>(bytes), a);
+  for (int i = 0; i < 16; ++i) lanes[i] = bytes[i];
+  return simde_mm512_loadu_si512(lanes);
+}
+#define _mm512_cvtepi8_epi32 se_emulated_cvtepi8_epi32
+#endif
+
 #define SE_AVX512_TARGET
 #include "routed_sparse_avx512.h"
 #include "kernel_rows.h"

@@ -22,12 +22,14 @@ from pathlib import Path
 import torch
 
 from ..errors import SEError
+from ..formats.quantization import pack_int4
 from ..formats.sparse_format import PackedExperts
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+QUANT_CODES = {8: 3, 4: 4}  # SE_I8, SE_I4 by bits
 FORMAT_CODES = {"bitmap": 0, "csr16": 1}
 KERNELS_LIB = "libse_kernels.so"
-KERNELS_ABI = 2  # SE_KERNELS_ABI of the se_kernels.h these argument lists follow
+KERNELS_ABI = 3  # SE_KERNELS_ABI of the se_kernels.h these argument lists follow
 ORT_LIB = "libse_ort_ops.so"
 
 
@@ -64,7 +66,8 @@ class ExpertsStruct(ctypes.Structure):
         ("format", ctypes.c_int32), ("value_dtype", ctypes.c_int32), ("num_experts", ctypes.c_int64),
         ("out_features", ctypes.c_int64), ("in_features", ctypes.c_int64), ("values", ctypes.c_void_p),
         ("nnz", ctypes.c_int64), ("indices", ctypes.c_void_p), ("indices_len", ctypes.c_int64),
-        ("row_ptr", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+        ("row_ptr", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+        ("group_size", ctypes.c_int64),
     ]
 
 
@@ -169,23 +172,29 @@ class BoundExperts:
         """``dense_group_tokens``: an expert with at least this many tokens in one call (and at least
         the library's dense-group density) runs as a decoded dense GEMM; None takes the library's
         threshold, 0 keeps every token on the sparse kernel."""
-        if packed.values.dtype not in DTYPE_CODES:
+        quant = packed.quant
+        if quant is None and packed.values.dtype not in DTYPE_CODES:
             raise SEError(f"values dtype {packed.values.dtype} is not supported: use fp32, fp16 or bf16")
         self.packed = packed
-        self.values = packed.values.contiguous()
+        # int4 codes go to the library two per byte (se_kernels.h's nibble order), int8 codes as they are
+        self.values = (pack_int4(packed.values) if quant is not None and quant.bits == 4
+                       else packed.values.contiguous())
+        self.scales = None if quant is None else packed.scales.to(torch.float16).contiguous().view(torch.int16)
         self.indices = packed.indices.contiguous()
         self.row_ptr = packed.row_ptr.to(torch.int32).contiguous()
         self.bias = None if bias is None else bias.to(torch.float32).contiguous()
-        self.struct = ExpertsStruct(FORMAT_CODES[packed.format], DTYPE_CODES[self.values.dtype], packed.num_experts,
-                               packed.out_features, packed.in_features, _ptr(self.values), self.values.numel(),
-                               _ptr(self.indices), self.indices.numel(), _ptr(self.row_ptr), _ptr(self.bias))
+        value_code = DTYPE_CODES[self.values.dtype] if quant is None else QUANT_CODES[quant.bits]
+        self.struct = ExpertsStruct(FORMAT_CODES[packed.format], value_code, packed.num_experts,
+                                    packed.out_features, packed.in_features, _ptr(self.values), packed.nnz,
+                                    _ptr(self.indices), self.indices.numel(), _ptr(self.row_ptr), _ptr(self.bias),
+                                    _ptr(self.scales), 0 if quant is None else quant.group_size)
         err = ctypes.create_string_buffer(512)
         if require().se_check_experts(ctypes.byref(self.struct), err, 512):
             raise SEError(f"invalid packed experts: {err.value.decode()}")
         default_tokens, density = dense_group_policy()
         self.dense_group_tokens = default_tokens if dense_group_tokens is None else dense_group_tokens
         out, k = packed.out_features, packed.num_experts
-        starts = [*self.row_ptr[::out].to(torch.int64).tolist(), self.values.numel()]
+        starts = [*self.row_ptr[::out].to(torch.int64).tolist(), packed.nnz]
         per_expert = out * packed.in_features
         # experts the library may send to the GEMM (it decides per call); none: skip that entry
         self.dense_candidates = [e for e in range(k) if starts[e + 1] - starts[e] >= density * per_expert]

@@ -1,8 +1,8 @@
 """``RoutedSparseLinear``: the nn.Module that replaces an expanded linear layer.
 
 It owns a folded router and K packed sparse experts and calls ``se::routed_sparse_matmul``.
-Experts with int8/int4 values run the reference semantics (dequantize, then the same grouped
-product) in PyTorch; the kernels and the ONNX op take float values.
+Experts with int8/int4 values run the C++ kernels too (codes decoded in registers); where those
+are not built, the reference semantics (dequantize, then the same grouped product) in PyTorch.
 Decoding a packed expert costs more than multiplying it on CPU, so evaluation and calibration
 may enable ``decoded_expert_cache``: a byte-bounded LRU of decoded fp32 experts that runs the
 same grouped product (``ops.grouped_expert_matmul``) without repeating the decode.
@@ -138,7 +138,7 @@ class RoutedSparseLinear(nn.Module):
                              self.values, self.indices, self.row_ptr, self.scales, self.quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _CACHE.budget > 0 or self.quant is not None:
+        if _CACHE.budget > 0 or (self.quant is not None and not self._use_kernels(x)):
             flat = x.reshape(-1, self.in_features)
             given = self.shared_expert_ids(x)
             ids = given.reshape(-1) if given is not None else ops.route(flat, self.router_weight, self.router_bias)
@@ -166,14 +166,14 @@ class RoutedSparseLinear(nn.Module):
 
     def _use_kernels(self, x: torch.Tensor) -> bool:
         """Plain eager CPU inference runs the C++ kernels (shared with ONNX Runtime) when built."""
-        return (self.quant is None and type(x) is torch.Tensor and x.device.type == "cpu"
+        return (type(x) is torch.Tensor and x.device.type == "cpu"
                 and x.dtype in (torch.float32, torch.float16)
                 and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
                 and not torch.jit.is_tracing() and kernels.available())
 
     def _bound_experts(self):
         key = (self.values.data_ptr(), self.indices.data_ptr(), self.row_ptr.data_ptr(),
-               None if self.bias is None else self.bias.data_ptr())
+               None if self.bias is None else self.bias.data_ptr(), None if self.scales is None else self.scales.data_ptr())
         bound = getattr(self, "_bound", None)
         if bound is None or bound[0] != key:
             bound = (key, kernels.BoundExperts(self.packed(), self.bias))

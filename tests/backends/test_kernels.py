@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from se_export.backends import kernels
 from se_export.errors import SEError
+from se_export.formats.quantization import QuantSpec, column_scales
 from se_export.formats.sparse_format import pack_experts
 
 VALUE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -75,6 +76,73 @@ def test_kernel_matches_float64_reference(seed, k, out, inn, tokens, density, fm
     assert y.dtype == xdtype
     tol = 1e-4 if xdtype == torch.float32 else 2e-3
     assert torch.allclose(y.double(), ref, rtol=tol, atol=tol * (1 + float(ref.abs().max()) if ref.numel() else 1))
+
+
+def make_quant_case(seed, k, out, inn, density, fmt, bits, group):
+    """Experts whose weights lie on an int8/int4 grid (random codes, random fp16 scales per group):
+    ``(packed, float64 dequantized weights [K, out, in])``."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = QuantSpec(bits, group)
+    mask = torch.rand(k, out, inn, generator=gen) < density
+    codes = torch.randint(-spec.qmax, spec.qmax + 1, (k, out, inn), generator=gen) * mask
+    scales = (torch.rand(k, out, spec.groups(inn), generator=gen) * 0.1 + 1e-3).half().float()
+    weights = codes.double() * column_scales(scales, inn, group).double()
+    return pack_experts(weights.float(), mask, fmt, torch.int8, spec, scales), weights
+
+
+QUANT_GROUPS = [1, 3, 8, 16, 32, 64, 128]  # 16 and up (powers of two): the vector paths; others scalar
+
+
+def quant_error(seed, k, out, inn, tokens, density, fmt, bits, group, with_bias=True) -> float:
+    """Largest |kernel - float64 reference| relative to the reference's scale, for given routing."""
+    packed, weights = make_quant_case(seed, k, out, inn, density, fmt, bits, group)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(tokens, inn, generator=gen)
+    ids = torch.randint(0, k, (tokens,), generator=gen, dtype=torch.int32)
+    bias = torch.randn(k, out, generator=gen) if with_bias else None
+    g, b = torch.randn(inn, k, generator=gen), torch.randn(k, generator=gen)
+    y, _ = kernels.BoundExperts(packed, bias, 0).matmul(x, g, b, ids)
+    ref, _, _ = reference(x, weights, g, b, bias, ids)
+    return float((y.double() - ref).abs().max()) / (1 + float(ref.abs().max())) if ref.numel() else 0.0
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 4), out=st.integers(1, 24), inn=st.integers(1, 300),
+       tokens=st.sampled_from([1, 2, 3, 9, 65]), density=st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]),
+       fmt=st.sampled_from(["bitmap", "csr16"]), bits=st.sampled_from([8, 4]), group=st.sampled_from(QUANT_GROUPS))
+def test_quantized_kernel_matches_float64_reference(seed, k, out, inn, tokens, density, fmt, bits, group):
+    """int8 and int4 codes (int4 nibble-packed, rows starting mid-byte) with any group size, decode
+    (1-2 tokens) and prefill tiles, against float64 products of the dequantized weights."""
+    group = min(group, inn)
+    assert quant_error(seed, k, out, inn, tokens, density, fmt, bits, group) < 1e-4
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
+def test_quantized_kernels_agree_on_every_path(isa):
+    """Each ISA's quantized decode (SE_KERNELS_ISA caps the path) on rows long enough for the
+    64-column loops, every group size, both widths, at the end of the values array too."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from tests.backends.test_kernels import quant_error, QUANT_GROUPS; import itertools;"
+            "print(max(quant_error(s, 2, 9, inn, t, d, 'bitmap', bits, g) for s, (inn, t, d, bits, g) in enumerate("
+            "itertools.product([130, 517], [1, 2, 20], [0.3, 0.7, 1.0], [8, 4], QUANT_GROUPS))))")
+    env = {**os.environ, "SE_KERNELS_ISA": isa}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert float(out) < 1e-4
+
+
+def test_corrupt_scales_and_a_bad_group_size_are_refused():
+    packed, _ = make_quant_case(0, 2, 4, 40, 0.5, "bitmap", 4, 16)
+    bad = packed.scales.clone()
+    bad.view(torch.int16)[1, 2, 0] = 0x7C00  # +inf
+    import dataclasses
+
+    with pytest.raises(SEError, match="not finite"):
+        kernels.BoundExperts(dataclasses.replace(packed, scales=bad), None)
+    with pytest.raises(SEError, match="group_size 64 is outside"):
+        kernels.BoundExperts(dataclasses.replace(packed, quant=QuantSpec(4, 64), scales=packed.scales[..., :1]), None)
 
 
 @pytest.mark.parametrize("vdtype", [torch.float32, torch.float16])
