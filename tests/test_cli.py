@@ -190,8 +190,8 @@ def expanded_int4(tmp_path_factory, tiny_llama_dir, calib_file) -> Path:
     return out
 
 
-def test_int4_experts_store_smaller_load_evaluate_and_refuse_export(expanded_int4, tmp_path, tiny_llama_dir,
-                                                                     calib_file, eval_file):
+def test_int4_experts_store_smaller_load_and_evaluate(expanded_int4, tmp_path, tiny_llama_dir, calib_file,
+                                                      eval_file):
     fp16 = tmp_path / "fp16"
     proc = run_cli("expand", tiny_llama_dir, "--out", fp16, "--experts", "4", "--calib", calib_file,
                    "--calib-samples", "8", "--seqlen", "32", "--min-cluster-tokens", "8", "--quiet")
@@ -208,11 +208,55 @@ def test_int4_experts_store_smaller_load_evaluate_and_refuse_export(expanded_int
     proc = run_cli("eval", expanded_int4, "--text", eval_file, "--seqlen", "32", "--max-windows", "2", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["perplexity"] > 1
-    _one_line_error(run_cli("onnx", expanded_int4, "--out", tmp_path / "onnx"), "expand with --value-dtype fp16")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_experts_export_the_custom_op_and_validate(bits, expanded_int4, tmp_path, tiny_llama_dir,
+                                                             calib_file, monkeypatch):
+    """RoutedSparseMatMul version 2 carries int8 codes, or int4 codes two per byte, and fp16 scales;
+    ONNX Runtime's logits, decode step and generation match PyTorch at fp32. A library that only
+    implements version 1 is refused with the fix."""
+    ckpt = expanded_int4
+    if bits == 8:
+        ckpt = tmp_path / "int8"
+        proc = run_cli("expand", tiny_llama_dir, "--out", ckpt, "--experts", "4", "--calib", calib_file,
+                       "--calib-samples", "8", "--seqlen", "32", "--min-cluster-tokens", "8", "--value-dtype", "int8",
+                       "--group-size", "32", "--quiet")
+        assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "onnx"
+    proc = run_cli("onnx", ckpt, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    import onnx
+
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert {o.domain: o.version for o in model.opset_import}["se"] == 2
+    nodes = [n for n in model.graph.node if n.domain == "se"]
+    init = {i.name: i for i in model.graph.initializer}
+    se_model = se_export.load(ckpt)
+    nnz = {m.values.numel() for m in se_model.modules() if getattr(m, "quant", None) is not None}
+    for node in nodes:
+        values, scales = init[node.input[3]], init[node.input[8]]
+        assert values.data_type == (onnx.TensorProto.UINT8 if bits == 4 else onnx.TensorProto.INT8)
+        assert scales.data_type == onnx.TensorProto.FLOAT16
+        count = values.dims[0] * 2 if bits == 4 else values.dims[0]
+        assert count in nnz or count - 1 in nnz  # int4: two codes per byte
+    proc = run_cli("validate", out, "--tokens", "8", "--ppl-windows", "0", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["passed"] and {"logits", "decode_step", "generation"} <= set(report["checks"])
+
+    from se_export.backends import ort_runtime
+    from se_export.errors import SEError
+
+    monkeypatch.setattr(ort_runtime, "ort_library_op_version", lambda path: 1)
+    with pytest.raises(SEError, match="needs RoutedSparseMatMul version 2") as info:
+        ort_runtime.OrtCausalLM(out)
+    assert "\n" not in str(info.value) and "make build" in str(info.value)
 
 
 def test_quantized_module_runs_the_reference_semantics(expanded_int4):
-    """The module's forward (kernels off for int codes) equals dequantize-then-matmul in float64."""
+    """The module's forward (the C++ kernels on int codes) equals dequantize-then-matmul in float64,
+    and so does the reference op given int4 codes two per byte, as the exported graph holds them."""
     from se_export.modeling import ops
 
     model = se_export.load(expanded_int4)
@@ -226,6 +270,12 @@ def test_quantized_module_runs_the_reference_semantics(expanded_int4):
         expect += module.bias.double()[ids.long()]
     got = module(x).reshape(-1, module.out_features)
     assert torch.allclose(got.double(), expect, atol=1e-4, rtol=1e-4)
+    module.pack_for_export()
+    assert module.op_values().dtype == torch.uint8 and module.op_values().numel() == (module.values.numel() + 1) // 2
+    y, _ = torch.ops.se.routed_sparse_matmul(x, module.router_weight, module.router_bias, module.op_values(),
+                                             module.indices, module.row_ptr, module.bias, None, module.out_features,
+                                             module.format, module.scales, module.quant.group_size)
+    assert torch.allclose(y.reshape(-1, module.out_features).double(), expect, atol=1e-4, rtol=1e-4)
 
 
 def test_python_m_se_export_is_the_cli_and_logs_progress_as_plain_lines(expanded, eval_file):

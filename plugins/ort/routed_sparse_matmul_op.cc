@@ -1,5 +1,5 @@
-// ONNX Runtime CPU custom-op library: se::RoutedSparseMatMul v1 (docs/routed_sparse_matmul.md) with the
-// lite custom-op API. The arithmetic lives in plugins/cpu (se_kernels.h), the same code the
+// ONNX Runtime CPU custom-op library: se::RoutedSparseMatMul versions 1 and 2 (docs/routed_sparse_matmul.md)
+// with the lite custom-op API; version 2 adds int8 / int4 values with an fp16 scales input. The arithmetic lives in plugins/cpu (se_kernels.h), the same code the
 // PyTorch binding calls. One kernel is registered per (activation, value, index) type
 // combination; all of them share the op name, so ONNX Runtime picks one by the node's types.
 //
@@ -28,8 +28,14 @@ template <typename T>
 constexpr int32_t dtype_code() {
   if constexpr (std::is_same_v<T, float>) return SE_F32;
   if constexpr (std::is_same_v<T, Ort::Float16_t>) return SE_F16;
+  if constexpr (std::is_same_v<T, int8_t>) return SE_I8;   // int8 codes
+  if constexpr (std::is_same_v<T, uint8_t>) return SE_I4;  // int4 codes, two per byte
   return SE_BF16;
 }
+
+// The newest op version this library implements (se_ort_op_version): a host reads it before
+// handing the library a model, so a model newer than the library is refused with a reason.
+constexpr int32_t kOpVersion = 2;
 
 inline Ort::Status invalid(const std::string& msg) {
   return Ort::Status(("RoutedSparseMatMul: " + msg).c_str(), ORT_INVALID_ARGUMENT);
@@ -98,6 +104,11 @@ struct RoutedSparseMatMulKernel {
     Ort::ConstKernelInfo ki(info);
     out_features_ = ki.GetAttribute<int64_t>("out_features");
     format_ = ki.GetAttribute<std::string>("format");
+    try {
+      group_size_ = ki.GetAttribute<int64_t>("group_size");
+    } catch (const Ort::Exception&) {  // version 1 nodes and float values have none
+      group_size_ = 0;
+    }
     min_group_tokens_ = dense_group_tokens();
     tile_bytes_ = dense_tile_bytes();
     if (min_group_tokens_ > 0) {
@@ -121,7 +132,8 @@ struct RoutedSparseMatMulKernel {
   Ort::Status Compute(OrtKernelContext* context, const Tensor<TX>& x, const Tensor<float>& router_weight, const Tensor<float>& router_bias,
                       const Tensor<TV>& values, const Tensor<TI>& indices, const Tensor<int32_t>& row_ptr,
                       std::optional<const Tensor<float>*> bias, std::optional<const Tensor<int32_t>*> expert_ids,
-                      Tensor<TX>& y, std::optional<Tensor<int32_t>*> expert_ids_out) {
+                      std::optional<const Tensor<Ort::Float16_t>*> scales, Tensor<TX>& y,
+                      std::optional<Tensor<int32_t>*> expert_ids_out) {
     const int32_t format = format_ == "bitmap" ? SE_BITMAP : format_ == "csr16" ? SE_CSR16 : -1;
     if (format < 0) return invalid("format attribute must be 'bitmap' or 'csr16', got '" + format_ + "'");
     // Indices are bitmap bytes (uint8) or csr16 columns (int16), or either packed little-endian
@@ -151,7 +163,7 @@ struct RoutedSparseMatMulKernel {
     int64_t tokens = 1;
     for (size_t i = 0; i + 1 < xs.size(); ++i) tokens *= xs[i];
     const int32_t* ids_in = nullptr;
-    if (expert_ids.has_value() && *expert_ids != nullptr) {
+    if (expert_ids.has_value() && *expert_ids != nullptr && ((*expert_ids)->NumberOfElement() > 0 || tokens == 0)) {
       if ((*expert_ids)->NumberOfElement() != tokens)
         return invalid("expert_ids must have one entry per token (" + std::to_string(tokens) + ")");
       ids_in = (*expert_ids)->Data();
@@ -165,6 +177,39 @@ struct RoutedSparseMatMulKernel {
     e.in_features = in;
     e.values = values.Data();
     e.nnz = values.NumberOfElement();
+    constexpr bool quantized = std::is_same_v<TV, int8_t> || std::is_same_v<TV, uint8_t>;
+    if constexpr (quantized) {
+      if (!scales.has_value() || *scales == nullptr || (*scales)->NumberOfElement() == 0)
+        return invalid("int8/int4 values need the scales input (op version 2)");
+      if (group_size_ < 1 || group_size_ > in)
+        return invalid("group_size attribute must be in [1, in_features = " + std::to_string(in) + "], got " +
+                       std::to_string(group_size_));
+      const int64_t groups = (in + group_size_ - 1) / group_size_;
+      if ((*scales)->NumberOfElement() != K * out * groups)
+        return invalid("scales must be [K, out, ceil(in / group_size)] = " + std::to_string(K * out * groups) +
+                       " entries, have " + std::to_string((*scales)->NumberOfElement()));
+      e.scales = reinterpret_cast<const uint16_t*>((*scales)->Data());
+      e.group_size = group_size_;
+      if constexpr (std::is_same_v<TV, uint8_t>) {  // int4: the code count from the last row's start and length
+        if (format != SE_BITMAP && words) return invalid("int4 csr16 values need int16 indices");
+        const int32_t last = row_ptr.Data()[K * out - 1];
+        int64_t count = indices.NumberOfElement();  // csr16: one column per code
+        if (format == SE_BITMAP) {
+          const int64_t width = (in + 7) / 8;
+          const auto* bytes = reinterpret_cast<const uint8_t*>(indices.Data());
+          const int64_t total = words ? K * out * width : indices.NumberOfElement();
+          if (total < width || last < 0) return invalid("bitmap indices are shorter than one row");
+          count = last;
+          for (int64_t i = total - width; i < total; ++i) count += __builtin_popcount(bytes[i]);
+        }
+        if (values.NumberOfElement() != (count + 1) / 2)
+          return invalid("int4 values must hold " + std::to_string((count + 1) / 2) + " bytes for " +
+                         std::to_string(count) + " codes, have " + std::to_string(values.NumberOfElement()));
+        e.nnz = count;
+      }
+    } else if (scales.has_value() && *scales != nullptr && (*scales)->NumberOfElement() > 0) {
+      return invalid("scales are for int8/int4 values; these values are floats");
+    }
     e.indices = indices.Data();
     e.indices_len = indices.NumberOfElement();
     if (words) {  // the packed bytes it must cover; the zero padding after them is ignored
@@ -213,6 +258,7 @@ struct RoutedSparseMatMulKernel {
   }
 
   int64_t out_features_ = 0;
+  int64_t group_size_ = 0;
   std::string format_;
   int64_t min_group_tokens_ = 0;
   int64_t tile_bytes_ = 0;
@@ -243,9 +289,13 @@ void add_value_types(std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>&
   add_index_types<TX, float>(ops);
   add_index_types<TX, Ort::Float16_t>(ops);
   add_index_types<TX, Ort::BFloat16_t>(ops);
+  add_index_types<TX, int8_t>(ops);
+  add_index_types<TX, uint8_t>(ops);
 }
 
 }  // namespace se_ort
+
+extern "C" __attribute__((visibility("default"))) int32_t se_ort_op_version(void) { return se_ort::kOpVersion; }
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                                           const OrtApiBase* api) {

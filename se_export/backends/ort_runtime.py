@@ -22,6 +22,28 @@ def ort_library() -> Path:
     return path
 
 
+def ort_library_op_version(path: Path) -> int:
+    """The newest RoutedSparseMatMul version the op library at ``path`` implements (1 for
+    libraries older than the version query)."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(path))
+    query = getattr(lib, "se_ort_op_version", None)
+    if query is None:
+        return 1
+    query.restype = ctypes.c_int32
+    return int(query())
+
+
+def check_op_version(needed: int) -> None:
+    """Refuse, with the fix, a graph whose op version the built library cannot read."""
+    path = ort_library()
+    have = ort_library_op_version(path)
+    if needed > have:
+        raise SEError(f"this export needs RoutedSparseMatMul version {needed} (int8/int4 experts), but {path} "
+                      f"implements version {have}: rebuild it with `make build`, or export with --portable")
+
+
 def session_options(threads: int = 0, custom_ops: bool = True, profile_prefix: str | None = None,
                     spinning: bool = True):
     """``spinning=False`` for sessions that take turns call by call in one process (benchmarks): a
@@ -120,6 +142,8 @@ class OrtCausalLM(StepModel):
         # memory per linear. Without the arena it is returned after every node (the arena would keep
         # the peak of the largest call); constant folding has nothing worth precomputing there.
         lazy = self.manifest.get("portable") and self.manifest.get("expanded_linears", 0) > 0
+        if needs_op:
+            check_op_version(int(self.manifest.get("op", {}).get("version", 1)))
         opts = session_options(threads, needs_op, profile_prefix, spinning)
         if lazy:
             opts.enable_cpu_mem_arena = False

@@ -141,7 +141,7 @@ def routing_outputs(onnx_path: Path, groups: list[str]) -> tuple[dict[str, str],
     if custom:
         for node in custom:
             values = node.input[3]
-            module = values.removeprefix("model.").removesuffix(".values")
+            module = values.removeprefix("model.").removesuffix(".int4_values").removesuffix(".values")
             if len(node.output) > 1 and node.output[1]:
                 mapping.setdefault(module, node.output[1])
         return mapping, None

@@ -170,16 +170,21 @@ def _custom_op_translation():
     from onnxscript import opset18 as op
     from onnxscript.values import Opset
 
-    se_opset = Opset(onnx_schema.DOMAIN, onnx_schema.OP_VERSION)
-
     def routed_sparse_matmul(x, router_weight, router_bias, values, indices, row_ptr, bias=None, expert_ids=None,
-                             out_features: int = 0, format: str = "bitmap"):
-        if bias is None and expert_ids is not None:
-            # no gap before expert_ids: ONNX Runtime's lite custom-op API cannot skip a middle input,
-            # so "no bias" is an empty tensor (the contract treats a 0-element bias as absent)
+                             out_features: int = 0, format: str = "bitmap", scales=None, group_size: int = 0):
+        # no gap before a given input: ONNX Runtime's lite custom-op API cannot skip a middle input,
+        # so "no bias" / "no expert_ids" are empty tensors (the contract treats them as absent)
+        if bias is None and (expert_ids is not None or scales is not None):
             bias = op.Constant(value=onnx.numpy_helper.from_array(np.zeros(0, np.float32)))
-        return se_opset.RoutedSparseMatMul(x, router_weight, router_bias, values, indices, row_ptr, bias, expert_ids,
-                                           out_features=out_features, format=format, _outputs=2)
+        if scales is None:
+            return Opset(onnx_schema.DOMAIN, 1).RoutedSparseMatMul(
+                x, router_weight, router_bias, values, indices, row_ptr, bias, expert_ids,
+                out_features=out_features, format=format, _outputs=2)
+        if expert_ids is None:
+            expert_ids = op.Constant(value=onnx.numpy_helper.from_array(np.zeros(0, np.int32)))
+        return Opset(onnx_schema.DOMAIN, 2).RoutedSparseMatMul(
+            x, router_weight, router_bias, values, indices, row_ptr, bias, expert_ids, scales,
+            out_features=out_features, format=format, group_size=group_size, _outputs=2)
 
     return {torch.ops.se.routed_sparse_matmul.default: routed_sparse_matmul}
 
@@ -258,13 +263,14 @@ def export_onnx(model: nn.Module, tokenizer, out: Path, *, dtype: str = "fp32", 
     onnx_schema.register()
     torch_dtype = DTYPES[dtype]
     model.eval()
-    if not portable and (quantized := [n for n, m in expanded_modules(model).items() if m.quant is not None]):
-        raise SEError(f"{quantized[0]} stores {expanded_modules(model)[quantized[0]].quant.name} values, which "
-                      f"RoutedSparseMatMul version {onnx_schema.OP_VERSION} cannot take (float values only): "
-                      "export with --portable (standard ops), or expand with --value-dtype fp16")
-    expanded = len(expanded_modules(model))
+    modules = expanded_modules(model)
+    expanded = len(modules)
+    quantized = any(m.quant is not None for m in modules.values())
     if portable:
         make_portable(model)
+    else:
+        for module in modules.values():
+            module.pack_for_export()
     if torch_dtype != torch.float32:
         cast_model(model, torch_dtype)
     layout = KvLayout.of(model.config)
@@ -300,7 +306,8 @@ def export_onnx(model: nn.Module, tokenizer, out: Path, *, dtype: str = "fp32", 
         manifest = {
             "format": "se-onnx", "version": 1, "source": source, "dtype": dtype, "opset": opset,
             "portable": portable, "external_data": external,
-            "op": {"domain": onnx_schema.DOMAIN, "type": onnx_schema.OP_TYPE, "version": onnx_schema.OP_VERSION},
+            "op": {"domain": onnx_schema.DOMAIN, "type": onnx_schema.OP_TYPE,
+                   "version": onnx_schema.op_version(quantized)},
             "expanded_linears": expanded, "custom_op_nodes": count_custom_nodes(tmp / MODEL_FILE),
             "inputs": input_names, "outputs": output_names, "uses_position_ids": with_pos,
             "num_layers": layout.layers, "num_kv_heads": layout.kv_heads, "head_dim": layout.head_dim,

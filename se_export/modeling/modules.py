@@ -19,7 +19,7 @@ from torch import nn
 
 from ..backends import kernels
 from ..errors import SEError
-from ..formats.quantization import QuantSpec
+from ..formats.quantization import QuantSpec, pack_int4
 from ..formats.sparse_format import PackedExperts, validate_packed
 from . import ops
 
@@ -138,14 +138,12 @@ class RoutedSparseLinear(nn.Module):
                              self.values, self.indices, self.row_ptr, self.scales, self.quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _CACHE.budget > 0 or (self.quant is not None and not self._use_kernels(x)):
+        if _CACHE.budget > 0:
             flat = x.reshape(-1, self.in_features)
             given = self.shared_expert_ids(x)
             ids = given.reshape(-1) if given is not None else ops.route(flat, self.router_weight, self.router_bias)
-            packed = self.packed()
-            weight = (lambda k: _CACHE.get(self, k)) if _CACHE.budget > 0 else packed.unpack_expert
             y = ops.grouped_expert_matmul(
-                flat, ids, self.num_experts, self.out_features, weight, self.bias
+                flat, ids, self.num_experts, self.out_features, lambda k: _CACHE.get(self, k), self.bias
             ).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             ids = ids.reshape(x.shape[:-1])
             self.remember_expert_ids(x, ids)
@@ -156,13 +154,25 @@ class RoutedSparseLinear(nn.Module):
         else:
             given = self.shared_expert_ids(x)
             y, ids = torch.ops.se.routed_sparse_matmul(
-                x, self.router_weight, self.router_bias, self.values, self.indices, self.row_ptr,
-                self.bias, given, self.out_features, self.format,
+                x, self.router_weight, self.router_bias, self.op_values(), self.indices, self.row_ptr,
+                self.bias, given, self.out_features, self.format, self.scales,
+                0 if self.quant is None else self.quant.group_size,
             )
             self.remember_expert_ids(x, ids)
         if self.record_routing:
             self.last_expert_ids = ids
         return y
+
+    def op_values(self) -> torch.Tensor:
+        """The values as the op takes them: int4 codes two per byte once ``pack_for_export`` ran
+        (the exported graph stores them so), else the stored tensor (int8 codes for int4 too)."""
+        packed = getattr(self, "int4_values", None)
+        return self.values if packed is None else packed
+
+    def pack_for_export(self) -> None:
+        """Give int4 experts a nibble-packed copy of their codes for the exported graph to store."""
+        if self.quant is not None and self.quant.bits == 4:
+            self.register_buffer("int4_values", pack_int4(self.values), persistent=False)
 
     def _use_kernels(self, x: torch.Tensor) -> bool:
         """Plain eager CPU inference runs the C++ kernels (shared with ONNX Runtime) when built."""
