@@ -248,6 +248,10 @@ def test_quantized_experts_export_the_custom_op_and_validate(bits, expanded_int4
     from se_export.backends import ort_runtime
     from se_export.errors import SEError
 
+    from se_export.export.trt_onnx import prepare_for_tensorrt
+
+    with pytest.raises(SEError, match="TensorRT plugin does not read yet"):
+        prepare_for_tensorrt(out / "model.onnx", tmp_path / "trt.onnx")
     monkeypatch.setattr(ort_runtime, "ort_library_op_version", lambda path: 1)
     with pytest.raises(SEError, match="needs RoutedSparseMatMul version 2") as info:
         ort_runtime.OrtCausalLM(out)

@@ -53,6 +53,10 @@ def prepare_graph(model, drop_empty_bias: bool = True) -> dict:
         if node.domain != onnx_schema.DOMAIN or node.op_type != onnx_schema.OP_TYPE:
             continue
         stats["nodes"] += 1
+        if len(node.input) > 8 and node.input[8]:
+            raise SEError(f"node {node.name} has int8/int4 experts (RoutedSparseMatMul version 2), which the TensorRT "
+                          "plugin does not read yet: run it in ONNX Runtime (se-export validate / bench ort), "
+                          "or export with --portable")
         name = node.input[4]
         if name not in inits:
             raise SEError(f"node {node.name}: indices '{name}' are not an initializer; re-export with se-export onnx")
