@@ -13,6 +13,14 @@ real model's decode step (``--warm``: one copy). Prints a Markdown table and wri
 
     .venv/bin/python bench/kernel_speed.py                       # full grid (~12 min on 2 cores)
     .venv/bin/python bench/kernel_speed.py --shapes 4096x11008 --batches 1 512
+    .venv/bin/python bench/kernel_speed.py --quant --shapes 4096x11008 576x1536 1536x576 --batches 1 512 \
+        --sparsities 0.5 0.7 --out bench/results/kernels_quant.json
+
+The byte-ratio limit is the dense bytes over the bytes of the expert's *smallest* format (values,
+index, row pointers and scales), whichever format ran faster. ``--quant`` times the same expert
+with int8 and int4 values (default group sizes) against its fp16-valued self and against the
+dense fp32 layer, all in one interleaved run, and quotes the speedup over the fp16 expert as a
+fraction of their byte ratio (smallest format of each).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch
 
 from se_export.atomic import atomic_write_text
 from se_export.backends import kernels
+from se_export.formats.quantization import DEFAULT_GROUP_SIZE, QuantSpec, column_scales
 from se_export.formats.sparse_format import pack_experts
 from se_export.method.sparsity import parse_sparsity
 
@@ -148,7 +157,9 @@ def bench_shape(inn: int, out: int, batches: list[int], sparsities: list[str], d
                 row["best_format"] = best
                 # median of the per-round ratios: each pair of calls ran under the same conditions
                 row["speedup"] = statistics.median(d / s for d, s in zip(times["dense"], times[best], strict=True))
-                row["byte_ratio_limit"] = (out * inn * dense_w.element_size()) / row[f"{best}_bytes"]
+                # the limit of the expert's smallest format, whichever ran faster
+                row["byte_ratio_limit"] = (out * inn * dense_w.element_size()) / min(
+                    row["bitmap_bytes"], row["csr16_bytes"])
                 row["fraction_of_limit"] = row["speedup"] / row["byte_ratio_limit"]
                 if router_experts > 1:
                     g, b = torch.randn(inn, router_experts, generator=gen), torch.randn(router_experts, generator=gen)
@@ -160,6 +171,89 @@ def bench_shape(inn: int, out: int, batches: list[int], sparsities: list[str], d
                       f"bitmap {row['bitmap_ms']:8.3f}, csr16 {row['csr16_ms']:8.3f} -> {row['speedup']:.2f}x "
                       f"({row['fraction_of_limit']:.0%} of the byte limit {row['byte_ratio_limit']:.2f}x)", flush=True)
     return rows
+
+
+def kernel_bytes(bound: kernels.BoundExperts) -> int:
+    """Bytes a call streams of these experts as the library holds them: values (int4: two per
+    byte), index, row pointers, scales."""
+    return sum(t.numel() * t.element_size() for t in (bound.values, bound.indices, bound.row_ptr, bound.scales)
+               if t is not None)
+
+
+def quantized(weight: torch.Tensor, mask: torch.Tensor, fmt: str, bits: int) -> kernels.BoundExperts:
+    """The expert with int8/int4 values on a grid fitted to ``weight`` (the dtype's default group)."""
+    spec = QuantSpec(bits, DEFAULT_GROUP_SIZE[f"int{bits}"])
+    peak = torch.nn.functional.pad((weight * mask).abs(), (0, spec.groups(weight.shape[1]) * spec.group_size
+                                                           - weight.shape[1]))
+    scales = (peak.reshape(weight.shape[0], -1, spec.group_size).amax(-1) / spec.qmax).clamp_min(1e-8).half().float()
+    codes = torch.clamp(torch.round(weight / column_scales(scales, weight.shape[1], spec.group_size)), -spec.qmax, spec.qmax)
+    dequantized = codes * column_scales(scales, weight.shape[1], spec.group_size)
+    return kernels.BoundExperts(pack_experts(dequantized[None], mask[None], fmt, torch.int8, spec, scales[None]),
+                                dense_group_tokens=0)
+
+
+def bench_quant_shape(inn: int, out: int, batches: list[int], sparsities: list[str], threads: int,
+                      cold: bool = True) -> list[dict]:
+    """int8 / int4 experts against the same expert with fp16 values and against dense fp32, one run."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(out, inn, generator=gen)
+    rows = []
+    for sparsity in sparsities:
+        mask = sparse_mask(out, inn, sparsity, gen)
+        variants = {"fp16": {fmt: kernels.BoundExperts(pack_experts((weight * mask)[None], mask[None], fmt, torch.float16),
+                                                       dense_group_tokens=0) for fmt in ("bitmap", "csr16")}}
+        for bits in (8, 4):
+            variants[f"int{bits}"] = {fmt: quantized(weight, mask, fmt, bits) for fmt in ("bitmap", "csr16")}
+        round_bytes = out * inn * 4 + sum(kernel_bytes(b) for v in variants.values() for b in v.values())
+        n_copies = copies_for_cold(round_bytes) if cold else 1
+        dense_ws = [weight] + [weight.clone() for _ in range(n_copies - 1)]
+
+        def copy(bound: kernels.BoundExperts) -> kernels.BoundExperts:
+            return kernels.BoundExperts(bound.packed.clone(), dense_group_tokens=0)
+
+        copies = {(v, fmt): [b] + [copy(b) for _ in range(n_copies - 1)]
+                  for v, fmts in variants.items() for fmt, b in fmts.items()}
+        g1, b1 = torch.zeros(inn, 1), torch.zeros(1)
+        for batch in batches:
+            x = torch.randn(batch, inn, generator=gen)
+            ws = itertools.cycle(dense_ws)
+            fns = {"dense": lambda x=x, ws=ws: torch.matmul(x, next(ws).t())}
+            for key, bs in copies.items():
+                fns[key] = lambda x=x, bs=itertools.cycle(bs), g1=g1, b1=b1: next(bs).matmul(x, g1, b1, threads=threads)
+            times = time_rounds(fns)
+            best = {v: min(("bitmap", "csr16"), key=lambda f, v=v: statistics.median(times[(v, f)])) for v in variants}
+            smallest = {v: min(kernel_bytes(b) for b in fmts.values()) for v, fmts in variants.items()}
+            for v in ("int8", "int4"):
+                t_v, t_fp16 = times[(v, best[v])], times[("fp16", best["fp16"])]
+                row = {"in": inn, "out": out, "batch": batch, "sparsity": sparsity, "values": v,
+                       "group_size": DEFAULT_GROUP_SIZE[v], "weight_copies": n_copies, "rounds": len(t_v),
+                       "dense_fp32_ms": statistics.median(times["dense"]) * 1e3,
+                       "fp16_expert_ms": statistics.median(t_fp16) * 1e3, "fp16_format": best["fp16"],
+                       "ms": statistics.median(t_v) * 1e3, "format": best[v],
+                       "bitmap_ms": statistics.median(times[(v, "bitmap")]) * 1e3,
+                       "csr16_ms": statistics.median(times[(v, "csr16")]) * 1e3,
+                       "bytes": smallest[v], "fp16_expert_bytes": smallest["fp16"],
+                       "vs_fp16_expert": statistics.median(f / q for f, q in zip(t_fp16, t_v, strict=True)),
+                       "vs_dense_fp32": statistics.median(d / q for d, q in zip(times["dense"], t_v, strict=True))}
+                row["byte_ratio_limit"] = smallest["fp16"] / smallest[v]
+                row["fraction_of_limit"] = row["vs_fp16_expert"] / row["byte_ratio_limit"]
+                rows.append(row)
+                print(f"{inn}x{out} b={batch:4d} s={sparsity} {v}: {row['ms']:.3f} ms ({row['format']}), fp16 expert "
+                      f"{row['fp16_expert_ms']:.3f} -> {row['vs_fp16_expert']:.2f}x ({row['fraction_of_limit']:.0%} of "
+                      f"{row['byte_ratio_limit']:.2f}x), vs dense fp32 {row['vs_dense_fp32']:.2f}x", flush=True)
+    return rows
+
+
+def markdown_quant(rows: list[dict]) -> str:
+    lines = ["| in x out | batch | sparsity | values | dense fp32 ms | fp16 expert ms | int ms (format) | "
+             "vs fp16 expert | byte limit | % of limit | vs dense fp32 |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['in']}x{r['out']} | {r['batch']} | {r['sparsity']} | {r['values']} G{r['group_size']} | "
+                     f"{r['dense_fp32_ms']:.3f} | {r['fp16_expert_ms']:.3f} | {r['ms']:.3f} ({r['format']}) | "
+                     f"{r['vs_fp16_expert']:.2f}x | {r['byte_ratio_limit']:.2f}x | {r['fraction_of_limit']:.0%} | "
+                     f"{r['vs_dense_fp32']:.2f}x |")
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -203,6 +297,8 @@ def main() -> None:
     parser.add_argument("--warm", action="store_true",
                         help="one copy of every weight (part of the weights may stay in a large last-level cache "
                              "between rounds, flattering both sides)")
+    parser.add_argument("--quant", action="store_true",
+                        help="int8/int4 experts against the same expert with fp16 values and dense fp32")
     parser.add_argument("--out", type=Path, default=Path("bench/results/kernels.json"))
     args = parser.parse_args()
     if args.threads:
@@ -211,9 +307,12 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         inn, out = (int(v) for v in shape.lower().split("x"))
-        rows += bench_shape(inn, out, args.batches, args.sparsities, args.values, threads, args.router_experts,
-                            cold=not args.warm)
-    table = markdown(rows)
+        if args.quant:
+            rows += bench_quant_shape(inn, out, args.batches, args.sparsities, threads, cold=not args.warm)
+        else:
+            rows += bench_shape(inn, out, args.batches, args.sparsities, args.values, threads, args.router_experts,
+                                cold=not args.warm)
+    table = markdown_quant(rows) if args.quant else markdown(rows)
     print(table)
     meta = {"isa": kernels.isa(), "threads": threads, "torch": torch.__version__, "machine": platform.machine(),
             "processor": cpu_model(), "weights": "one copy (--warm)" if args.warm else "rotated copies (cold)",

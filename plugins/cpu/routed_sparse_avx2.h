@@ -186,8 +186,18 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) inline void quant_step_avx2(
                        _mm256_mul_ps(_mm256_loadu_ps(x + 8), s), hi);
 }
 
-// One bitmap row of int8/int4 codes times x on AVX2 (q.shift >= 4): 16 columns per step, four
-// steps per 64 columns into eight accumulators; tail columns and the array's last values scalar.
+// The row's n fp16 scales widened to fp32 into out (8 per conversion)
+__attribute__((target("avx2,fma,f16c"))) inline void widen_scales_avx2(const uint16_t* scales, int64_t n,
+                                                                       float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + i))));
+  for (; i < n; ++i) out[i] = se_half::f16_to_f32(scales[i]);
+}
+
+// One bitmap row of int8/int4 codes times x on AVX2 (q.shift >= 4, at most kMaxVectorGroups
+// groups): 16 columns per step, four steps per 64 columns into eight accumulators, x scaled by the
+// row's scales widened once; tail columns and the array's last values scalar.
 template <int VD>
 __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_bitmap_quant_avx2(const se_experts* e,
                                                                                  const uint8_t* bits,
@@ -195,6 +205,9 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_bitmap_quant_avx2(
                                                                                  int64_t end, const float* x,
                                                                                  const se_quant::RowScales& q) {
   const void* v = e->values;
+  float wide[se_quant::kMaxVectorGroups];
+  widen_scales_avx2(q.scales, se_quant::row_groups(e), wide);
+  const int shift = q.shift;
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
   const int64_t full = e->in_features / 8;
   int64_t byte = 0;
@@ -204,13 +217,13 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_bitmap_quant_avx2(
       __builtin_prefetch(bits + byte + se_values::kPrefetchMaskBytes);
       const uint8_t* m = bits + byte;
       const int64_t c = byte * 8;
-      quant_step_avx2<VD>(v, p, m[0], m[1], x + c, q.at(c), a0, a1);
-      quant_step_avx2<VD>(v, p, m[2], m[3], x + c + 16, q.at(c + 16), a2, a3);
-      quant_step_avx2<VD>(v, p, m[4], m[5], x + c + 32, q.at(c + 32), a4, a5);
-      quant_step_avx2<VD>(v, p, m[6], m[7], x + c + 48, q.at(c + 48), a6, a7);
+      quant_step_avx2<VD>(v, p, m[0], m[1], x + c, wide[c >> shift], a0, a1);
+      quant_step_avx2<VD>(v, p, m[2], m[3], x + c + 16, wide[(c + 16) >> shift], a2, a3);
+      quant_step_avx2<VD>(v, p, m[4], m[5], x + c + 32, wide[(c + 32) >> shift], a4, a5);
+      quant_step_avx2<VD>(v, p, m[6], m[7], x + c + 48, wide[(c + 48) >> shift], a6, a7);
     }
     for (; byte + 2 <= full; byte += 2)
-      quant_step_avx2<VD>(v, p, bits[byte], bits[byte + 1], x + byte * 8, q.at(byte * 8), a0, a1);
+      quant_step_avx2<VD>(v, p, bits[byte], bits[byte + 1], x + byte * 8, wide[(byte * 8) >> shift], a0, a1);
   }
   const float s = hsum(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
                                      _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7))));

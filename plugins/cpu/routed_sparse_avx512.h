@@ -133,13 +133,25 @@ SE_AVX512_TARGET inline __m512 quant_step(const void* values, int64_t& p, unsign
   return _mm512_fmadd_ps(w, _mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(scale)), acc);
 }
 
-// One bitmap row of int8/int4 codes times x (q.shift >= 4: a 16-column step lies in one group):
-// the fp16/fp32 row's loop with the codes widened in registers and x scaled per step. The last
-// values of the array (where a 16-code load would pass them) and tail columns run scalar.
+// The row's n fp16 scales widened to fp32 into out (16 per conversion)
+SE_AVX512_TARGET inline void widen_scales(const uint16_t* scales, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + i))));
+  for (; i < n; ++i) out[i] = se_half::f16_to_f32(scales[i]);
+}
+
+// One bitmap row of int8/int4 codes times x (q.shift >= 4: a 16-column step lies in one group;
+// at most kMaxVectorGroups groups): the fp16/fp32 row's loop with the codes widened in registers
+// and x scaled per step by the row's scales, widened once. The last values of the array (where a
+// 16-code load would pass them) and tail columns run scalar.
 template <int VD>
 SE_AVX512_TARGET float dot_bitmap_quant(const void* values, int64_t nnz, int64_t in_features, const uint8_t* bits,
                                         int64_t nbytes, int64_t p, int64_t end, const float* x,
                                         const se_quant::RowScales& q) {
+  float wide[se_quant::kMaxVectorGroups];
+  widen_scales(q.scales, (in_features + q.group - 1) / q.group, wide);
+  const int shift = q.shift;
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   const int64_t full = in_features / 8;
   int64_t byte = 0;
@@ -150,14 +162,14 @@ SE_AVX512_TARGET float dot_bitmap_quant(const void* values, int64_t nnz, int64_t
       uint64_t m;
       std::memcpy(&m, bits + byte, 8);
       const int64_t c = byte * 8;
-      a0 = quant_step<VD>(values, p, static_cast<unsigned>(m) & 0xffffu, x + c, q.at(c), a0);
-      a1 = quant_step<VD>(values, p, static_cast<unsigned>(m >> 16) & 0xffffu, x + c + 16, q.at(c + 16), a1);
-      a2 = quant_step<VD>(values, p, static_cast<unsigned>(m >> 32) & 0xffffu, x + c + 32, q.at(c + 32), a2);
-      a3 = quant_step<VD>(values, p, static_cast<unsigned>(m >> 48), x + c + 48, q.at(c + 48), a3);
+      a0 = quant_step<VD>(values, p, static_cast<unsigned>(m) & 0xffffu, x + c, wide[c >> shift], a0);
+      a1 = quant_step<VD>(values, p, static_cast<unsigned>(m >> 16) & 0xffffu, x + c + 16, wide[(c + 16) >> shift], a1);
+      a2 = quant_step<VD>(values, p, static_cast<unsigned>(m >> 32) & 0xffffu, x + c + 32, wide[(c + 32) >> shift], a2);
+      a3 = quant_step<VD>(values, p, static_cast<unsigned>(m >> 48), x + c + 48, wide[(c + 48) >> shift], a3);
     }
     for (; byte + 2 <= full; byte += 2)
       a0 = quant_step<VD>(values, p, bits[byte] | static_cast<unsigned>(bits[byte + 1]) << 8, x + byte * 8,
-                          q.at(byte * 8), a0);
+                          wide[(byte * 8) >> shift], a0);
   }
   const float s = hsum16(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
   return se_quant::bitmap_bits<VD>(values, bits, byte, nbytes, p, x, q, s);

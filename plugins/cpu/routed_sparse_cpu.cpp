@@ -33,7 +33,7 @@ float dot_quant_row(const se_experts* e, int64_t k, int64_t r, int64_t b, const 
     return se_quant::dot_csr_portable<VD>(e->values, static_cast<const uint16_t*>(e->indices), b, end, x, q);
   const int64_t nbytes = (e->in_features + 7) / 8;
   const uint8_t* bits = static_cast<const uint8_t*>(e->indices) + (k * e->out_features + r) * nbytes;
-  if (q.shift >= 4) {
+  if (q.shift >= 4 && se_quant::row_groups(e) <= se_quant::kMaxVectorGroups) {
 #if SE_X86
     if (isa == Isa::Avx512)
       return se_avx512::dot_bitmap_quant<VD>(e->values, e->nnz, e->in_features, bits, nbytes, b, end, x, q);

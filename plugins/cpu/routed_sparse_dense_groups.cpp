@@ -85,8 +85,8 @@ void decode_row(const se_experts* e, int64_t k, int64_t r, float* dense) {
   if constexpr (se_values::kQuantized<VD>) {
     const bool csr = e->format == SE_CSR16;
     const auto* bits = csr ? nullptr : static_cast<const uint8_t*>(e->indices) + (k * e->out_features + r) * ((in + 7) / 8);
-    se_quant::decode_row<VD>(e->values, bits, csr ? static_cast<const uint16_t*>(e->indices) : nullptr, in, p,
-                             row_end(e, k, r), se_quant::row_scales(e, k, r), dense);
+    se_quant::decode_row<VD>(e->values, csr, bits, static_cast<const uint16_t*>(e->indices), in, p, row_end(e, k, r),
+                             se_quant::row_scales(e, k, r), dense);
     return;
   }
   if (e->format == SE_CSR16) {

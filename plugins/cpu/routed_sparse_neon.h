@@ -117,16 +117,27 @@ inline void quant_step(const void* values, int64_t& p, unsigned m0, unsigned m1,
   a[3] = vfmaq_f32(a[3], vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi))), vmulq_n_f32(vld1q_f32(x + 12), scale));
 }
 
-// One bitmap row of int8/int4 codes times x (q.shift >= 4): 16 columns per step; tail columns and
-// the array's last values run scalar.
+// The row's n fp16 scales widened to fp32 into out (4 per conversion)
+inline void widen_scales(const uint16_t* scales, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) vst1q_f32(out + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(scales + i))));
+  for (; i < n; ++i) out[i] = se_half::f16_to_f32(scales[i]);
+}
+
+// One bitmap row of int8/int4 codes times x (q.shift >= 4, at most kMaxVectorGroups groups): 16
+// columns per step, x scaled by the row's scales widened once; tail columns and the array's last
+// values run scalar.
 template <int VD>
 float dot_bitmap_quant(const void* values, int64_t nnz, int64_t in_features, const uint8_t* bits, int64_t nbytes,
                        int64_t p, int64_t end, const float* x, const se_quant::RowScales& q) {
+  float wide[se_quant::kMaxVectorGroups];
+  widen_scales(q.scales, (in_features + q.group - 1) / q.group, wide);
   float32x4_t a[4] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
   const int64_t full = in_features / 8;
   int64_t byte = 0;
   if (end + se_quant::kVectorSlack<VD> <= nnz)
-    for (; byte + 2 <= full; byte += 2) quant_step<VD>(values, p, bits[byte], bits[byte + 1], x + byte * 8, q.at(byte * 8), a);
+    for (; byte + 2 <= full; byte += 2)
+      quant_step<VD>(values, p, bits[byte], bits[byte + 1], x + byte * 8, wide[(byte * 8) >> q.shift], a);
   const float s = vaddvq_f32(vaddq_f32(vaddq_f32(a[0], a[1]), vaddq_f32(a[2], a[3])));
   return se_quant::bitmap_bits<VD>(values, bits, byte, nbytes, p, x, q, s);
 }

@@ -34,6 +34,12 @@ inline RowScales row_scales(const se_experts* e, int64_t k, int64_t r) {
   return {e->scales + (k * e->out_features + r) * groups, e->group_size, vector_shift(e->group_size)};
 }
 
+// The vector paths widen a row's scales to fp32 once, on the stack, before its loop: at most this
+// many groups (in_features / 16 up to 65536 columns); wider rows take the scalar path.
+constexpr int64_t kMaxVectorGroups = 4096;
+
+inline int64_t row_groups(const se_experts* e) { return (e->in_features + e->group_size - 1) / e->group_size; }
+
 // Values a 16-code vector load starting at a row's last value may touch past the row's end: an
 // int4 load reads the 8 bytes holding 16 nibbles and one more byte when it starts mid-byte.
 template <int VD>
@@ -62,12 +68,14 @@ inline void expand_controls(unsigned m0, unsigned m1, uint64_t& lo, uint64_t& hi
 }
 
 // 16 int4 codes from value p, value p in the low nibble (p may be odd: a row starting mid-byte)
+// Branch-free: the parity of p is data (a branch on it mispredicted every other step); always
+// reads 9 bytes, which kVectorSlack covers.
 inline uint64_t nibbles16(const void* values, int64_t p) {
   const uint8_t* b = static_cast<const uint8_t*>(values) + (p >> 1);
   uint64_t u;
   std::memcpy(&u, b, 8);
-  if (p & 1) u = (u >> 4) | static_cast<uint64_t>(b[8]) << 60;
-  return u;
+  const unsigned shift = static_cast<unsigned>(p & 1) * 4;
+  return (u >> shift) | ((static_cast<uint64_t>(b[8]) << 56) << (8 - shift));
 }
 
 // s + the scaled products of mask bytes [byte, nbytes) of a bitmap row with x, codes from p (advanced)
@@ -131,12 +139,13 @@ float dot_csr_portable(const void* values, const uint16_t* cols, int64_t b, int6
   return sum.total();
 }
 
-// A row dequantized into dense[0, in), zeros where pruned (bitmap: bits; csr16: cols from p)
+// A row dequantized into dense[0, in), zeros where pruned: csr16 rows take their columns from
+// cols[p, end), bitmap rows their set bits from bits (the other pointer is unused and may be null)
 template <int VD>
-void decode_row(const void* values, const uint8_t* bits, const uint16_t* cols, int64_t in, int64_t p, int64_t end,
-                const RowScales& q, float* dense) {
+void decode_row(const void* values, bool csr16, const uint8_t* bits, const uint16_t* cols, int64_t in, int64_t p,
+                int64_t end, const RowScales& q, float* dense) {
   std::memset(dense, 0, sizeof(float) * static_cast<size_t>(in));
-  if (cols) {
+  if (csr16) {
     for (; p < end; ++p) dense[cols[p]] = static_cast<float>(se_values::load_code<VD>(values, p)) * q.at(cols[p]);
     return;
   }

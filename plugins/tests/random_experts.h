@@ -1,5 +1,6 @@
 // Random packed experts for the C++ tests: both formats, fp32/fp16/bf16 values exactly
-// representable in the stored precision, a float64 dense copy for references, random router.
+// representable in the stored precision or int8/int4 codes with fp16 scales, a float64 dense copy
+// for references, random router.
 #pragma once
 
 #include <cmath>
@@ -25,6 +26,12 @@ inline float from_bf16(uint16_t h) {
   return f;
 }
 
+inline double decode_f16(uint16_t h) {  // normal fp16 numbers only (what to_f16_exact writes)
+  if ((h & 0x7fffu) == 0) return 0.0;
+  const double m = 1.0 + (h & 0x3ffu) / 1024.0;
+  return ((h & 0x8000u) ? -1.0 : 1.0) * std::ldexp(m, ((h >> 10) & 0x1f) - 15);
+}
+
 inline uint16_t to_f16_exact(float v) {  // |v| < 8 in steps of 1/64: exact in fp16
   const float a = std::fabs(v);
   uint16_t h = 0;
@@ -41,13 +48,16 @@ struct Case {
   int format, value_dtype;
   int64_t K, out, in, tokens;
   double density;
+  int64_t group = 0;  // input columns per scale of SE_I8 / SE_I4 values
 };
 
 struct RandomExperts {
   Case c;
   std::vector<double> dense;  // [K*out, in]
   std::vector<float> vals32, G, b, bias, x;
-  std::vector<uint16_t> vals16, cols;
+  std::vector<uint16_t> vals16, cols, scales;
+  std::vector<int8_t> codes;    // SE_I8 values (and SE_I4 codes before packing)
+  std::vector<uint8_t> nibbles;  // SE_I4 values
   std::vector<uint8_t> bitmap;
   std::vector<int32_t> row_ptr;
   se_experts e{};
@@ -59,11 +69,22 @@ struct RandomExperts {
     dense.assign(c.K * c.out * c.in, 0.0);
     bitmap.assign(c.K * c.out * nb, 0);
     row_ptr.resize(c.K * c.out);
+    const bool quantized = c.value_dtype == SE_I8 || c.value_dtype == SE_I4;
+    const int64_t groups = quantized ? (c.in + c.group - 1) / c.group : 0;
+    std::uniform_int_distribution<int> code(-8, 7), steps(1, 64);
     for (int64_t r = 0; r < c.K * c.out; ++r) {
-      row_ptr[r] = static_cast<int32_t>(c.value_dtype == SE_F32 ? vals32.size() : vals16.size());
+      row_ptr[r] = static_cast<int32_t>(quantized ? codes.size() : c.value_dtype == SE_F32 ? vals32.size() : vals16.size());
+      for (int64_t g = 0; g < groups; ++g) scales.push_back(to_f16_exact(static_cast<float>(steps(rng)) / 64.f));
       for (int64_t i = 0; i < c.in; ++i) {
         if (uni(rng) >= c.density) continue;
         float v = normal(rng);
+        if (quantized) {
+          codes.push_back(static_cast<int8_t>(code(rng)));
+          dense[r * c.in + i] = static_cast<double>(codes.back()) * decode_f16(scales[r * groups + i / c.group]);
+          bitmap[r * nb + i / 8] |= static_cast<uint8_t>(1u << (i % 8));
+          cols.push_back(static_cast<uint16_t>(i));
+          continue;
+        }
         if (c.value_dtype == SE_F32) {
           vals32.push_back(v);
         } else if (c.value_dtype == SE_BF16) {
@@ -92,6 +113,15 @@ struct RandomExperts {
     e.in_features = c.in;
     e.values = c.value_dtype == SE_F32 ? static_cast<const void*>(vals32.data()) : vals16.data();
     e.nnz = c.value_dtype == SE_F32 ? vals32.size() : vals16.size();
+    if (quantized) {
+      nibbles.assign((codes.size() + 1) / 2, 0);
+      for (size_t i = 0; i < codes.size(); ++i)
+        nibbles[i / 2] |= static_cast<uint8_t>((static_cast<unsigned>(codes[i]) & 15u) << (i % 2 ? 4 : 0));
+      e.values = c.value_dtype == SE_I8 ? static_cast<const void*>(codes.data()) : nibbles.data();
+      e.nnz = static_cast<int64_t>(codes.size());
+      e.scales = scales.data();
+      e.group_size = c.group;
+    }
     e.indices = c.format == SE_BITMAP ? static_cast<const void*>(bitmap.data()) : cols.data();
     e.indices_len = c.format == SE_BITMAP ? static_cast<int64_t>(bitmap.size()) : static_cast<int64_t>(cols.size());
     e.row_ptr = row_ptr.data();

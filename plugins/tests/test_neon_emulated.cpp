@@ -12,6 +12,7 @@
 
 #include "routed_sparse_neon.h"
 #include "kernel_rows.h"
+#include "quant_rows.h"
 
 namespace {
 
@@ -26,6 +27,17 @@ void decode_rows(std::mt19937& gen, int random_sets) {
   se_test::check_decode_kernels(gen, random_sets, VD, bitmap);
 }
 
+// int8 and int4 codes (rows starting mid-byte, groups of 16-128 columns) against float64
+template <int VD>
+void decode_quant_rows(std::mt19937& gen, int sets) {
+  auto kernel = [](const se_test::QuantRows& r, int64_t i) {
+    return se_neon::dot_bitmap_quant<VD>(r.values<VD>(), r.nnz(), r.in, r.bits.data() + i * r.nbytes, r.nbytes,
+                                     r.row_ptr[i], r.row_ptr[i + 1], r.x.data(), r.row_scales(i));
+  };
+  for (int c = 0; c < sets; ++c)
+    if (!se_test::check_quant_rows(se_test::random_quant_rows(gen), VD, kernel)) return;
+}
+
 }  // namespace
 
 int main() {
@@ -33,11 +45,13 @@ int main() {
   decode_rows<SE_F32>(gen, 400);
   decode_rows<SE_F16>(gen, 400);
   decode_rows<SE_BF16>(gen, 400);
+  decode_quant_rows<SE_I8>(gen, 300);
+  decode_quant_rows<SE_I4>(gen, 300);
   if (se_test::failures()) {
     std::printf("%d NEON (emulated) checks failed\n", se_test::failures());
     return 1;
   }
-  std::printf("NEON bitmap kernel under SIMDe: 65536 mask patterns x 3 value types, 1200 random row sets agree "
+  std::printf("NEON bitmap kernel under SIMDe: 65536 mask patterns x 3 value types, 1200 random row sets and 600 quantized ones agree "
               "with float64\n");
   return 0;
 }

@@ -202,6 +202,16 @@ int main() {
           ++total;
         }
       }
+  // int8 / int4 codes: group sizes on the vector paths (16, 64) and off them (24), both formats,
+  // decode and prefill, rows wide enough for the 64-column loops
+  for (int format : {SE_BITMAP, SE_CSR16})
+    for (int dtype : {SE_I8, SE_I4})
+      for (int64_t group : {16, 24, 64})
+        for (int64_t tokens : {1, 2, 70})
+          for (double density : {0.0, 0.3, 1.0}) {
+            failed += run_case({format, dtype, 3, 21, 203, tokens, density, group}, rng);
+            ++total;
+          }
   if (pool_calls == 0) {  // the larger cases must have reached the host pool, not run serially
     std::printf("FAIL: se_routed_sparse_matmul_on never used the host pool\n");
     ++failed;
