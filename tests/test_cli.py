@@ -247,7 +247,6 @@ def test_quantized_experts_export_the_custom_op_and_validate(bits, expanded_int4
 
     from se_export.backends import ort_runtime
     from se_export.errors import SEError
-
     from se_export.export.trt_onnx import prepare_for_tensorrt
 
     with pytest.raises(SEError, match="TensorRT plugin does not read yet"):
