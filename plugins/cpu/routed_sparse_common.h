@@ -154,6 +154,9 @@ void to_f32(const void* x, int32_t dtype, int64_t count, std::vector<float>& buf
 void route_f32(const float* x, int64_t tokens, int64_t in, int64_t K, const float* g, const float* b, int32_t* ids,
                const Executor& exec);
 bool cpu_has_avx2();
+// AVX512-VBMI and -VBMI2 (byte permutes and expansion: the quantized decode's 64-column path);
+// SE_KERNELS_ISA=avx512 keeps the AVX-512 path without them (tests, A/B timing)
+bool cpu_has_avx512_vbmi2();
 // Router scores s[0..K) += x G for one token with AVX2 (K <= 64); false when it cannot.
 bool route_scores_fast(const float* xv, int64_t in, const float* g, int64_t K, float* s);
 

@@ -35,6 +35,8 @@ float dot_quant_row(const se_experts* e, int64_t k, int64_t r, int64_t b, const 
   const uint8_t* bits = static_cast<const uint8_t*>(e->indices) + (k * e->out_features + r) * nbytes;
   if (q.shift >= 4 && se_quant::row_groups(e) <= se_quant::kMaxVectorGroups) {
 #if SE_X86
+    if (isa == Isa::Avx512 && cpu_has_avx512_vbmi2())
+      return se_avx512::dot_bitmap_quant64<VD>(e->values, e->nnz, e->in_features, bits, nbytes, b, end, x, q);
     if (isa == Isa::Avx512)
       return se_avx512::dot_bitmap_quant<VD>(e->values, e->nnz, e->in_features, bits, nbytes, b, end, x, q);
     if (isa == Isa::Avx2) return dot_bitmap_quant_avx2<VD>(e, bits, nbytes, b, end, x, q);

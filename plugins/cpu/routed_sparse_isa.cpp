@@ -25,6 +25,13 @@ Isa cpu_isa() {
 
 bool cpu_has_avx2() { return cpu_isa() != Isa::Portable; }
 
+bool cpu_has_avx512_vbmi2() {
+  static const bool has = cpu_isa() == Isa::Avx512 && !isa_capped_at("avx512") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2");
+  return has;
+}
+
 // route_scores_avx2 for any K <= 64; false when K is larger (the caller's scalar loop runs).
 bool route_scores_fast(const float* xv, int64_t in, const float* g, int64_t K, float* s) {
   switch ((K + 7) / 8) {
@@ -45,6 +52,7 @@ Isa cpu_isa() {  // NEON is part of every aarch64 CPU; SE_KERNELS_ISA=portable t
   return isa;
 }
 bool cpu_has_avx2() { return false; }
+bool cpu_has_avx512_vbmi2() { return false; }
 bool route_scores_fast(const float*, int64_t, const float*, int64_t, float*) { return false; }
 #endif
 

@@ -32,9 +32,13 @@ constexpr int64_t value_byte(int64_t i) {
   return VD == SE_F32 ? 4 * i : VD == SE_I8 ? i : VD == SE_I4 ? i / 2 : 2 * i;
 }
 
+// Quantized values look as many bytes ahead as fp16 values do (2 KiB), not as many values: 512
+// bytes ahead (int4) left the decode waiting on DRAM (4096 x 11008, 50%, DRAM-cold, batch 1, Zen 4
+// EPYC: int4 against the fp16 expert in the same run went from 0.72x to 0.86x; int8 0.87x to 0.90x).
 template <int VD>
 inline void prefetch_values(const void* values, int64_t i) {
-  const char* at = static_cast<const char*>(values) + value_byte<VD>(i + kPrefetchValues);
+  constexpr int64_t ahead = VD == SE_I8 ? 2 * kPrefetchValues : VD == SE_I4 ? 4 * kPrefetchValues : kPrefetchValues;
+  const char* at = static_cast<const char*>(values) + value_byte<VD>(i + ahead);
   __builtin_prefetch(at);
   if constexpr (VD == SE_F32) __builtin_prefetch(at + 64);
 }

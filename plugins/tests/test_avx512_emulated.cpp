@@ -43,6 +43,27 @@ static inline simde__m512i se_emulated_cvtepi8_epi32(simde__m128i a) {
 #define _mm512_cvtepi8_epi32 se_emulated_cvtepi8_epi32
 #endif
 
+#ifndef _mm512_maskz_expand_epi8
+// Nor the VBMI2 byte expansion and the masked byte load (AVX512-BW): Intel's definitions.
+static inline simde__m512i se_emulated_maskz_expand_epi8(uint64_t k, simde__m512i a) {
+  int8_t packed[64], lanes[64];
+  simde_mm512_storeu_si512(packed, a);
+  int next = 0;
+  for (int i = 0; i < 64; ++i) lanes[i] = (k >> i) & 1 ? packed[next++] : 0;
+  return simde_mm512_loadu_si512(lanes);
+}
+#define _mm512_maskz_expand_epi8 se_emulated_maskz_expand_epi8
+#endif
+#ifndef _mm512_maskz_loadu_epi8
+static inline simde__m512i se_emulated_maskz_loadu_epi8(uint64_t k, const void* p) {
+  int8_t lanes[64];
+  for (int i = 0; i < 64; ++i) lanes[i] = (k >> i) & 1 ? static_cast<const int8_t*>(p)[i] : 0;
+  return simde_mm512_loadu_si512(lanes);
+}
+#define _mm512_maskz_loadu_epi8 se_emulated_maskz_loadu_epi8
+#endif
+
+#define SE_AVX512_VBMI_TARGET
 #define SE_AVX512_TARGET
 #include "routed_sparse_avx512.h"
 #include "kernel_rows.h"
@@ -156,8 +177,14 @@ void decode_quant_rows(std::mt19937& gen, int sets) {
     return se_avx512::dot_bitmap_quant<VD>(r.values<VD>(), r.nnz(), r.in, r.bits.data() + i * r.nbytes, r.nbytes,
                                      r.row_ptr[i], r.row_ptr[i + 1], r.x.data(), r.row_scales(i));
   };
-  for (int c = 0; c < sets; ++c)
-    if (!se_test::check_quant_rows(se_test::random_quant_rows(gen), VD, kernel)) return;
+  auto kernel64 = [](const se_test::QuantRows& r, int64_t i) {  // the VBMI2 path
+    return se_avx512::dot_bitmap_quant64<VD>(r.values<VD>(), r.nnz(), r.in, r.bits.data() + i * r.nbytes, r.nbytes,
+                                             r.row_ptr[i], r.row_ptr[i + 1], r.x.data(), r.row_scales(i));
+  };
+  for (int c = 0; c < sets; ++c) {
+    const se_test::QuantRows rows = se_test::random_quant_rows(gen);
+    if (!se_test::check_quant_rows(rows, VD, kernel) || !se_test::check_quant_rows(rows, VD, kernel64)) return;
+  }
 }
 
 }  // namespace
