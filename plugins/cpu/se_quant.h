@@ -21,8 +21,12 @@ struct RowScales {
   const uint16_t* scales;  // fp16 bits [ceil(in / group)]
   int64_t group;           // input columns per scale
   int shift;               // log2(group) when the vector paths take it (a power of two >= 16), else -1
+  const float* wide = nullptr;  // the same scales widened to fp32, where a caller looks them up per weight
 
-  float at(int64_t col) const { return se_half::f16_to_f32(scales[shift >= 0 ? col >> shift : col / group]); }
+  float at(int64_t col) const {
+    const int64_t g = shift >= 0 ? col >> shift : col / group;
+    return wide ? wide[g] : se_half::f16_to_f32(scales[g]);
+  }
 };
 
 inline int vector_shift(int64_t group) {
