@@ -487,7 +487,7 @@ def pareto_plot(rows: list[dict], path: Path) -> Path | None:
         family = ("dense" if c["sparsity"] == "0" or c["method"] == "dense"
                   else f"se K={c['experts']} @ {c['sparsity']}" if c["method"] == "se" else f"sparsegpt @ {c['sparsity']}")
         precision = Config(**c).precision.replace(f" G{c.get('group_size', 0)}", "")
-        color = families.setdefault(family, f"C{len(families)}")
+        color = families.setdefault(family, plt.get_cmap("tab20")(len(families) % 20))
         for ax, x in zip(axes, (r["stored_mlp_bytes"], read_bytes(r)), strict=True):
             ax.scatter([x / 1e6], [r["wikitext2"]["perplexity"]], color=color, marker=markers.get(precision, "x"),
                        s=45, edgecolors="k", linewidths=0.4)
