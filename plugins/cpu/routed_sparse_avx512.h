@@ -147,6 +147,19 @@ SE_AVX512_TARGET inline void widen_scales(const uint16_t* scales, int64_t n, flo
   for (; i < n; ++i) out[i] = se_half::f16_to_f32(scales[i]);
 }
 
+// The rest of a quantized bitmap row from mask byte `byte` on, added to the row's accumulator:
+// 16-column steps while a 16-code load stays inside the values, then bit by bit
+template <int VD>
+SE_AVX512_TARGET inline float finish_quant_row(const void* values, int64_t nnz, const uint8_t* bits, int64_t byte,
+                                               int64_t full, int64_t nbytes, int64_t p, int64_t end, const float* x,
+                                               const float* wide, const se_quant::RowScales& q, __m512 acc) {
+  if (end + se_quant::kVectorSlack<VD> <= nnz)
+    for (; byte + 2 <= full; byte += 2)
+      acc = quant_step<VD>(values, p, bits[byte] | static_cast<unsigned>(bits[byte + 1]) << 8, x + byte * 8,
+                           wide[(byte * 8) >> q.shift], acc);
+  return se_quant::bitmap_bits<VD>(values, bits, byte, nbytes, p, x, q, hsum16(acc));
+}
+
 // One bitmap row of int8/int4 codes times x (q.shift >= 4: a 16-column step lies in one group;
 // at most kMaxVectorGroups groups): the fp16/fp32 row's loop with the codes widened in registers
 // and x scaled per step by the row's scales, widened once. The last values of the array (where a
@@ -173,12 +186,9 @@ SE_AVX512_TARGET float dot_bitmap_quant(const void* values, int64_t nnz, int64_t
       a2 = quant_step<VD>(values, p, static_cast<unsigned>(m >> 32) & 0xffffu, x + c + 32, wide[(c + 32) >> shift], a2);
       a3 = quant_step<VD>(values, p, static_cast<unsigned>(m >> 48), x + c + 48, wide[(c + 48) >> shift], a3);
     }
-    for (; byte + 2 <= full; byte += 2)
-      a0 = quant_step<VD>(values, p, bits[byte] | static_cast<unsigned>(bits[byte + 1]) << 8, x + byte * 8,
-                          wide[(byte * 8) >> shift], a0);
   }
-  const float s = hsum16(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  return se_quant::bitmap_bits<VD>(values, bits, byte, nbytes, p, x, q, s);
+  return finish_quant_row<VD>(values, nnz, bits, byte, full, nbytes, p, end, x, wide, q,
+                              _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
 // 64 codes from value p as sign-extended bytes, reading only the bytes that hold the n codes a
@@ -245,12 +255,8 @@ SE_AVX512_VBMI_TARGET float dot_bitmap_quant64(const void* values, int64_t nnz, 
     a2 = quarter_fma<2>(e, x + c + 32, wide[(c + 32) >> shift], a2);
     a3 = quarter_fma<3>(e, x + c + 48, wide[(c + 48) >> shift], a3);
   }
-  if (end + se_quant::kVectorSlack<VD> <= nnz)
-    for (; byte + 2 <= full; byte += 2)
-      a0 = quant_step<VD>(values, p, bits[byte] | static_cast<unsigned>(bits[byte + 1]) << 8, x + byte * 8,
-                          wide[(byte * 8) >> shift], a0);
-  const float s = hsum16(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  return se_quant::bitmap_bits<VD>(values, bits, byte, nbytes, p, x, q, s);
+  return finish_quant_row<VD>(values, nnz, bits, byte, full, nbytes, p, end, x, wide, q,
+                              _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
 // kDecodeRows bitmap rows in lock step: row i's mask bytes at bits + i * stride (nbytes each), its
