@@ -37,7 +37,7 @@ import torch
 
 from se_export.atomic import atomic_write_text
 from se_export.backends import kernels
-from se_export.formats.quantization import DEFAULT_GROUP_SIZE, QuantSpec, column_scales
+from se_export.formats.quantization import DEFAULT_GROUP_SIZE, QuantSpec, round_to_nearest
 from se_export.formats.sparse_format import pack_experts
 from se_export.method.sparsity import parse_sparsity
 
@@ -181,14 +181,10 @@ def kernel_bytes(bound: kernels.BoundExperts) -> int:
 
 
 def quantized(weight: torch.Tensor, mask: torch.Tensor, fmt: str, bits: int) -> kernels.BoundExperts:
-    """The expert with int8/int4 values on a grid fitted to ``weight`` (the dtype's default group)."""
+    """The expert with int8/int4 values rounded to a grid fitted to ``weight`` (the dtype's default group)."""
     spec = QuantSpec(bits, DEFAULT_GROUP_SIZE[f"int{bits}"])
-    peak = torch.nn.functional.pad((weight * mask).abs(), (0, spec.groups(weight.shape[1]) * spec.group_size
-                                                           - weight.shape[1]))
-    scales = (peak.reshape(weight.shape[0], -1, spec.group_size).amax(-1) / spec.qmax).clamp_min(1e-8).half().float()
-    codes = torch.clamp(torch.round(weight / column_scales(scales, weight.shape[1], spec.group_size)), -spec.qmax, spec.qmax)
-    dequantized = codes * column_scales(scales, weight.shape[1], spec.group_size)
-    return kernels.BoundExperts(pack_experts(dequantized[None], mask[None], fmt, torch.int8, spec, scales[None]),
+    dequantized, scales = round_to_nearest((weight * mask)[None], mask[None], spec)
+    return kernels.BoundExperts(pack_experts(dequantized, mask[None], fmt, torch.int8, spec, scales),
                                 dense_group_tokens=0)
 
 

@@ -155,19 +155,6 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) float dot_bitmap_avx2(const 
   return se_values::bitmap_bits<VD>(v, bits, byte, nbytes, p, x, s);  // tail columns, last values of the array
 }
 
-// 16 quantized codes from value p as sign-extended bytes (int4: nibbles spread to bytes)
-template <int VD>
-__attribute__((target("avx2,fma,f16c,popcnt,bmi"))) inline __m128i code_bytes16(const void* values, int64_t p) {
-  if constexpr (VD == SE_I8) {
-    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(values) + p));
-  } else {
-    const __m128i v = _mm_cvtsi64_si128(static_cast<long long>(se_quant::nibbles16(values, p)));
-    const __m128i low = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-    const __m128i spread = _mm_unpacklo_epi8(_mm_and_si128(v, low), _mm_and_si128(_mm_srli_epi16(v, 4), low));
-    return _mm_sub_epi8(_mm_xor_si128(spread, eight), eight);
-  }
-}
-
 // lo/hi + (the codes at p expanded to the set bits of mask bytes m0, m1) * x[0..16) * scale: one
 // byte shuffle expands both bytes' codes (se_quant::expand_controls), then two 8-lane FMAs
 template <int VD>
@@ -177,7 +164,7 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi"))) inline void quant_step_avx2(
                                                                                __m256& lo, __m256& hi) {
   uint64_t c0, c1;
   se_quant::expand_controls(m0, m1, c0, c1);
-  const __m128i e = _mm_shuffle_epi8(code_bytes16<VD>(values, p),
+  const __m128i e = _mm_shuffle_epi8(se_avx512::code_bytes16<VD>(values, p),
                                      _mm_set_epi64x(static_cast<long long>(c1), static_cast<long long>(c0)));
   p += _mm_popcnt_u32(m0) + _mm_popcnt_u32(m1);
   const __m256 s = _mm256_set1_ps(scale);

@@ -115,19 +115,24 @@ SE_AVX512_TARGET float dot_bitmap(const void* values, int64_t nnz, int64_t in_fe
                         _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
-// 16 quantized codes from value p widened to fp32 (int4: nibbles spread to bytes, sign-extended)
+// 16 quantized codes from value p as sign-extended bytes (int4: nibbles spread to bytes). SSE2
+// only, no target attribute: the AVX2 and AVX-512 decodes both inline it.
 template <int VD>
-SE_AVX512_TARGET inline __m512 codes16(const void* values, int64_t p) {
-  __m128i bytes;
+inline __m128i code_bytes16(const void* values, int64_t p) {
   if constexpr (VD == SE_I8) {
-    bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(values) + p));
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(values) + p));
   } else {
     const __m128i v = _mm_cvtsi64_si128(static_cast<long long>(se_quant::nibbles16(values, p)));
     const __m128i low = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
     const __m128i spread = _mm_unpacklo_epi8(_mm_and_si128(v, low), _mm_and_si128(_mm_srli_epi16(v, 4), low));
-    bytes = _mm_sub_epi8(_mm_xor_si128(spread, eight), eight);
+    return _mm_sub_epi8(_mm_xor_si128(spread, eight), eight);
   }
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+}
+
+// the same 16 codes widened to fp32
+template <int VD>
+SE_AVX512_TARGET inline __m512 codes16(const void* values, int64_t p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(code_bytes16<VD>(values, p)));
 }
 
 // acc + (the codes at p expanded to the set bits of the 16-bit mask m) * x[0..16) * scale
