@@ -1,8 +1,9 @@
 """Routed sparse CUDA kernels (plugins/cuda) vs dense cuBLAS (torch.mm), same GPU, same run.
 
 For real LLM MLP shapes (in x out, and transposes), batches 1/16/128/512 and sparsity 50/70/90%,
-it times the routed sparse layer (router + GEMV or grouped kernel, K experts, fp16 activations and
-values, both storage formats) and the dense fp16 layer, and reports time, achieved GB/s, the
+it times the routed sparse layer (router + GEMV or grouped kernel, K experts, fp16 activations,
+fp16 values or int8/int4 codes with the default group scales (--values), both storage formats)
+and the dense fp16 layer, and reports time, achieved GB/s, the
 speed-up and its share of the byte-ratio limit (dense bytes / bytes the batch's experts hold), and
 the router's share of the layer (routed call minus the same call with the routing given).
 
@@ -26,11 +27,13 @@ so and exits 0.
 
     .venv/bin/python bench/cuda_kernels.py                        # full grid
     .venv/bin/python bench/cuda_kernels.py --shapes 4096x11008 --batches 1 --sparsities 0.7
+    .venv/bin/python bench/cuda_kernels.py --values fp16 int8 int4 --out bench/results/cuda_quant.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -43,6 +46,7 @@ from pathlib import Path
 import torch
 
 from se_export.atomic import atomic_write_text
+from se_export.formats.quantization import DEFAULT_GROUP_SIZE, QuantSpec, round_to_nearest
 from se_export.formats.sparse_format import PackedExperts, pack_experts
 
 SHAPES = ["576x1536", "1536x576", "2048x8192", "8192x2048", "4096x11008", "11008x4096"]
@@ -116,11 +120,24 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / ms / 1e6
 
 
-def make_experts(k: int, out: int, inn: int, sparsity: float, fmt: str, seed: int) -> PackedExperts:
+def make_experts(k: int, out: int, inn: int, sparsity: float, fmt: str, seed: int,
+                 values: str = "fp16") -> PackedExperts:
+    """Random experts at ``sparsity`` with fp16 values, or int8/int4 codes rounded to the grid of
+    the dtype's default group size."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     dense = torch.randn(k, out, inn, generator=gen, device="cuda", dtype=torch.float16)
     mask = torch.rand(k, out, inn, generator=gen, device="cuda") >= sparsity
-    return pack_experts(dense * mask, mask, fmt, torch.float16)
+    if values == "fp16":
+        return pack_experts(dense * mask, mask, fmt, torch.float16)
+    spec = QuantSpec(int(values[3:]), min(inn, DEFAULT_GROUP_SIZE[values]))
+    dequantized, scales = round_to_nearest(dense.float() * mask, mask, spec)
+    return pack_experts(dequantized, mask, fmt, torch.int8, spec, scales)
+
+
+def device_bytes(packed: PackedExperts) -> int:
+    """Bytes the kernels read of these experts: int4 codes two per byte, plus index, row pointers, scales."""
+    value_bytes = (packed.nnz * packed.quant.bits + 7) // 8 if packed.quant is not None else packed.values.nbytes
+    return packed.nbytes() - packed.values.nbytes + value_bytes
 
 
 def call_sequences(sets: list, weights: list[torch.Tensor], xs: list[torch.Tensor], given: list[torch.Tensor],
@@ -147,64 +164,63 @@ def bench_shape(shape: str, args, l2_bytes: int, rows: list[dict]) -> None:
     weights = [torch.randn(out, inn, device="cuda", dtype=torch.float16) for _ in range(dense_copies)]
     gen = torch.Generator().manual_seed(0)
     g, b = torch.randn(inn, k, generator=gen), torch.randn(k, generator=gen)
-    for s in args.sparsities:
-        for fmt in args.formats:
-            packed = make_experts(k, out, inn, s, fmt, seed=inn + out)
-            total = packed.nbytes()
-            sets = [CudaExperts(p, g, b) for p in
-                    [packed, *(packed.clone() for _ in range(math.ceil(COLD_FACTOR * l2_bytes / total) - 1))]]
-            per_expert = total / k
-            for batch in args.batches:
-                xs = [torch.randn(batch, inn, device="cuda", dtype=torch.float16) for _ in range(args.inputs)]
-                ys = torch.empty(batch, out, device="cuda", dtype=torch.float16)
-                routed = [sets[0].matmul(x)[1] for x in xs]
-                touched_experts = statistics.mean(len(torch.unique(r)) for r in routed)
-                if batch == 1:  # rotate the expert too: one expert of a big layer fits in L2
-                    given = [torch.full((1,), i % k, dtype=torch.int32, device="cuda") for i in range(k)]
-                    n = max(len(sets) * k, dense_copies, args.min_calls)
-                else:
-                    given = routed
-                    n = max(len(sets), dense_copies, args.min_calls)
-                sparse_routed, sparse_given, dense = call_sequences(sets, weights, xs, given, ys, n, k if batch == 1 else 1)
-                sparse_ms, mode_s = graph_ms(sparse_routed)
-                if 1 < batch <= args.gemv_sweep_max:  # the other path, for the GEMV threshold's choice
-                    forced = 1 if batch <= gemv_max else 1_000_000
-                    other_ms, _ = graph_ms(call_sequences(sets, weights, xs, given, ys, n, 1, forced)[0])
-                else:
-                    other_ms = None
-                given_ms, _ = graph_ms(sparse_given)
-                variants_ms = {}  # the taken path's variants kept for comparison, same routing
-                for name, env in (GEMV_VARIANTS[fmt] if batch <= gemv_max else GROUPED_VARIANTS).items():
-                    os.environ.update(env)
-                    try:
-                        variants_ms[name], _ = graph_ms(sparse_given)
-                    finally:
-                        for key in env:
-                            del os.environ[key]
-                dense_ms, mode_d = graph_ms(dense)
-                eager_sparse, eager_dense = eager_ms(sparse_routed), eager_ms(dense)
-                act = batch * (inn + out) * 2
-                touched = touched_experts * per_expert
-                row = {"shape": shape, "batch": batch, "sparsity": s, "format": fmt, "experts": k,
-                       "sparse_ms": sparse_ms, "sparse_given_ids_ms": given_ms, "dense_ms": dense_ms,
-                       "speedup": dense_ms / sparse_ms, "byte_ratio_limit": (w_bytes + act) / (touched + act),
-                       "router_share": max(0.0, 1 - given_ms / sparse_ms),
-                       "sparse_gbps": (touched + act) / sparse_ms / 1e6, "dense_gbps": (w_bytes + act) / dense_ms / 1e6,
-                       "eager_sparse_ms": eager_sparse, "eager_dense_ms": eager_dense,
-                       "eager_speedup": eager_dense / eager_sparse, "timing": f"{mode_s}/{mode_d}",
-                       "calls_per_sequence": n, "dense_copies": dense_copies, "expert_copies": len(sets),
-                       "touched_experts": touched_experts,
-                       "path": "gemv" if batch <= gemv_max else "grouped", "other_path_ms": other_ms,
-                       "variants_given_ids_ms": variants_ms}
-                rows.append(row)
-                print(f"| {shape} | {batch} | {s:.0%} | {fmt} | {sparse_ms * 1e3:.1f} | {dense_ms * 1e3:.1f} | "
-                      f"{row['speedup']:.2f}x | {row['speedup'] / row['byte_ratio_limit']:.0%} | "
-                      f"{row['router_share']:.0%} | {row['sparse_gbps']:.0f} | {row['dense_gbps']:.0f} | "
-                      f"{row['eager_speedup']:.2f}x | {'-' if other_ms is None else f'{other_ms * 1e3:.1f}'} | "
-                      f"{given_ms * 1e3:.1f} | {', '.join(f'{k} {v * 1e3:.1f}' for k, v in variants_ms.items()) or '-'} |",
-                      flush=True)
-            sets.clear()
-            torch.cuda.empty_cache()
+    for s, fmt, values in itertools.product(args.sparsities, args.formats, args.values):
+        packed = make_experts(k, out, inn, s, fmt, seed=inn + out, values=values)
+        total = device_bytes(packed)
+        sets = [CudaExperts(p, g, b) for p in
+                [packed, *(packed.clone() for _ in range(math.ceil(COLD_FACTOR * l2_bytes / total) - 1))]]
+        per_expert = total / k
+        for batch in args.batches:
+            xs = [torch.randn(batch, inn, device="cuda", dtype=torch.float16) for _ in range(args.inputs)]
+            ys = torch.empty(batch, out, device="cuda", dtype=torch.float16)
+            routed = [sets[0].matmul(x)[1] for x in xs]
+            touched_experts = statistics.mean(len(torch.unique(r)) for r in routed)
+            if batch == 1:  # rotate the expert too: one expert of a big layer fits in L2
+                given = [torch.full((1,), i % k, dtype=torch.int32, device="cuda") for i in range(k)]
+                n = max(len(sets) * k, dense_copies, args.min_calls)
+            else:
+                given = routed
+                n = max(len(sets), dense_copies, args.min_calls)
+            sparse_routed, sparse_given, dense = call_sequences(sets, weights, xs, given, ys, n, k if batch == 1 else 1)
+            sparse_ms, mode_s = graph_ms(sparse_routed)
+            if 1 < batch <= args.gemv_sweep_max:  # the other path, for the GEMV threshold's choice
+                forced = 1 if batch <= gemv_max else 1_000_000
+                other_ms, _ = graph_ms(call_sequences(sets, weights, xs, given, ys, n, 1, forced)[0])
+            else:
+                other_ms = None
+            given_ms, _ = graph_ms(sparse_given)
+            variants_ms = {}  # the taken path's variants kept for comparison, same routing
+            for name, env in (GEMV_VARIANTS[fmt] if batch <= gemv_max else GROUPED_VARIANTS).items():
+                os.environ.update(env)
+                try:
+                    variants_ms[name], _ = graph_ms(sparse_given)
+                finally:
+                    for key in env:
+                        del os.environ[key]
+            dense_ms, mode_d = graph_ms(dense)
+            eager_sparse, eager_dense = eager_ms(sparse_routed), eager_ms(dense)
+            act = batch * (inn + out) * 2
+            touched = touched_experts * per_expert
+            row = {"shape": shape, "batch": batch, "sparsity": s, "format": fmt, "values": values, "experts": k,
+                   "sparse_ms": sparse_ms, "sparse_given_ids_ms": given_ms, "dense_ms": dense_ms,
+                   "speedup": dense_ms / sparse_ms, "byte_ratio_limit": (w_bytes + act) / (touched + act),
+                   "router_share": max(0.0, 1 - given_ms / sparse_ms),
+                   "sparse_gbps": (touched + act) / sparse_ms / 1e6, "dense_gbps": (w_bytes + act) / dense_ms / 1e6,
+                   "eager_sparse_ms": eager_sparse, "eager_dense_ms": eager_dense,
+                   "eager_speedup": eager_dense / eager_sparse, "timing": f"{mode_s}/{mode_d}",
+                   "calls_per_sequence": n, "dense_copies": dense_copies, "expert_copies": len(sets),
+                   "touched_experts": touched_experts,
+                   "path": "gemv" if batch <= gemv_max else "grouped", "other_path_ms": other_ms,
+                   "variants_given_ids_ms": variants_ms}
+            rows.append(row)
+            print(f"| {shape} | {batch} | {s:.0%} | {fmt} | {values} | {sparse_ms * 1e3:.1f} | {dense_ms * 1e3:.1f} | "
+                  f"{row['speedup']:.2f}x | {row['speedup'] / row['byte_ratio_limit']:.0%} | "
+                  f"{row['router_share']:.0%} | {row['sparse_gbps']:.0f} | {row['dense_gbps']:.0f} | "
+                  f"{row['eager_speedup']:.2f}x | {'-' if other_ms is None else f'{other_ms * 1e3:.1f}'} | "
+                  f"{given_ms * 1e3:.1f} | {', '.join(f'{k} {v * 1e3:.1f}' for k, v in variants_ms.items()) or '-'} |",
+                  flush=True)
+        sets.clear()
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -214,6 +230,8 @@ def main() -> None:
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.9])
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--formats", nargs="+", default=["bitmap", "csr16"])
+    parser.add_argument("--values", nargs="+", default=["fp16"], choices=["fp16", "int8", "int4"],
+                        help="expert values: fp16, or int8/int4 codes with fp16 group scales")
     parser.add_argument("--inputs", type=int, default=8, help="distinct activation sets the sequence rotates over")
     parser.add_argument("--min-calls", type=int, default=32, help="calls per captured sequence, at least")
     parser.add_argument("--gemv-sweep-max", type=int, default=16,
@@ -229,11 +247,11 @@ def main() -> None:
     meta = {"device": props.name, "torch": torch.__version__, "cuda": torch.version.cuda, "l2_bytes": l2_bytes,
             "sms": props.multi_processor_count, "copy_gbps": copy_gbps, "experts": args.experts}
     print(f"GPU: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes / 2**20:.0f} MiB, "
-          f"device copy {copy_gbps:.0f} GB/s; K={args.experts}, fp16 activations and values, GPU time "
+          f"device copy {copy_gbps:.0f} GB/s; K={args.experts}, fp16 activations, GPU time "
           "(CUDA graph replays, cold L2)\n")
-    print("| in x out | batch | sparsity | format | sparse µs | dense µs | speed-up | of byte limit | router | "
+    print("| in x out | batch | sparsity | format | values | sparse µs | dense µs | speed-up | of byte limit | router | "
           "sparse GB/s | dense GB/s | eager speed-up | other path µs | ids given µs | ids given, variants µs |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows: list[dict] = []
     for shape in args.shapes:
         bench_shape(shape, args, l2_bytes, rows)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check of this project in one call on a lent GPU machine (BENCHMARKS.md, "TensorRT and
 # CUDA kernels"): the machine's facts, the C++ kernel test (ctest label gpu), the pytest gpu tests,
-# the CUDA kernel benchmark vs cuBLAS, compute-sanitizer memcheck over the C++ kernel test and
-# racecheck over its --quick subset, and the CPU kernels on the machine's own (AVX-512) host CPU.
+# the CUDA kernel benchmark vs cuBLAS (fp16 values, then int8/int4 codes), compute-sanitizer
+# memcheck over the C++ kernel test and racecheck over its --quick subset, and the CPU kernels on
+# the machine's own (AVX-512) host CPU.
 #
 # It uses the machine's python3 (a CUDA build of torch) with this checkout on PYTHONPATH, and the
 # libraries built here by `make plugins` (carry build/plugins). Steps run in order of value, each
@@ -21,7 +22,7 @@ export OUT PY PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 LOG=$OUT/gpu_session.log
 SUMMARY=""
 
-STEPS=${STEPS:-facts ctest_gpu pytest_gpu bench_cuda memcheck racecheck cpu_kernels}
+STEPS=${STEPS:-facts ctest_gpu pytest_gpu bench_cuda bench_cuda_quant memcheck racecheck cpu_kernels}
 
 step() {  # step NAME LIMIT_S COMMAND...: runs COMMAND under min(LIMIT_S, time left), logs, records rc
   local name=$1 limit=$2 t0=$SECONDS
@@ -63,10 +64,13 @@ export -f facts cpu_kernels
 
 step facts 60 bash -c facts
 step ctest_gpu ${CTEST_LIMIT:-150} build/plugins/test_cuda_kernels
-step pytest_gpu 200 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_gpu.py
+step pytest_gpu 200 $PY -m pytest -q -m gpu -p no:cacheprovider tests/backends/test_cuda_gpu.py
 BENCH_ARGS=${BENCH_ARGS:---shapes 4096x11008 11008x4096 2048x8192 8192x2048 576x1536 1536x576}
 step bench_cuda ${BENCH_LIMIT:-240} bash -c "set -o pipefail; $PY bench/cuda_kernels.py --out $OUT/cuda_kernels.json \
   $BENCH_ARGS | tee $OUT/cuda_kernels.md"
+step bench_cuda_quant ${QUANT_LIMIT:-150} bash -c "set -o pipefail; $PY bench/cuda_kernels.py --shapes 4096x11008 \
+  --batches 1 512 --sparsities 0.5 0.7 --formats bitmap --values fp16 int8 int4 --out $OUT/cuda_quant.json \
+  | tee $OUT/cuda_quant.md"
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 step memcheck ${MEMCHECK_LIMIT:-200} "$SANITIZER" --tool memcheck --leak-check full --error-exitcode 3 build/plugins/test_cuda_kernels
 step racecheck ${RACECHECK_LIMIT:-90} "$SANITIZER" --tool racecheck --error-exitcode 3 build/plugins/test_cuda_kernels --quick

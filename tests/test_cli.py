@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,14 +248,52 @@ def test_quantized_experts_export_the_custom_op_and_validate(bits, expanded_int4
 
     from se_export.backends import ort_runtime
     from se_export.errors import SEError
-    from se_export.export.trt_onnx import prepare_for_tensorrt
 
-    with pytest.raises(SEError, match="TensorRT plugin does not read yet"):
-        prepare_for_tensorrt(out / "model.onnx", tmp_path / "trt.onnx")
+    _check_tensorrt_form_of_quantized_nodes(out, tmp_path / "trt.onnx", se_model, bits)
     monkeypatch.setattr(ort_runtime, "ort_library_op_version", lambda path: 1)
     with pytest.raises(SEError, match="needs RoutedSparseMatMul version 2") as info:
         ort_runtime.OrtCausalLM(out)
     assert "\n" not in str(info.value) and "make build" in str(info.value)
+
+
+def _check_tensorrt_form_of_quantized_nodes(export: Path, dst: Path, se_model, bits: int) -> None:
+    """The TensorRT form carries the codes' bytes as int32 words, the value count and precision as
+    attributes and the scales last. Read back as the plugin reads them, the CUDA kernels'
+    decomposition (their CPU reference) computes each module's output."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from se_export.backends.cuda_kernels import reference_matmul
+    from se_export.export.trt_onnx import prepare_for_tensorrt
+    from se_export.formats.quantization import QuantSpec, unpack_int4
+    from se_export.formats.sparse_format import PackedExperts
+    from se_export.modeling import ops
+
+    stats = prepare_for_tensorrt(export / "model.onnx", dst)
+    model = onnx.load(str(dst))
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.domain == "se"]
+    assert stats["quantized"] == len(nodes) > 0
+    for node in nodes:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["value_dtype"] == (b"int4" if bits == 4 else b"int8")
+        # the module whose weights the node holds: "model.<module path>.indices"
+        module = se_model.get_submodule(node.input[4].removeprefix("model.").removesuffix(".indices"))
+        assert attrs["nnz"] == module.values.numel()
+        words, scales = init[node.input[3]], init[node.input[-1]]
+        assert words.dtype == np.int32 and scales.dtype == np.float16, "codes as int32 words, fp16 scales last"
+        assert len(node.input) in (7, 8) and "" not in node.input, "no empty inputs: bias dropped, ids kept if routed"
+        raw = torch.from_numpy(words.view(np.uint8).copy())
+        nnz = attrs["nnz"]
+        codes = unpack_int4(raw[: (nnz + 1) // 2], nnz) if bits == 4 else raw[:nnz].view(torch.int8)
+        packed = PackedExperts(module.format, module.num_experts, module.out_features, module.in_features, codes,
+                               module.indices, module.row_ptr, torch.from_numpy(scales),
+                               QuantSpec(bits, int(attrs["group_size"])))
+        x = torch.randn(6, module.in_features, generator=torch.Generator().manual_seed(nnz))
+        ids = ops.route(x, module.router_weight, module.router_bias)
+        for gemv_max in (0, 1):  # GEMV and grouped paths
+            y, _ = reference_matmul(packed, module.router_weight, module.router_bias, x, module.bias, ids, gemv_max)
+            assert torch.allclose(y, module(x), atol=1e-4, rtol=1e-4)
 
 
 def test_quantized_module_runs_the_reference_semantics(expanded_int4):

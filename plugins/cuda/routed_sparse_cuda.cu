@@ -17,8 +17,11 @@
 //    grouped_kernel decodes a 64-row x 64-column block of the expert into shared memory per step
 //    (lane-per-column bitmap, csr16 windows), with the next step's words and activations already
 //    in flight, and multiplies it with the tile's activations: tensor cores (WMMA, fp32
-//    accumulation) for fp16 activations with fp16/bf16 values, a register-blocked fp32 FMA loop
-//    otherwise.
+//    accumulation) for fp16 activations with fp16/bf16 values or int8/int4 codes, a
+//    register-blocked fp32 FMA loop otherwise.
+//  * int8/int4 codes (SE_I8, SE_I4) are decoded where a value is read: the code's byte is loaded
+//    (int4: the value's nibble chosen by its index), multiplied by its group's fp16 scale in fp32
+//    (GEMV) or written to the tile as code * scale (grouped path). No dequantized copy is made.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -57,7 +60,17 @@ struct Experts {  // se_experts by value, typed for the kernels
   const int32_t* row_ptr;
   const float* bias;
   int64_t num_experts, out, in, nnz;
+  const uint16_t* scales;      // fp16 bits [K*out, groups] of int8/int4 codes, else null
+  int64_t group_size, groups;  // columns per scale and scales per row (int8/int4 codes)
 };
+
+// Value types of quantized experts (SE_I8, SE_I4): tags, the codes are bytes (int4: two per byte).
+struct Int8Codes {};
+struct Int4Codes {};
+template <typename TV>
+constexpr bool kQuantized = std::is_same<TV, Int8Codes>::value || std::is_same<TV, Int4Codes>::value;
+template <typename TV>
+constexpr bool kInt4 = std::is_same<TV, Int4Codes>::value;
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -68,6 +81,23 @@ template <>
 __device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+// Scale of (row, col) of quantized experts, as fp32.
+__device__ __forceinline__ float scale_at(const Experts& e, int64_t row, int64_t col) {
+  return __half2float(__ushort_as_half(__ldg(e.scales + se_index::scale_index(row, col, e.groups, e.group_size))));
+}
+
+// Kept weight p of flattened row `row`, at column `col`: the stored float, or its code times the
+// scale of its (row, group) in fp32 (exact for int8/int4 codes and fp16 scales).
+template <typename TV>
+__device__ __forceinline__ float weight_at(const Experts& e, int64_t p, int64_t row, int64_t col) {
+  if constexpr (kQuantized<TV>) {
+    const uint8_t byte = __ldg(static_cast<const uint8_t*>(e.values) + se_index::code_byte_index(kInt4<TV>, p));
+    return static_cast<float>(se_index::code_of_byte(byte, kInt4<TV>, p)) * scale_at(e, row, col);
+  } else {
+    return to_float(static_cast<const TV*>(e.values)[p]);
+  }
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(kFull, v, o);
@@ -162,7 +192,6 @@ template <typename TV, typename TX, int64_t kXStride>
 __device__ __forceinline__ float bitmap_row_dot_words(const Experts& e, int64_t row, const TX* xs, int lane,
                                                       int64_t words, int64_t row_bytes, bool aligned) {
   const uint8_t* bits = static_cast<const uint8_t*>(e.indices) + row * row_bytes;
-  const TV* v = static_cast<const TV*>(e.values);
   int64_t base = e.row_ptr[row];
   float acc0 = 0.0f, acc1 = 0.0f;
   for (int64_t w0 = 0; w0 < words; w0 += kWarp) {
@@ -175,7 +204,7 @@ __device__ __forceinline__ float bitmap_row_dot_words(const Experts& e, int64_t 
       const int up = __shfl_up_sync(kFull, inclusive, o);
       if (lane >= o) inclusive += up;
     }
-    const TV* vp = v + base + (inclusive - count);
+    int64_t q = base + (inclusive - count);  // this lane's first value
     const TX* xw = xs + w * kXStride;
     while (word) {  // two kept weights per step: two independent loads in flight
       const int c0 = se_index::lowest_bit(word);
@@ -183,10 +212,10 @@ __device__ __forceinline__ float bitmap_row_dot_words(const Experts& e, int64_t 
       if (word) {
         const int c1 = se_index::lowest_bit(word);
         word &= word - 1u;
-        acc1 += to_float(vp[1]) * to_float(xw[c1]);
+        acc1 += weight_at<TV>(e, q + 1, row, w * kWarp + c1) * to_float(xw[c1]);
       }
-      acc0 += to_float(vp[0]) * to_float(xw[c0]);
-      vp += 2;
+      acc0 += weight_at<TV>(e, q, row, w * kWarp + c0) * to_float(xw[c0]);
+      q += 2;
     }
     base += __shfl_sync(kFull, inclusive, kWarp - 1);
   }
@@ -230,35 +259,38 @@ __device__ __forceinline__ VectorSpan vector_span(int64_t begin, int64_t end) {
   return {head_end, vectors, head_end + vectors * kN};
 }
 
-// csr16: lanes stride over the row's values, one per lane per step (kVector false), or in 16-byte
-// vectors of values with their columns (kN values and kN columns per load; head and tail one
-// value per lane).
+// csr16: lanes stride over the row's values, one per lane per step (kVector false, and always for
+// int8/int4 codes), or in 16-byte vectors of values with their columns (kN values and kN columns
+// per load; head and tail one value per lane).
 template <typename TV, typename TX>
 __device__ __forceinline__ float csr16_row_dot(const Experts& e, int64_t row, const TX* xs, int lane, bool vector) {
-  constexpr int kN = Vec<TV>::kN;
   const uint16_t* cols = static_cast<const uint16_t*>(e.indices);
-  const TV* v = static_cast<const TV*>(e.values);
   const int64_t begin = e.row_ptr[row], end = se_index::row_end(e.row_ptr, row, e.num_experts * e.out, e.nnz);
   float acc0 = 0.0f, acc1 = 0.0f;
-  if (!vector) {
+  if (!vector || kQuantized<TV>) {
 #pragma unroll 4
-    for (int64_t p = begin + lane; p < end; p += kWarp) acc0 += to_float(v[p]) * to_float(xs[cols[p]]);
+    for (int64_t p = begin + lane; p < end; p += kWarp)
+      acc0 += weight_at<TV>(e, p, row, cols[p]) * to_float(xs[cols[p]]);
     return acc0;
   }
-  const VectorSpan span = vector_span<kN>(begin, end);
-  if (begin + lane < span.head_end) acc0 += to_float(v[begin + lane]) * to_float(xs[cols[begin + lane]]);
-  if (span.body_end + lane < end) acc1 += to_float(v[span.body_end + lane]) * to_float(xs[cols[span.body_end + lane]]);
+  if constexpr (!kQuantized<TV>) {
+    constexpr int kN = Vec<TV>::kN;
+    const TV* v = static_cast<const TV*>(e.values);
+    const VectorSpan span = vector_span<kN>(begin, end);
+    if (begin + lane < span.head_end) acc0 += to_float(v[begin + lane]) * to_float(xs[cols[begin + lane]]);
+    if (span.body_end + lane < end) acc1 += to_float(v[span.body_end + lane]) * to_float(xs[cols[span.body_end + lane]]);
 #pragma unroll 2
-  for (int64_t k = lane; k < span.vectors; k += kWarp) {
-    const int64_t p = span.head_end + k * kN;
-    TV vals[kN];
-    uint16_t c[kN];
-    load_vector(v + p, vals);
-    load_columns<kN>(cols + p, c);
+    for (int64_t k = lane; k < span.vectors; k += kWarp) {
+      const int64_t p = span.head_end + k * kN;
+      TV vals[kN];
+      uint16_t c[kN];
+      load_vector(v + p, vals);
+      load_columns<kN>(cols + p, c);
 #pragma unroll
-    for (int j = 0; j < kN; j += 2) {
-      acc0 += to_float(vals[j]) * to_float(xs[c[j]]);
-      acc1 += to_float(vals[j + 1]) * to_float(xs[c[j + 1]]);
+      for (int j = 0; j < kN; j += 2) {
+        acc0 += to_float(vals[j]) * to_float(xs[c[j]]);
+        acc1 += to_float(vals[j + 1]) * to_float(xs[c[j + 1]]);
+      }
     }
   }
   return acc0 + acc1;
@@ -510,35 +542,72 @@ __device__ __forceinline__ void stage_step_x(const uint4 (&vecs)[StepX<TX, TT>::
   }
 }
 
+// Raw storage of one loaded value: its bits, or for int8/int4 codes the byte that holds its code.
+template <typename TV>
+using Raw = typename std::conditional<kQuantized<TV>, uint8_t, Bits<TV>>::type;
+
 // One step's weights of a warp's kTileRowsPerWarp rows, as raw bits in registers: lane l holds
 // column h*32 + l of each row (bitmap), or value p + h*32 + l of each row and its column (csr16).
+// int8/int4 codes also keep which nibble holds the code and (bitmap) the scale's bits.
 template <typename TV, int kSlots>
 struct StepWeights {
-  Bits<TV> vals[kTileRowsPerWarp][kSlots];
-  uint16_t cols[kTileRowsPerWarp][kSlots];  // csr16 only
+  Raw<TV> vals[kTileRowsPerWarp][kSlots];
+  uint16_t cols[kTileRowsPerWarp][kSlots];    // csr16 only
+  uint16_t scales[kTileRowsPerWarp][kSlots];  // int8/int4 bitmap only (csr16 looks the scale up by column)
+  uint32_t odd;                               // int4: bit i * kSlots + h set when that value is a high nibble
 };
 
-// Issues the loads of one step's weights. Bitmap: from the rows' words (lanes < 8 hold row i's),
-// advancing each row's value cursor p[i]. csr16: the next kSlots * 32 values of each row with
-// their columns (at most that many columns ahead); stage_step_weights advances p.
+// Loads the raw value p (the byte of its code for int8/int4; `odd` records an int4 high nibble).
+template <typename TV>
+__device__ __forceinline__ Raw<TV> load_raw(const Experts& e, int64_t p, uint32_t& odd, int bit) {
+  if constexpr (kQuantized<TV>) {
+    if (kInt4<TV> && (p & 1)) odd |= 1u << bit;
+    return static_cast<const uint8_t*>(e.values)[se_index::code_byte_index(kInt4<TV>, p)];
+  } else {
+    return static_cast<const Bits<TV>*>(e.values)[p];
+  }
+}
+
+// A loaded value as the tile's element type: the stored float, or the code times its scale (fp32
+// product, then one rounding to TW).
+template <typename TW, typename TV>
+__device__ __forceinline__ TW value_to_tile(Raw<TV> raw, bool odd, uint16_t scale_bits) {
+  if constexpr (kQuantized<TV>) {
+    const int code = se_index::code_of_byte(raw, kInt4<TV>, odd ? 1 : 0);
+    return static_cast<TW>(static_cast<float>(code) * __half2float(__ushort_as_half(scale_bits)));
+  } else {
+    return bits_to_tile<TW, TV>(raw);
+  }
+}
+
+// Issues the loads of one step's weights (flattened rows row0 + i, columns from c0). Bitmap: from
+// the rows' words (lanes < 8 hold row i's), advancing each row's value cursor p[i]; int8/int4
+// codes load their scale too (its column is known). csr16: the next kSlots * 32 values of each
+// row with their columns (at most that many columns ahead); stage_step_weights advances p.
 template <typename TV, int FMT, int kSlots>
 __device__ __forceinline__ void load_step_weights(const Experts& e, const uint32_t (&words)[kSlots],
                                                   int32_t (&p)[kTileRowsPerWarp],
-                                                  const int32_t (&end)[kTileRowsPerWarp], int lane,
-                                                  StepWeights<TV, kSlots>& w) {
-  const Bits<TV>* vbits = static_cast<const Bits<TV>*>(e.values);
+                                                  const int32_t (&end)[kTileRowsPerWarp], int lane, int64_t row0,
+                                                  int64_t c0, StepWeights<TV, kSlots>& w) {
+  w.odd = 0u;
 #pragma unroll
   for (int i = 0; i < kTileRowsPerWarp; ++i) {
 #pragma unroll
     for (int h = 0; h < kSlots; ++h) {
+      const int bit = i * kSlots + h;
       if constexpr (FMT == SE_BITMAP) {
         const uint32_t word = __shfl_sync(kFull, words[h], i);
-        w.vals[i][h] = se_index::lane_has(word, lane) ? vbits[p[i] + se_index::lane_value_offset(word, lane)] : 0;
+        const bool has = se_index::lane_has(word, lane);
+        w.vals[i][h] = has ? load_raw<TV>(e, p[i] + se_index::lane_value_offset(word, lane), w.odd, bit) : 0;
+        if constexpr (kQuantized<TV>)
+          w.scales[i][h] = has ? e.scales[se_index::scale_index(row0 + i, c0 + h * kWarp + lane, e.groups,
+                                                                e.group_size)]
+                               : 0;
         p[i] += se_index::popcount32(word);
       } else {
         const int32_t q = p[i] + h * kWarp + lane;
         w.cols[i][h] = q < end[i] ? static_cast<const uint16_t*>(e.indices)[q] : 0;
-        w.vals[i][h] = q < end[i] ? vbits[q] : 0;
+        w.vals[i][h] = q < end[i] ? load_raw<TV>(e, q, w.odd, bit) : 0;
       }
     }
   }
@@ -548,14 +617,17 @@ __device__ __forceinline__ void load_step_weights(const Experts& e, const uint32
 // tile (leading dimension LD); csr16 keeps the values whose column falls in the step and moves
 // each row's cursor past them.
 template <typename TW, typename TV, int FMT, int kSlots, int LD>
-__device__ __forceinline__ void stage_step_weights(const StepWeights<TV, kSlots>& w, int64_t c0,
-                                                   int32_t (&p)[kTileRowsPerWarp],
+__device__ __forceinline__ void stage_step_weights(const StepWeights<TV, kSlots>& w, const Experts& e, int64_t row0,
+                                                   int64_t c0, int32_t (&p)[kTileRowsPerWarp],
                                                    const int32_t (&end)[kTileRowsPerWarp], int lane, TW* w_tile) {
 #pragma unroll
   for (int i = 0; i < kTileRowsPerWarp; ++i)
 #pragma unroll
     for (int h = 0; h < kSlots; ++h)
-      w_tile[i * LD + h * kWarp + lane] = FMT == SE_BITMAP ? bits_to_tile<TW, TV>(w.vals[i][h]) : static_cast<TW>(0.0f);
+      w_tile[i * LD + h * kWarp + lane] =
+          FMT == SE_BITMAP ? value_to_tile<TW, TV>(w.vals[i][h], (w.odd >> (i * kSlots + h)) & 1u,
+                                                   kQuantized<TV> ? w.scales[i][h] : uint16_t{0})
+                           : static_cast<TW>(0.0f);
   if constexpr (FMT == SE_CSR16) {
     __syncwarp();  // the zeros are down before the kept values land on them
 #pragma unroll
@@ -565,7 +637,13 @@ __device__ __forceinline__ void stage_step_weights(const StepWeights<TV, kSlots>
       for (int h = 0; h < kSlots; ++h) {
         const int64_t q = static_cast<int64_t>(p[i]) + h * kWarp + lane;
         const bool ok = se_index::in_window(q, end[i], w.cols[i][h], c0);
-        if (ok) w_tile[i * LD + (w.cols[i][h] - c0)] = bits_to_tile<TW, TV>(w.vals[i][h]);
+        if (ok) {
+          const uint16_t scale = kQuantized<TV> ? e.scales[se_index::scale_index(row0 + i, w.cols[i][h], e.groups,
+                                                                                 e.group_size)]
+                                                : 0;
+          w_tile[i * LD + (w.cols[i][h] - c0)] =
+              value_to_tile<TW, TV>(w.vals[i][h], (w.odd >> (i * kSlots + h)) & 1u, scale);
+        }
         taken += __popc(__ballot_sync(kFull, ok));
       }
       p[i] += taken;
@@ -625,7 +703,7 @@ __global__ void __launch_bounds__(kBlock, GroupedShape<kGroupedTensorCores<TX, T
   for (int64_t c0 = 0; c0 < e.in; c0 += KC) {
     // 1. this step's weight loads (bitmap: from the words the last step prefetched)
     StepWeights<TV, kSlots> weights;
-    load_step_weights<TV, FMT, kSlots>(e, words_next, p, end, lane, weights);
+    load_step_weights<TV, FMT, kSlots>(e, words_next, p, end, lane, expert * e.out + r_first, c0, weights);
     uint4 x_now[SX::kLoads];
 #pragma unroll
     for (int j = 0; j < SX::kLoads; ++j) x_now[j] = x_next[j];
@@ -637,7 +715,8 @@ __global__ void __launch_bounds__(kBlock, GroupedShape<kGroupedTensorCores<TX, T
     __syncthreads();  // the previous step's product has read the tiles
     // 3. this step's tiles
     stage_step_x<TW, TX, TT, Tile::kLdX>(x_now, tile.in.x);
-    stage_step_weights<TW, TV, FMT, kSlots, Tile::kLdW>(weights, c0, p, end, lane, w_tile);
+    stage_step_weights<TW, TV, FMT, kSlots, Tile::kLdW>(weights, e, expert * e.out + r_first, c0, p, end, lane,
+                                                        w_tile);
     __syncthreads();
     // 4. the product
     if constexpr (kTensorCores) {
@@ -828,6 +907,8 @@ int dispatch_values(const se_experts& s, const Experts& e, const void* x, int64_
   switch (s.value_dtype) {
     case SE_F32: return dispatch_format<TX, float>(s, e, xt, tokens, ids, ids_given, yt, gemv, ws, stream, err, err_len);
     case SE_F16: return dispatch_format<TX, __half>(s, e, xt, tokens, ids, ids_given, yt, gemv, ws, stream, err, err_len);
+    case SE_I8: return dispatch_format<TX, Int8Codes>(s, e, xt, tokens, ids, ids_given, yt, gemv, ws, stream, err, err_len);
+    case SE_I4: return dispatch_format<TX, Int4Codes>(s, e, xt, tokens, ids, ids_given, yt, gemv, ws, stream, err, err_len);
     default: return dispatch_format<TX, __nv_bfloat16>(s, e, xt, tokens, ids, ids_given, yt, gemv, ws, stream, err, err_len);
   }
 }
@@ -891,7 +972,10 @@ extern "C" SE_API int se_cuda_routed_sparse_matmul(const se_experts* s, const fl
   if (!s || !x || !y) return fail(err, err_len, "null experts, x or y");
   if (x_dtype != SE_F32 && x_dtype != SE_F16) return fail(err, err_len, "x must be fp32 or fp16");
   if (s->format != SE_BITMAP && s->format != SE_CSR16) return fail(err, err_len, "unknown sparse format");
-  if (s->value_dtype < SE_F32 || s->value_dtype > SE_BF16) return fail(err, err_len, "unknown value dtype");
+  if (s->value_dtype < SE_F32 || s->value_dtype > SE_I4) return fail(err, err_len, "unknown value dtype");
+  const bool quantized = s->value_dtype == SE_I8 || s->value_dtype == SE_I4;
+  if (quantized && (!s->scales || s->group_size < 1 || s->group_size > s->in_features))
+    return fail(err, err_len, "int8/int4 values need scales and a group_size in [1, in_features]");
   if (s->in_features > 65536 && s->format == SE_CSR16)
     return fail(err, err_len, "csr16 needs in_features <= 65536");
   if (tokens <= 0) return 0;
@@ -913,7 +997,9 @@ extern "C" SE_API int se_cuda_routed_sparse_matmul(const se_experts* s, const fl
                    err_len, "cudaMemcpyAsync"))
       return 1;
   }
-  const Experts e{s->values, s->indices, s->row_ptr, s->bias, s->num_experts, s->out_features, s->in_features, s->nnz};
+  const int64_t groups = quantized ? se_index::scale_groups(s->in_features, s->group_size) : 0;
+  const Experts e{s->values,       s->indices,      s->row_ptr, s->bias,       s->num_experts, s->out_features,
+                  s->in_features,  s->nnz,          s->scales,  s->group_size, groups};
   const bool given = ids_in != nullptr;
   return x_dtype == SE_F32 ? dispatch_values<float>(*s, e, x, tokens, ids, given, y, gemv, ws, stream, err, err_len)
                            : dispatch_values<__half>(*s, e, x, tokens, ids, given, y, gemv, ws, stream, err, err_len);

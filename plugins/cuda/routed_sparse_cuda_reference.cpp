@@ -1,10 +1,10 @@
 // CPU reference of the CUDA kernels (se_cuda_kernels.h): the same function, computed with the
 // same indexing helpers and the same decomposition (router feature splits, thread strides and
 // expert chunks; lane-per-word bitmap GEMV warps; grouped tiles of <= 32 tokens x 64 rows decoded
-// 64 columns per step), one emulated lane at a time. csr16 GEMV lanes stride one value at a time
-// here, and the device's 16-byte vectors and 64-token tiles of the grouped kernel take the same
-// products in another order. CI has no GPU; this
-// is how the kernels' indexing is exercised there.
+// 64 columns per step; int8/int4 codes times their group's scale), one emulated lane at a time.
+// csr16 GEMV lanes stride one value at a time here, and the device's 16-byte vectors and 64-token
+// tiles of the grouped kernel take the same products in another order. CI has no GPU; this is
+// how the kernels' indexing is exercised there.
 #include <algorithm>
 #include <cstdio>
 #include <limits>
@@ -28,6 +28,19 @@ float load(const void* p, int32_t dtype, int64_t i) {
   const auto* h = static_cast<const uint16_t*>(p);
   if (dtype == SE_F32) return static_cast<const float*>(p)[i];
   return dtype == SE_F16 ? se_half::f16_to_f32(h[i]) : se_half::bf16_to_f32(h[i]);
+}
+
+bool quantized(const se_experts& e) { return e.value_dtype == SE_I8 || e.value_dtype == SE_I4; }
+
+// Kept weight p of flattened row `row`, at column `col`: the stored float, or code * the scale of
+// its (row, group), as the device decodes it (the product in fp32, exact for int8/int4 codes).
+float weight(const se_experts& e, int64_t p, int64_t row, int64_t col) {
+  if (!quantized(e)) return load(e.values, e.value_dtype, p);
+  const bool int4 = e.value_dtype == SE_I4;
+  const uint8_t byte = static_cast<const uint8_t*>(e.values)[se_index::code_byte_index(int4, p)];
+  const int64_t groups = se_index::scale_groups(e.in_features, e.group_size);
+  const float scale = se_half::f16_to_f32(e.scales[se_index::scale_index(row, col, groups, e.group_size)]);
+  return static_cast<float>(se_index::code_of_byte(byte, int4, p)) * scale;
 }
 
 void store(void* p, int32_t dtype, int64_t i, float v) {
@@ -90,7 +103,7 @@ float gemv_row(const se_experts& e, const void* x, int32_t x_dtype, int64_t t, i
       const int lane = static_cast<int>(w % kWarp);
       for (int64_t p = base; word != 0; ++p, word &= word - 1u) {
         const int c = se_index::lowest_bit(word);
-        lane_acc[lane] += load(e.values, e.value_dtype, p) * load(x, x_dtype, t * in + w * kWarp + c);
+        lane_acc[lane] += weight(e, p, row, w * kWarp + c) * load(x, x_dtype, t * in + w * kWarp + c);
       }
       base += se_index::popcount32(se_index::bitmap_word(bits, w, row_bytes));
     }
@@ -98,7 +111,7 @@ float gemv_row(const se_experts& e, const void* x, int32_t x_dtype, int64_t t, i
     const auto* cols = static_cast<const uint16_t*>(e.indices);
     for (int lane = 0; lane < kWarp; ++lane) {
       for (int64_t p = start + lane; p < end; p += kWarp) {
-        lane_acc[lane] += load(e.values, e.value_dtype, p) * load(x, x_dtype, t * in + cols[p]);
+        lane_acc[lane] += weight(e, p, row, cols[p]) * load(x, x_dtype, t * in + cols[p]);
       }
     }
   }
@@ -110,8 +123,8 @@ float gemv_row(const se_experts& e, const void* x, int32_t x_dtype, int64_t t, i
 // Device grouped block: kTileRows rows of one expert times a tile of <= 32 tokens. Each step
 // decodes kTileCols columns of every row (lane-per-column bitmap words; csr16 windows that
 // advance the row's cursor) into a dense block, rounded to fp16 where the device uses tensor cores
-// (fp16 activations, fp16/bf16 values: exact for weights of LLM range), and multiplies it with the
-// tokens' activations.
+// (fp16 activations with fp16/bf16 values, exact for weights of LLM range, or with int8/int4
+// codes times their scale, rounded once), and multiplies it with the tokens' activations.
 void grouped_tile(const se_experts& e, const void* x, int32_t x_dtype, const int32_t* perm, const int32_t* tile,
                   void* y) {
   const int64_t in = e.in_features, out = e.out_features, rows = e.num_experts * out;
@@ -136,7 +149,8 @@ void grouped_tile(const se_experts& e, const void* x, int32_t x_dtype, const int
             const uint32_t word = wi < words ? se_index::bitmap_word(bits, wi, row_bytes) : 0u;
             for (int lane = 0; lane < kWarp; ++lane) {
               if (se_index::lane_has(word, lane))
-                w[h * kWarp + lane] = load(e.values, e.value_dtype, p[i] + se_index::lane_value_offset(word, lane));
+                w[h * kWarp + lane] = weight(e, p[i] + se_index::lane_value_offset(word, lane), expert * out + r0 + i,
+                                             wi * kWarp + lane);
             }
             p[i] += se_index::popcount32(word);
           }
@@ -146,7 +160,7 @@ void grouped_tile(const se_experts& e, const void* x, int32_t x_dtype, const int
           for (int64_t q = p[i]; q < p[i] + kTileCols; ++q) {
             const uint16_t c = q < end[i] ? cols[q] : 0;
             if (!se_index::in_window(q, end[i], c, c0)) continue;
-            w[c - c0] = load(e.values, e.value_dtype, q);
+            w[c - c0] = weight(e, q, expert * out + r0 + i, c);
             ++taken;
           }
           p[i] += taken;
@@ -175,6 +189,10 @@ extern "C" SE_API int se_cuda_reference_matmul(const se_experts* e, const float*
                                                size_t err_len) {
   using namespace se_cuda_ref;
   const int64_t K = e->num_experts, out = e->out_features;
+  if (quantized(*e) && (!e->scales || e->group_size < 1)) {
+    std::snprintf(err, err_len, "int8/int4 values need scales and a group_size >= 1");
+    return 1;
+  }
   std::vector<int32_t> ids(static_cast<size_t>(tokens));
   for (int64_t t = 0; t < tokens; ++t) {
     ids[t] = ids_in ? ids_in[t] : route_token(x, x_dtype, t, tokens, e->in_features, K, G, b);

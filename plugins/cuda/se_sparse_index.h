@@ -109,6 +109,25 @@ SE_HD bool lane_has(uint32_t word, int lane) { return ((word >> lane) & 1u) != 0
 
 SE_HD int lane_value_offset(uint32_t word, int lane) { return popcount32(word & ((1u << lane) - 1u)); }
 
+// Quantized values (SE_I8 / SE_I4, se_kernels.h): the code of value p. int8: one signed byte;
+// int4: the low nibble of byte p / 2 when p is even, the high nibble when odd, two's complement.
+// `byte` is the byte holding value p (codes[p] for int8, codes[p / 2] for int4), so a kernel can
+// load it early and decode it later.
+SE_HD int code_of_byte(uint8_t byte, bool int4, int64_t p) {
+  if (!int4) return static_cast<int8_t>(byte);
+  const int nibble = (p & 1) ? byte >> 4 : byte & 0xf;
+  return nibble >= 8 ? nibble - 16 : nibble;
+}
+
+SE_HD int64_t code_byte_index(bool int4, int64_t p) { return int4 ? p >> 1 : p; }
+
+// Index of the scale of (row, column) in scales [K*out, groups] (groups = ceil(in / group_size)).
+SE_HD int64_t scale_index(int64_t row, int64_t col, int64_t groups, int64_t group_size) {
+  return row * groups + col / group_size;
+}
+
+SE_HD int64_t scale_groups(int64_t in, int64_t group_size) { return (in + group_size - 1) / group_size; }
+
 // csr16 window of a grouped step: of the (up to kTileCols) values a row holds from `p` on, the
 // ones whose column lies in [c0, c0 + kTileCols). Columns ascend within a row, so they are a
 // prefix; the check of both bounds keeps a corrupt (unsorted) row inside the tile's memory.

@@ -1,8 +1,9 @@
 // GPU check of the CUDA kernels against their CPU reference (se_cuda_reference_matmul) and a
-// float64 dense reference: both paths, both formats, all value dtypes, fp32/fp16 activations, the
-// GEMV's activations in default, opt-in and no shared memory, scalar and vector csr16 loads,
-// the grouped kernel's aligned and unaligned activations and bitmap rows, misaligned values and
-// indices, and routing alone (se_cuda_route) against the product's own routing.
+// float64 dense reference: both paths, both formats, all value dtypes (int8/int4 codes with group
+// scales included), fp32/fp16 activations, the GEMV's activations in default, opt-in and no shared
+// memory, scalar and vector csr16 loads, the grouped kernel's aligned and unaligned activations and
+// bitmap rows, misaligned values and indices, and routing alone (se_cuda_route) against the
+// product's own routing.
 // ctest label "gpu"; exits 77 (ctest SKIP_RETURN_CODE) when no CUDA device is present.
 #include <cuda_runtime.h>
 
@@ -59,8 +60,14 @@ int run_case(const se_test::Case& c, int x_dtype, int gemv_max, bool give_ids, s
   se_experts d = re.e;
   void *values_base = nullptr, *indices_base = nullptr;
   const int shift = misalign ? 1 : 0;
-  d.values = c.value_dtype == SE_F32 ? static_cast<const void*>(to_device(re.vals32, &values_base, shift))
-                                     : to_device(re.vals16, &values_base, shift);
+  if (c.value_dtype == SE_I8 || c.value_dtype == SE_I4) {
+    d.values = c.value_dtype == SE_I8 ? static_cast<const void*>(to_device(re.codes, &values_base, shift))
+                                      : to_device(re.nibbles, &values_base, shift);
+  } else {
+    d.values = c.value_dtype == SE_F32 ? static_cast<const void*>(to_device(re.vals32, &values_base, shift))
+                                       : to_device(re.vals16, &values_base, shift);
+  }
+  d.scales = re.scales.empty() ? nullptr : to_device(re.scales);
   d.indices = c.format == SE_BITMAP ? static_cast<const void*>(to_device(re.bitmap, &indices_base, shift))
                                     : to_device(re.cols, &indices_base, shift);
   d.row_ptr = to_device(re.row_ptr);
@@ -114,7 +121,8 @@ int run_case(const se_test::Case& c, int x_dtype, int gemv_max, bool give_ids, s
   for (const void* p : {static_cast<const void*>(values_base), static_cast<const void*>(indices_base),
                         static_cast<const void*>(d.row_ptr), static_cast<const void*>(d.bias),
                         static_cast<const void*>(G), static_cast<const void*>(b), static_cast<const void*>(x),
-                        static_cast<const void*>(ids_in), static_cast<const void*>(ids_out), static_cast<const void*>(y), static_cast<const void*>(ws)})
+                        static_cast<const void*>(ids_in), static_cast<const void*>(ids_out),
+                        static_cast<const void*>(y), static_cast<const void*>(ws), static_cast<const void*>(d.scales)})
     CHECK_CUDA(cudaFree(const_cast<void*>(p)));
   if (failures)
     std::printf("FAIL format=%d values=%d x=%d K=%lld out=%lld in=%lld tokens=%lld: %d mismatches\n", c.format,
@@ -198,6 +206,18 @@ int main(int argc, char** argv) {
             ++total;
           }
         }
+  // int8 / int4 codes: both paths, both formats, group sizes within a bitmap word, at a word, and
+  // above a grouped step with a short last group; int4 rows start mid-byte (odd row lengths)
+  for (int format : {SE_BITMAP, SE_CSR16})
+    for (int values : {SE_I8, SE_I4})
+      for (int x_dtype : {SE_F32, SE_F16})
+        for (int64_t group : {7, 32, 128})
+          for (int64_t tokens : {1, 3, 300}) {
+            if (quick && (group != 32 || tokens == 1)) continue;
+            se_test::Case qc{format, values, 16, 200, 1100, tokens, 0.3, group};
+            failed += run_case(qc, x_dtype, 0, false, rng, tokens == 3 && !quick);
+            ++total;
+          }
   std::printf("%d/%d GPU kernel checks passed\n", total - failed, total);
   return failed ? 1 : 0;
 }

@@ -1,11 +1,12 @@
 // CPU checks of the CUDA kernels' indexing and decomposition (no GPU needed, runs in CI):
 //  * the shared __host__ __device__ helpers (bitmap words at row ends, lane value offsets, csr16
-//    windows, tile plan);
+//    windows, tile plan, int8/int4 code decoding and scale indices);
 //  * se_cuda_reference_matmul, which runs the kernels' exact decomposition on the host, against
 //    a float64 dense reference and against the CPU kernel library, for the GEMV and the grouped
-//    path, both formats, fp32/fp16/bf16 values, fp32/fp16 activations, odd widths (partial words,
-//    several 128-column chunks, several 32-word warp passes), expert counts across router chunks, widths
-//    across router splits (up to kRouteSplitMax).
+//    path, both formats, fp32/fp16/bf16 values and int8/int4 codes with group scales, fp32/fp16
+//    activations, odd widths (partial words, several 128-column chunks, several 32-word warp
+//    passes), expert counts across router chunks, widths across router splits (up to
+//    kRouteSplitMax).
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -59,6 +60,23 @@ int test_helpers(std::mt19937& rng) {
     }
     failures += check(rank == se_index::popcount32(word), "ranks end at the popcount");
   }
+  for (int b = 0; b < 256; ++b) {  // codes: int8 is the byte; int4 value p is nibble p % 2, (n ^ 8) - 8
+    const uint8_t byte = static_cast<uint8_t>(b);
+    failures += check(se_index::code_of_byte(byte, false, b) == static_cast<int>(static_cast<signed char>(byte)),
+                      "int8 code");
+    for (int64_t p : {0, 1, 6, 7}) {
+      const int nibble = (byte >> (4 * (p % 2))) & 0xf;
+      failures += check(se_index::code_of_byte(byte, true, p) == (nibble ^ 8) - 8, "int4 code");
+      failures += check(se_index::code_byte_index(true, p) == p / 2 && se_index::code_byte_index(false, p) == p,
+                        "code byte index");
+    }
+  }
+  for (int64_t in : {1, 31, 32, 33, 300})  // groups of group_size columns, the last one may be short
+    for (int64_t group : {1, 7, 32, 128}) {
+      const int64_t groups = se_index::scale_groups(in, group);
+      failures += check(groups * group >= in && (groups - 1) * group < in, "scale groups cover the row");
+      failures += check(se_index::scale_index(0, in - 1, groups, group) == groups - 1, "last column, last group");
+    }
   {  // csr16 window: both bounds and the row's end
     const int64_t c0 = 128;
     failures += check(se_index::in_window(5, 9, 128, c0) && se_index::in_window(5, 9, 191, c0), "window inside");
@@ -179,6 +197,19 @@ int main() {
               if (s.in >= 1100 && (density == 1.0 || tokens == 37)) continue;  // keep the run short
               const int gemv_max = tokens == 4 ? 1 : 0;  // 4 tokens: forced onto the grouped path
               failed += run_case({format, values, s.K, s.out, s.in, tokens, density}, x_dtype, gemv_max, rng);
+              ++total;
+            }
+  // int8 / int4 codes: group sizes below, at and above a bitmap word and a grouped step, one that
+  // leaves a short last group, and odd row lengths (int4 rows that start mid-byte)
+  for (int format : {SE_BITMAP, SE_CSR16})
+    for (int values : {SE_I8, SE_I4})
+      for (int x_dtype : {SE_F32, SE_F16})
+        for (int64_t group : {1, 7, 32, 48, 128})
+          for (Shape s : {Shape{3, 13, 45}, Shape{5, 70, 300}, Shape{2, 9, 1100}})
+            for (int64_t tokens : {1, 37}) {
+              if (group > s.in) continue;
+              const double density = s.in == 300 ? 1.0 : 0.4;
+              failed += run_case({format, values, s.K, s.out, s.in, tokens, density, group}, x_dtype, 0, rng);
               ++total;
             }
   std::printf("%d/%d CUDA-reference checks passed\n", total - failed, total);

@@ -1,7 +1,8 @@
 // CPU smoke test of the TensorRT plugin library (no GPU, no libnvinfer): dlopen it as
 // IPluginRegistry::loadLibrary would, then drive the creator and the plugin through TensorRT's
 // interfaces: fields, capabilities, output types and shapes (with a stand-in IExprBuilder),
-// format combinations, configure-time layout checks, workspace, serialize -> recreate, clone.
+// format combinations, configure-time layout checks, workspace, serialize -> recreate, clone; the
+// same for int8/int4 codes (values as int32 words, scales last, value count from the nnz field).
 #include <dlfcn.h>
 
 #include <NvInferRuntime.h>
@@ -140,8 +141,8 @@ int main(int argc, char** argv) {
   expect(std::strcmp(creator->getPluginVersion(), "1") == 0, "plugin version");
   expect(std::strcmp(creator->getPluginNamespace(), "") == 0, "plugin namespace");
   PluginFieldCollection const* names = creator->getFieldNames();
-  expect(names->nbFields == 3 && std::strcmp(names->fields[0].name, "out_features") == 0 &&
-             std::strcmp(names->fields[1].name, "format") == 0,
+  expect(names->nbFields == 6 && std::strcmp(names->fields[0].name, "out_features") == 0 &&
+             std::strcmp(names->fields[1].name, "format") == 0 && std::strcmp(names->fields[3].name, "value_dtype") == 0,
          "field names");
 
   // fields as the ONNX parser passes them (INT -> kINT32, STRING -> kCHAR without NUL)
@@ -259,6 +260,73 @@ int main(int argc, char** argv) {
   expect(finder.logger.last.find("coo") != std::string::npos, "reason names the bad format");
   PluginFieldCollection no_out{1, bad_fields + 1};
   expect(creator->createPlugin("x", &no_out, TensorRTPhase::kBUILD) == nullptr, "missing out_features refused");
+
+  // int8/int4 codes: values as int32 words of the code bytes, scales (fp16) last; the value count
+  // comes from the nnz field (int4: ceil(nnz / 2) bytes, so the words alone leave it ambiguous)
+  {
+    const int32_t group = 32, qnnz = 1001;
+    char const int4[] = {'i', 'n', 't', '4'};
+    char const fmt_bitmap[] = {'b', 'i', 't', 'm', 'a', 'p'};
+    PluginField qf[] = {PluginField("out_features", &out, PluginFieldType::kINT32, 1),
+                        PluginField("format", fmt_bitmap, PluginFieldType::kCHAR, 6),
+                        PluginField("value_dtype", int4, PluginFieldType::kCHAR, 4),
+                        PluginField("group_size", &group, PluginFieldType::kINT32, 1),
+                        PluginField("nnz", &qnnz, PluginFieldType::kINT32, 1)};
+    PluginFieldCollection qfc{5, qf};
+    std::unique_ptr<IPluginV3> qplugin(creator->createPlugin("mlp.down", &qfc, TensorRTPhase::kBUILD));
+    expect(qplugin != nullptr, "int4 plugin from parser fields");
+    if (qplugin) {
+      auto* qb = static_cast<IPluginV3OneBuild*>(qplugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
+      auto* qr = static_cast<IPluginV3OneRuntime*>(qplugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+      const int64_t groups = (in + group - 1) / group;
+      // x, G, b, values (ceil(ceil(1001 / 2) / 4) = 126 words), bitmap (4*48*8 bytes = 384 words),
+      // row_ptr, bias, scales; y, expert_ids
+      std::vector<DynamicPluginTensorDesc> q = {
+          desc(DataType::kHALF, {1, 7, in}, {2, 512, in}), desc(DataType::kFLOAT, {in, K}),
+          desc(DataType::kFLOAT, {K}), desc(DataType::kINT32, {126}), desc(DataType::kINT32, {K * out * 8 / 4}),
+          desc(DataType::kINT32, {K * out}), desc(DataType::kFLOAT, {K, out}), desc(DataType::kHALF, {K, out, groups}),
+          desc(DataType::kHALF, {1, 7, out}), desc(DataType::kINT32, {1, 7})};
+      for (int32_t pos = 0; pos < 10; ++pos) expect(qb->supportsFormatCombination(pos, q.data(), 8, 2), "int4 io accepted");
+      auto q_rejects = [&](int32_t pos, DataType t) {
+        auto saved = q[pos];
+        q[pos].desc.type = t;
+        const bool ok = qb->supportsFormatCombination(pos, q.data(), 8, 2);
+        q[pos] = saved;
+        return !ok;
+      };
+      expect(q_rejects(3, DataType::kHALF), "int4 codes must come as int32 words");
+      expect(q_rejects(7, DataType::kFLOAT), "scales are fp16");
+      expect(q_rejects(6, DataType::kHALF), "input 6 is the fp32 bias (or int32 expert_ids)");
+      std::vector<DynamicPluginTensorDesc> qo = {q[8], q[9]};
+      expect(qb->configurePlugin(q.data(), 8, qo.data(), 2) == 0, "int4 layout configures");
+      auto qbad = q;
+      qbad[3] = desc(DataType::kINT32, {(qnnz + 3) / 4});  // int8's word count
+      finder.logger.last.clear();
+      expect(qb->configurePlugin(qbad.data(), 8, qo.data(), 2) != 0, "int4 words of int8 size refused");
+      expect(finder.logger.last.find("int4 codes") != std::string::npos, "refusal names the codes");
+      qbad = q;
+      qbad[7] = desc(DataType::kHALF, {K, out, groups + 1});
+      expect(qb->configurePlugin(qbad.data(), 8, qo.data(), 2) != 0, "scales of the wrong size refused");
+      std::vector<DynamicPluginTensorDesc> q7(q.begin(), q.begin() + 6);  // no bias, no ids: 7 inputs
+      q7.push_back(q[7]);
+      expect(qb->supportsFormatCombination(6, q7.data(), 7, 2) && !qb->supportsFormatCombination(0, q.data(), 6, 2),
+             "7 inputs are the six plus the scales; six are too few");
+      PluginFieldCollection const* qser = qr->getFieldsToSerialize();
+      expect(field_string(qser, "value_dtype") == "int4" && field_int(qser, "group_size") == group &&
+                 field_int(qser, "nnz") == qnnz,
+             "int4 fields serialized");
+      std::unique_ptr<IPluginV3> qagain(creator->createPlugin("mlp.down", qser, TensorRTPhase::kRUNTIME));
+      expect(qagain != nullptr, "int4 plugin recreated from serialized fields");
+    }
+    PluginField q3[] = {qf[0], qf[1], PluginField("value_dtype", "int3", PluginFieldType::kCHAR, 4), qf[3], qf[4]};
+    PluginFieldCollection q3fc{5, q3};
+    finder.logger.last.clear();
+    expect(creator->createPlugin("x", &q3fc, TensorRTPhase::kBUILD) == nullptr &&
+               finder.logger.last.find("int3") != std::string::npos,
+           "unknown value_dtype refused, named");
+    PluginFieldCollection no_group{3, qf};
+    expect(creator->createPlugin("x", &no_group, TensorRTPhase::kBUILD) == nullptr, "codes without group_size refused");
+  }
 
   plugin.reset();
   again.reset();

@@ -121,7 +121,8 @@ def build_engine(onnx_dir: Path, engine: Path, *, fp16: bool = False, plugin: Pa
     trt_onnx = onnx_dir / TRT_ONNX_FILE
     stats = prepare_for_tensorrt(onnx_dir / MODEL_FILE, trt_onnx)
     log(f"TensorRT form of the graph: {trt_onnx} ({stats['nodes']} RoutedSparseMatMul nodes, "
-        f"{stats['indices_packed']} index tensors as int32 words)")
+        f"{stats['indices_packed']} index tensors as int32 words"
+        + (f", {stats['quantized']} with int8/int4 codes as int32 words" if stats["quantized"] else "") + ")")
     log("equivalent: " + trtexec_command(trt_onnx, engine, lib or Path("<none>"), fp16,
                                          profiles(manifest, ranges)[0]))
     if trt is None:

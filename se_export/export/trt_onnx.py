@@ -1,12 +1,14 @@
 """Prepare an se-export ONNX graph for TensorRT's ONNX parser (a graph rewrite, no TensorRT needed).
 
 TensorRT differs from ONNX Runtime in three ways that matter to ``RoutedSparseMatMul``:
-it has no 16-bit integer type and limits uint8 tensors to I/O casts, so the indices (bitmap
-bytes or csr16 columns) become int32 words holding the same little-endian bytes, zero-padded to
-a whole word (the plugin and our ONNX Runtime op both read that form); a plugin layer has a fixed
-number of outputs (every
-node gets its ``expert_ids`` output), and empty optional inputs are dropped (the plugin tells a
-bias from ``expert_ids`` at position 6 by type).
+it has no 16-bit integer type and limits 8-bit integer tensors to I/O casts and quantization, so
+the indices (bitmap bytes or csr16 columns) and int8/int4 codes become int32 words holding the
+same little-endian bytes, zero-padded to a whole word (the plugin reads that form, and our ONNX
+Runtime op reads it for indices); a plugin layer has a fixed number of outputs (every node gets
+its ``expert_ids`` output), and empty optional inputs are dropped (the plugin tells a bias from
+``expert_ids`` at position 6 by type; the scales of int8/int4 codes are always last). Quantized
+nodes gain the attributes ``value_dtype`` ("int8" / "int4") and ``nnz``, which the words no longer
+carry.
 """
 
 from __future__ import annotations
@@ -34,6 +36,50 @@ def _is_empty_initializer(name: str, inits: dict) -> bool:
     return name in inits and int(np.prod(inits[name].dims)) == 0
 
 
+def _initializer(node, position: int, what: str, inits: dict):
+    name = node.input[position]
+    if name not in inits:
+        raise SEError(f"node {node.name}: {what} '{name}' are not an initializer; re-export with se-export onnx")
+    return inits[name]
+
+
+def _kept_values(node, inits: dict) -> int:
+    """nnz of a node: csr16 has a column per value; a bitmap's last row ends at its start plus its bits."""
+    from onnx import helper, numpy_helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    indices = numpy_helper.to_array(_initializer(node, 4, "indices", inits))
+    if attrs.get("format", b"bitmap") in (b"csr16", "csr16"):
+        return int(indices.size)
+    row_ptr = numpy_helper.to_array(_initializer(node, 5, "row_ptr", inits))
+    in_features = int(_initializer(node, 1, "router_weight", inits).dims[0])
+    if row_ptr.size == 0:
+        return 0
+    row_bytes = (in_features + 7) // 8  # the bitmap's bytes, whether still uint8 or already int32 words
+    bitmap = np.ascontiguousarray(indices).reshape(-1).view(np.uint8)[: row_ptr.size * row_bytes]
+    return int(row_ptr[-1]) + int(np.unpackbits(bitmap[-row_bytes:]).sum())
+
+
+def _retype_codes(node, inits: dict, consumers: dict, converted: set) -> None:
+    """int8/int4 codes of a version-2 node as int32 words, with ``value_dtype`` and ``nnz`` attributes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    values = _initializer(node, 3, "values", inits)
+    if values.data_type not in (TensorProto.INT8, TensorProto.UINT8):
+        raise SEError(f"node {node.name}: values of a node with scales must be int8 or uint8 codes; "
+                      "re-export with se-export onnx")
+    value_dtype = "int8" if values.data_type == TensorProto.INT8 else "int4"
+    nnz = _kept_values(node, inits)
+    if values.name not in converted:
+        if any(c.op_type != onnx_schema.OP_TYPE for c in consumers[values.name]):
+            raise SEError(f"initializer {values.name} is shared with other ops; cannot retype it for TensorRT")
+        values.CopyFrom(numpy_helper.from_array(as_int32_words(numpy_helper.to_array(values)), values.name))
+        converted.add(values.name)
+    kept = [a for a in node.attribute if a.name not in ("value_dtype", "nnz")]
+    del node.attribute[:]
+    node.attribute.extend([*kept, helper.make_attribute("value_dtype", value_dtype), helper.make_attribute("nnz", nnz)])
+
+
 def prepare_graph(model, drop_empty_bias: bool = True) -> dict:
     """Rewrite every RoutedSparseMatMul node of ``model`` (onnx.ModelProto) in place; returns counts.
 
@@ -47,20 +93,18 @@ def prepare_graph(model, drop_empty_bias: bool = True) -> dict:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    stats = {"nodes": 0, "indices_packed": 0, "outputs_added": 0, "inputs_dropped": 0}
+    stats = {"nodes": 0, "indices_packed": 0, "outputs_added": 0, "inputs_dropped": 0, "quantized": 0}
     converted: set[str] = set()
     for node in graph.node:
         if node.domain != onnx_schema.DOMAIN or node.op_type != onnx_schema.OP_TYPE:
             continue
         stats["nodes"] += 1
-        if len(node.input) > 8 and node.input[8]:
-            raise SEError(f"node {node.name} has int8/int4 experts (RoutedSparseMatMul version 2), which the TensorRT "
-                          "plugin does not read yet: run it in ONNX Runtime (se-export validate / bench ort), "
-                          "or export with --portable")
-        name = node.input[4]
-        if name not in inits:
-            raise SEError(f"node {node.name}: indices '{name}' are not an initializer; re-export with se-export onnx")
-        tensor = inits[name]
+        quantized = len(node.input) > 8 and node.input[8] != ""
+        if quantized:  # before the indices change form: nnz is read from them
+            _retype_codes(node, inits, consumers, converted)
+            stats["quantized"] += 1
+        tensor = _initializer(node, 4, "indices", inits)
+        name = tensor.name
         if tensor.data_type in (TensorProto.UINT8, TensorProto.INT16) and name not in converted:
             if any(c.op_type != onnx_schema.OP_TYPE for c in consumers[name]):
                 raise SEError(f"initializer {name} is shared with other ops; cannot retype it for TensorRT")
@@ -68,11 +112,14 @@ def prepare_graph(model, drop_empty_bias: bool = True) -> dict:
             converted.add(name)
             stats["indices_packed"] += 1
         inputs = list(node.input)
+        scales = [inputs.pop(8)] if quantized else []
+        del inputs[8:]
         while inputs and inputs[-1] == "":
             inputs.pop()
         if drop_empty_bias and len(inputs) >= 7 and (inputs[6] == "" or _is_empty_initializer(inputs[6], inits)):
             del inputs[6]  # no bias: position 6 is then expert_ids (int32) or nothing
             stats["inputs_dropped"] += 1
+        inputs += scales  # the scales of int8/int4 codes come last
         if len(inputs) != len(node.input):
             del node.input[:]
             node.input.extend(inputs)

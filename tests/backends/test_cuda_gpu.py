@@ -117,3 +117,31 @@ def test_packing_on_the_gpu_equals_packing_on_the_cpu(fmt):
     gpu = pack_experts(w.cuda(), mask.cuda(), fmt, torch.float16)
     for name in ("values", "indices", "row_ptr"):
         assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
+
+
+@pytest.mark.parametrize("fmt", ["bitmap", "csr16"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [7, 32, 128])
+def test_cuda_kernels_read_quantized_codes(fmt, bits, group):
+    """int8/int4 codes with group scales on the GPU (codes packed by the binding as the kernels
+    read them) against the torch op, which dequantizes first; both paths, fp16 and fp32 x."""
+    from se_export.backends.cuda_kernels import CudaExperts
+    from se_export.formats.quantization import QuantSpec, round_to_nearest
+    from se_export.formats.sparse_format import pack_experts
+
+    gen = torch.Generator().manual_seed(bits * group)
+    k, out, inn = 8, 200, 1100
+    keep = torch.rand(k, out, inn, generator=gen) < 0.4
+    spec = QuantSpec(bits, group)
+    dequantized, scales = round_to_nearest(torch.randn(k, out, inn, generator=gen), keep, spec)
+    packed = pack_experts(dequantized, keep, fmt, torch.int8, spec, scales)
+    g, b = torch.randn(inn, k, generator=gen), torch.randn(k, generator=gen)
+    experts = CudaExperts(packed, g, b)
+    for fp16_x in (False, True):
+        for tokens in (1, 5, 300):
+            x = torch.randn(tokens, inn, generator=gen).to(torch.float16 if fp16_x else torch.float32)
+            ref, ref_ids = ops.routed_sparse_matmul(x, g, b, packed.values, packed.indices, packed.row_ptr, None, None,
+                                                    out, fmt, packed.scales, group)
+            y, _ = experts.matmul(x.cuda(), ref_ids.cuda())
+            tol = _tolerance(x)
+            assert torch.allclose(y.float().cpu(), ref.float(), rtol=tol, atol=tol)

@@ -26,6 +26,8 @@ from se_export.backends.ort_runtime import OrtCausalLM
 from se_export.backends.trt_build import ShapeRanges, profiles, trtexec_command
 from se_export.export.onnx_export import MODEL_FILE, export_onnx, read_onnx_manifest
 from se_export.export.trt_onnx import prepare_for_tensorrt, prepare_graph
+from se_export.formats.quantization import QuantSpec, round_to_nearest
+from se_export.formats.sparse_format import pack_experts
 from se_export.method.expand import ExpandConfig, expand_model
 from se_export.modeling import ops
 
@@ -149,6 +151,30 @@ def test_cuda_kernel_decomposition_matches_the_torch_op(seed, k, out, inn, token
         assert torch.equal(ids, ref_ids)
     y, ids = reference_matmul(packed, g, b, x, bias)
     assert (ids == ref_ids).float().mean() >= 0.9, "routing differs only on near ties"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 8), out=st.integers(1, 40), inn=st.integers(1, 300),
+       tokens=st.sampled_from([1, 3, 33, 100]), fmt=st.sampled_from(["bitmap", "csr16"]), bits=st.sampled_from([4, 8]),
+       group=st.integers(1, 160), fp16_x=st.booleans(), density=st.sampled_from([0.1, 0.5, 1.0]))
+def test_cuda_kernel_decomposition_of_quantized_experts_matches_the_torch_op(seed, k, out, inn, tokens, fmt, bits,
+                                                                             group, fp16_x, density):
+    """int8/int4 codes with group scales through the CUDA kernels' decomposition (codes decoded
+    where they are read, int4 rows starting mid-byte) against the torch op, which dequantizes first."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = QuantSpec(bits, min(group, inn))
+    keep = torch.rand(k, out, inn, generator=gen) < density
+    dequantized, scales = round_to_nearest(torch.randn(k, out, inn, generator=gen), keep, spec)
+    packed = pack_experts(dequantized, keep, fmt, torch.int8, spec, scales)
+    g, b = torch.randn(inn, k, generator=gen), torch.randn(k, generator=gen)
+    x = torch.randn(tokens, inn, generator=gen).to(torch.float16 if fp16_x else torch.float32)
+    ref, ref_ids = ops.routed_sparse_matmul(x, g, b, packed.values, packed.indices, packed.row_ptr, None, None, out,
+                                            fmt, packed.scales, spec.group_size)
+    for gemv_max in (1_000_000, 1):  # all GEMV, all grouped
+        y, ids = reference_matmul(packed, g, b, x, None, ref_ids, gemv_max)
+        tol = 2e-2 if fp16_x else 1e-4
+        assert torch.allclose(y.float(), ref.float(), rtol=tol, atol=tol)
+        assert torch.equal(ids, ref_ids)
 
 
 @pytest.mark.skipif(find_library(CUDA_LIB) is None, reason="libse_cuda_kernels.so is not built (needs nvcc)")

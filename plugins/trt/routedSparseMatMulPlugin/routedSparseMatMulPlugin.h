@@ -3,11 +3,15 @@
 //
 // Inputs (as the ONNX node, after se_export.trt_onnx prepared it for TensorRT):
 //   0 x [..., in] fp32|fp16   1 router_weight [in, K] fp32   2 router_bias [K] fp32
-//   3 values [nnz] fp32|fp16|bf16   4 indices int32 words holding the packed little-endian bytes
-//     (bitmap bytes or csr16 columns, zero-padded to a whole word)
+//   3 values [nnz] fp32|fp16|bf16, or int32 words holding int8/int4 codes (value_dtype field)
+//   4 indices int32 words holding the packed little-endian bytes (bitmap bytes or csr16 columns,
+//     zero-padded to a whole word)
 //   5 row_ptr [K*out] int32   6 optional bias [K, out] fp32 or expert_ids int32   7 optional expert_ids
+//   last (int8/int4 codes only): scales [K, out, ceil(in / group_size)] fp16
 // Outputs: 0 y [..., out] (x's type), 1 expert_ids [...] int32 (the routing used).
-// Fields: out_features (int32), format (char: "bitmap"|"csr16"), gemv_max_tokens (int32, optional).
+// Fields: out_features (int32), format (char: "bitmap"|"csr16"), gemv_max_tokens (int32, optional);
+// for int8/int4 codes value_dtype (char: "int8"|"int4"), group_size (int32) and nnz (int32: the
+// value count, which the padded words of int4 codes leave ambiguous).
 #pragma once
 
 #include <NvInferRuntime.h>
@@ -30,6 +34,11 @@ struct PluginParams {
   int32_t out_features = 0;
   std::string format = "bitmap";
   int32_t gemv_max_tokens = 0;  // <= 0: the kernel library's default
+  std::string value_dtype;      // "" (values carry their float type), "int8" or "int4"
+  int32_t group_size = 0;       // int8/int4: input columns per scale
+  int32_t nnz = 0;              // int8/int4: kept values
+
+  bool quantized() const { return !value_dtype.empty(); }
 };
 
 // Parses fields from the ONNX parser or a serialized engine; empty string on success, else why not.

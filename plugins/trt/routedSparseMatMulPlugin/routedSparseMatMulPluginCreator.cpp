@@ -13,6 +13,9 @@ RoutedSparseMatMulPluginCreator::RoutedSparseMatMulPluginCreator() {
       PluginField("out_features", nullptr, PluginFieldType::kINT32, 1),
       PluginField("format", nullptr, PluginFieldType::kCHAR, 0),
       PluginField("gemv_max_tokens", nullptr, PluginFieldType::kINT32, 1),
+      PluginField("value_dtype", nullptr, PluginFieldType::kCHAR, 0),
+      PluginField("group_size", nullptr, PluginFieldType::kINT32, 1),
+      PluginField("nnz", nullptr, PluginFieldType::kINT32, 1),
   };
   mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
   mFieldCollection.fields = mFields.data();
