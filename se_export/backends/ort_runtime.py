@@ -17,8 +17,8 @@ from .kernels import ORT_LIB, find_library
 def ort_library() -> Path:
     path = find_library(ORT_LIB)
     if path is None:
-        raise SEError(f"{ORT_LIB} (the RoutedSparseMatMul op for ONNX Runtime) is not built: run `make plugins`, "
-                      "set SE_EXPORT_LIB_DIR, or export with --portable")
+        raise SEError(f"{ORT_LIB} (the RoutedSparseMatMul op for ONNX Runtime) is not built: install se-export from a "
+                      "wheel, run `make plugins` in a checkout, set SE_EXPORT_LIB_DIR, or export with --portable")
     return path
 
 
@@ -41,7 +41,7 @@ def check_op_version(needed: int) -> None:
     have = ort_library_op_version(path)
     if needed > have:
         raise SEError(f"this export needs RoutedSparseMatMul version {needed} (int8/int4 experts), but {path} "
-                      f"implements version {have}: rebuild it with `make build`, or export with --portable")
+                      f"implements version {have}: rebuild it with `make plugins` (or reinstall se-export), or export with --portable")
 
 
 def session_options(threads: int = 0, custom_ops: bool = True, profile_prefix: str | None = None,

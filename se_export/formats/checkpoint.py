@@ -23,16 +23,23 @@ from ..adapters import set_submodule
 from ..atomic import atomic_path, atomic_write_text, sha256_file
 from ..errors import SEError
 from ..modeling.modules import RoutedSparseLinear
+from .hf_auto import add_auto_class_hooks, strip_auto_class_hooks
 from .mask_codec import decode_masks, encode_masks, stored_expert_bytes
 from .partial import PARTIAL_DIR
 from .quantization import parse_quant
 from .tensor_aliases import dedupe_tensors, restore_aliases
 
 MANIFEST = "se_manifest.json"
-WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 2  # float values; 3 when any expert stores int8/int4 codes and scales
-QUANTIZED_FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # 1: masks and row pointers stored raw
+# not transformers' "model.safetensors": a loader that ignores the checkpoint's auto_map (no
+# trust_remote_code) must stop at a missing weights file, not read our packed experts as a dense
+# model with missing MLP weights (hf_auto.py)
+WEIGHTS = "se_model.safetensors"
+LEGACY_WEIGHTS = "model.safetensors"  # format versions 1-3
+# 4: weights in se_model.safetensors and transformers' auto_map hooks (hf_auto.py), float or
+# int8/int4 values. Older versions still load: 2 float values, 3 int8/int4 codes and scales (both
+# with model.safetensors), 1 raw bitmaps and row pointers.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -46,9 +53,10 @@ def is_incomplete_checkpoint(path: Path) -> bool:
         return False
     if (path / PARTIAL_DIR).is_dir():
         return True
-    if (path / WEIGHTS).is_file():
+    weights = path / WEIGHTS if (path / WEIGHTS).is_file() else path / LEGACY_WEIGHTS
+    if weights.is_file():
         try:
-            with safe_open(str(path / WEIGHTS), "pt") as f:
+            with safe_open(str(weights), "pt") as f:
                 return (f.metadata() or {}).get("producer") == "se-export"
         except (SafetensorError, OSError):
             return False
@@ -70,11 +78,11 @@ def save_checkpoint(model: nn.Module, tokenizer, out: Path, info: dict) -> dict:
     with atomic_path(out / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "se-export"})
     model.config.save_pretrained(out)
+    add_auto_class_hooks(out)  # AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    quantized = any(m.get("value_dtype") in ("int8", "int4") for m in modules.values())
     manifest = {
-        "format_version": QUANTIZED_FORMAT_VERSION if quantized else FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "producer": "se-export",
         **info,
         "modules": modules,
@@ -159,13 +167,15 @@ def load_checkpoint(path: Path, with_tokenizer: bool = False, verify: bool = Tru
     path = Path(path)
     manifest = read_manifest(path)
     verify_files(path, manifest, hash_files=verify)
+    weights = LEGACY_WEIGHTS if manifest["format_version"] < 4 else WEIGHTS
     try:
-        tensors = load_file(str(path / WEIGHTS))
+        tensors = load_file(str(path / weights))
     except (SafetensorError, OSError) as exc:
-        raise SEError(f"corrupt checkpoint {path}: cannot read {WEIGHTS} ({exc}); re-run se-export expand") from None
+        raise SEError(f"corrupt checkpoint {path}: cannot read {weights} ({exc}); re-run se-export expand") from None
     decode_masks(tensors, manifest["modules"], manifest.get("storage", {}))
     restore_aliases(tensors, manifest.get("aliases", {}))
     config = AutoConfig.from_pretrained(path)
+    strip_auto_class_hooks(config)
     with _no_weight_init():  # load_state_dict(strict=True) below replaces every parameter
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for name, meta in manifest["modules"].items():

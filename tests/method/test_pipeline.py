@@ -93,12 +93,33 @@ def test_save_load_gives_identical_logits(family, tiny_tokenizer, calib, tmp_pat
         assert "model.layers.0.mlp.up_proj.router_weight" in manifest["aliases"]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_auto_class_loads_a_checkpoint(family, tiny_tokenizer, calib, tmp_path):
+    """AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True) (what pipelines and
+    lm-eval-harness call) gives se_export.load's model; without trust_remote_code transformers
+    stops at the missing model.safetensors instead of loading random MLP weights; a dtype the
+    experts do not run in is refused."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = _expand(family, tiny_tokenizer, calib)
+    save_checkpoint(model, tiny_tokenizer, tmp_path / "ckpt", {"method": "se"})
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)
+    x = calib[:2, :24]
+    assert torch.equal(auto(x).logits, se_export.load(tmp_path / "ckpt")(x).logits)
+    assert torch.equal(auto(x).logits, model(x).logits)
+    assert "auto_map" not in auto.config.to_dict(), "a config saved again points at no missing code"
+    with pytest.raises(OSError, match=r"model\.safetensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    with pytest.raises(SEError, match="float32"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True, dtype=torch.float16)
+
+
 @pytest.mark.parametrize("fmt", ["bitmap", "csr16"])
 def test_checkpoint_stores_coded_masks_and_still_reads_format_1(fmt, tiny_tokenizer, calib, tmp_path, monkeypatch):
     model, _ = _expand("llama", tiny_tokenizer, calib, format=fmt, sparsity="0.9")
     x = calib[:2, :16]
     manifest = checkpoint.save_checkpoint(model, tiny_tokenizer, tmp_path / "v2", {"method": "se"})
-    assert manifest["format_version"] == 2 and len(manifest["storage"]) == 9
+    assert manifest["format_version"] == 4 and len(manifest["storage"]) == 9
     memory = sum(m.packed().nbytes() for m in checkpoint.expanded_modules(model).values())
     assert 0 < manifest["expert_bytes_stored"] < memory
     loaded = se_export.load(tmp_path / "v2")
@@ -107,6 +128,7 @@ def test_checkpoint_stores_coded_masks_and_still_reads_format_1(fmt, tiny_tokeni
     # a checkpoint written before masks were coded (format 1: raw bitmaps and row pointers)
     monkeypatch.setattr(checkpoint, "encode_masks", lambda tensors, modules: (tensors, {}))
     monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 1)
+    monkeypatch.setattr(checkpoint, "WEIGHTS", checkpoint.LEGACY_WEIGHTS)  # versions 1-3 used transformers' name
     old = checkpoint.save_checkpoint(model, tiny_tokenizer, tmp_path / "v1", {"method": "se"})
     assert old["format_version"] == 1 and old["expert_bytes_stored"] == memory
     monkeypatch.undo()
