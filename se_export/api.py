@@ -151,7 +151,7 @@ def _name(model: str | LoadedModel) -> str:
 
 
 def export_onnx(model: str | LoadedModel, out: Path | str, *, dtype: str = "fp32", opset: int = 18,
-                portable: bool = False, overwrite: bool = False) -> dict:
+                portable: bool = False, overwrite: bool = False, show_progress: bool = True) -> dict:
     """Export a checkpoint or a dense model to ``out`` (``model.onnx``, ``se_onnx.json``, config,
     tokenizer), atomically; returns the export's manifest."""
     out = Path(out)
@@ -160,12 +160,13 @@ def export_onnx(model: str | LoadedModel, out: Path | str, *, dtype: str = "fp32
     check_export_args(dtype, opset)
     loaded = load_model(model) if isinstance(model, str) else model
     return _export_onnx(loaded.model, loaded.tokenizer, out, dtype=dtype, opset=opset, portable=portable,
-                        source=loaded.source, overwrite=overwrite)
+                        source=loaded.source, overwrite=overwrite, show_progress=show_progress)
 
 
 def validate(onnx_dir: Path | str, *, backend: str = "ort", tokens: int = 32, model: str | None = None,
-             ppl_windows: int = 4, engine: Path | None = None, plugin: Path | None = None) -> Report:
+             ppl_windows: int = 4, engine: Path | None = None, plugin: Path | None = None,
+             show_progress: bool = True) -> Report:
     """Compare an export with the PyTorch golden reference (logits, routing, a decode step with
     the KV cache, greedy generation, perplexity); ``report.passed`` says whether all passed."""
     return _validate(Path(onnx_dir), backend=backend, tokens=tokens, model=model, ppl_windows=ppl_windows,
-                     engine=engine, plugin=plugin)
+                     engine=engine, plugin=plugin, show_progress=show_progress)

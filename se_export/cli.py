@@ -190,12 +190,13 @@ def onnx_cmd(
     opset: Annotated[int, typer.Option(help="default-domain opset (18..23)")] = 18,
     portable: Annotated[bool, typer.Option(help="lower RoutedSparseMatMul to standard ONNX ops")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress")] = False,
 ) -> None:
     """Export a generation-ready ONNX graph (past/present KV cache, dynamic batch/sequence/past)."""
     from .api import export_onnx
 
-    with err.status(f"exporting {model} to ONNX ({dtype}{', portable' if portable else ''})"):
-        manifest = export_onnx(model, out, dtype=dtype, opset=opset, portable=portable, overwrite=overwrite)
+    manifest = export_onnx(model, out, dtype=dtype, opset=opset, portable=portable, overwrite=overwrite,
+                           show_progress=not quiet)
     err.print(f"[green]exported[/] {out / 'model.onnx'}: {manifest['custom_op_nodes']} RoutedSparseMatMul nodes, "
               f"{manifest['num_layers']} layers, {dtype}, opset {opset} ({manifest['export_seconds']:.0f}s)")
 
@@ -218,7 +219,7 @@ def validate_cmd(
     from .eval.validate import format_report, to_json
 
     report = validate(onnx_dir, backend=backend, tokens=tokens, model=model, ppl_windows=ppl_windows, engine=engine,
-                      plugin=plugin)
+                      plugin=plugin, show_progress=not as_json)
     if report_path:
         atomic_write_text(report_path, to_json(report))
     if as_json:
@@ -286,6 +287,22 @@ def bench_ort_cmd(
         print(format_table(results))
     if out:
         atomic_write_text(out, json.dumps(results, indent=1))
+
+
+@app.command("lm-eval-task")
+def lm_eval_task_cmd(
+    out: Annotated[Path, typer.Argument(help="task folder to write (pass it to lm_eval --include_path)")],
+    text: Annotated[str, typer.Option(help="'wikitext2', 'wiki', 'pydocs' or a text file")] = "wikitext2",
+    docs: Annotated[int, typer.Option(help="documents in the task")] = 20,
+    min_chars: Annotated[int, typer.Option(help="paragraphs are joined into documents of at least this size")] = 2000,
+) -> None:
+    """A local lm-eval-harness task (rolling log-likelihood of documents of TEXT), no Hub needed."""
+    from .eval.lm_eval_task import write_lm_eval_task
+
+    task = write_lm_eval_task(out, text, docs, min_chars)
+    print(f"lm-eval task {task['task']}: {task['documents']} documents, {task['characters']} characters, in {out}\n"
+          f"run: lm_eval --model hf --model_args pretrained=CKPT,trust_remote_code=True "
+          f"--include_path {out} --tasks {task['task']} --device cpu --batch_size 1")
 
 
 @app.command()

@@ -337,6 +337,8 @@ def test_int4_experts_export_portable_and_validate_in_onnx_runtime(expanded_int4
     out = tmp_path / "onnx-int4"
     proc = run_cli("onnx", expanded_int4, "--out", out, "--portable")
     assert proc.returncode == 0, proc.stderr
+    # off a terminal (stderr is a pipe): plain progress lines, the last one complete
+    assert re.search(r"ONNX export: saved and checked: 3/3, \d+:\d\d:\d\d elapsed", proc.stderr), proc.stderr
     import onnx
 
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
@@ -347,3 +349,6 @@ def test_int4_experts_export_portable_and_validate_in_onnx_runtime(expanded_int4
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     assert report["passed"] and {"logits", "decode_step", "generation"} <= set(report["checks"])
+    proc = run_cli("validate", out, "--tokens", "2", "--ppl-windows", "0")
+    steps = [line for line in proc.stderr.splitlines() if re.match(r"validate: .+: \d/5, \d+:\d\d:\d\d elapsed", line)]
+    assert proc.returncode == 0 and len(steps) == 5, proc.stderr  # model, session, logits, decode, generation

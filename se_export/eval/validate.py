@@ -33,6 +33,7 @@ from ..export.onnx_export import MODEL_FILE, cache_argument, read_onnx_manifest,
 from ..formats.checkpoint import expanded_modules
 from ..modeling.modules import decoded_expert_cache
 from ..models import load_model
+from ..progress import progress_bar
 
 PROMPTS = (
     "The history of the city begins in the twelfth century, when",
@@ -234,9 +235,16 @@ class Comparison:
 
 def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str | None = None,
              ppl_windows: int = 4, ppl_seqlen: int = 256, threads: int = 0, engine: Path | None = None,
-             plugin: Path | None = None) -> Report:
-    """Run every check; the report says what passed."""
+             plugin: Path | None = None, show_progress: bool = True) -> Report:
+    """Run every check; the report says what passed. Progress: one step per stage and check."""
+    with progress_bar(show_progress) as bar:
+        return _validate(bar, onnx_dir, backend, tokens, model, ppl_windows, ppl_seqlen, threads, engine, plugin)
+
+
+def _validate(bar, onnx_dir: Path, backend: str, tokens: int, model: str | None, ppl_windows: int, ppl_seqlen: int,
+              threads: int, engine: Path | None, plugin: Path | None) -> Report:
     start = time.perf_counter()
+    step = bar.add_task("validate: loading", total=4 + (tokens > 0) + (ppl_windows > 0))
     manifest = read_onnx_manifest(onnx_dir)
     if backend not in ("ort", "trt"):
         raise SEError(f"unknown --backend '{backend}': use ort or trt")
@@ -248,6 +256,7 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
     if not source:
         raise SEError(f"{onnx_dir} does not record its PyTorch source: pass --model")
     loaded = load_model(source)
+    bar.update(step, advance=1, description=f"validate: PyTorch model {source} loaded")
     tokenizer = _onnx_tokenizer(onnx_dir) or loaded.tokenizer
     report = Report(backend, str(onnx_dir), dtype, manifest["portable"])
     mods = expanded_modules(loaded.model)
@@ -262,16 +271,22 @@ def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str 
         finally:
             if extra is not None:
                 extra.unlink(missing_ok=True)
+    bar.update(step, advance=1, description=f"validate: {backend} session ready")
     c = Comparison(TorchCausalLM(loaded.model), backend_lm, backend, dtype, prompt_ids(tokenizer, manifest["vocab_size"]),
                    groups, mapping, why_not, report)
     with decoded_expert_cache(8 << 30):
         check_logits_and_routing(c)
+        bar.update(step, advance=1, description="validate: logits and routing compared")
         check_decode_step(c)
+        bar.update(step, advance=1, description="validate: decode step compared")
         if tokens > 0:
             check_generation(c, tokens)
+            bar.update(step, advance=1, description=f"validate: {tokens}-token generation compared")
         windows = eval_text_windows(tokenizer, ppl_windows, ppl_seqlen)
         if windows is not None and len(windows):
             check_perplexity(c, windows)
+        if ppl_windows > 0:
+            bar.update(step, advance=1, description="validate: perplexity compared")
     report.seconds = round(time.perf_counter() - start, 1)
     return report
 

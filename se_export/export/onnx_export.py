@@ -39,6 +39,7 @@ from ..modeling.modules import (
     shared_expert_ids,
     shared_routing,
 )
+from ..progress import progress_bar
 from . import onnx_schema
 from .onnx_rewrites import simplify_for_runtimes
 
@@ -255,8 +256,9 @@ def check_export_args(dtype: str, opset: int) -> None:
 
 
 def export_onnx(model: nn.Module, tokenizer, out: Path, *, dtype: str = "fp32", opset: int = 18,
-                portable: bool = False, source: str = "", overwrite: bool = False, quiet: bool = False) -> dict:
-    """Export ``model`` to ``out/model.onnx`` (+ manifest, config, tokenizer); written atomically."""
+                portable: bool = False, source: str = "", overwrite: bool = False, show_progress: bool = True) -> dict:
+    """Export ``model`` to ``out/model.onnx`` (+ manifest, config, tokenizer); written atomically.
+    Progress: one step each for tracing and translating, simplifying, saving and checking."""
     check_export_args(dtype, opset)
     if out.exists() and not overwrite:
         raise SEError(f"{out} already exists: pass --overwrite to replace it or choose another --out")
@@ -291,18 +293,23 @@ def export_onnx(model: nn.Module, tokenizer, out: Path, *, dtype: str = "fp32", 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes a 0700 folder; the export gets normal permissions
     try:
-        with warnings.catch_warnings(), torch.no_grad(), eager_attention(model):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                wrapper, inputs, dynamo=True, opset_version=opset, input_names=input_names,
-                output_names=output_names, dynamic_shapes=shapes, verbose=False,
-                custom_translation_table=_custom_op_translation(), report=False, optimize=True,
-            )
-        program.model = simplify_for_runtimes(program.model)
-        weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        external = weight_bytes > EXTERNAL_DATA_BYTES
-        program.save(str(tmp / MODEL_FILE), external_data=external)
-        check_graph(tmp / MODEL_FILE)
+        with progress_bar(show_progress) as bar:
+            step = bar.add_task(f"ONNX export: tracing {layout.layers} layers (torch.onnx, dynamo)", total=3)
+            with warnings.catch_warnings(), torch.no_grad(), eager_attention(model):
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(
+                    wrapper, inputs, dynamo=True, opset_version=opset, input_names=input_names,
+                    output_names=output_names, dynamic_shapes=shapes, verbose=False,
+                    custom_translation_table=_custom_op_translation(), report=False, optimize=True,
+                )
+            bar.update(step, advance=1, description="ONNX export: traced")
+            program.model = simplify_for_runtimes(program.model)
+            bar.update(step, advance=1, description="ONNX export: simplified for the runtimes")
+            weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            external = weight_bytes > EXTERNAL_DATA_BYTES
+            program.save(str(tmp / MODEL_FILE), external_data=external)
+            check_graph(tmp / MODEL_FILE)
+            bar.update(step, advance=1, description="ONNX export: saved and checked")
         manifest = {
             "format": "se-onnx", "version": 1, "source": source, "dtype": dtype, "opset": opset,
             "portable": portable, "external_data": external,
