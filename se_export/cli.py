@@ -184,8 +184,9 @@ def analyze(
 
 @app.command("onnx")
 def onnx_cmd(
-    model: Annotated[str, typer.Argument(help="expanded checkpoint, HF folder, .gguf, hub id or 'default'")],
-    out: Annotated[Path, typer.Option("--out", help="folder to write (model.onnx, se_onnx.json, tokenizer)")],
+    model: Annotated[str | None, typer.Argument(help="expanded checkpoint, HF folder, .gguf, hub id or 'default'")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="folder to write (model.onnx, se_onnx.json, tokenizer)")] = None,
+    model_option: Annotated[str | None, typer.Option("--model", help="the same as the MODEL argument")] = None,
     dtype: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
     opset: Annotated[int, typer.Option(help="default-domain opset (18..23)")] = 18,
     portable: Annotated[bool, typer.Option(help="lower RoutedSparseMatMul to standard ONNX ops")] = False,
@@ -194,6 +195,12 @@ def onnx_cmd(
 ) -> None:
     """Export a generation-ready ONNX graph (past/present KV cache, dynamic batch/sequence/past)."""
     from .api import export_onnx
+
+    if (model is None) == (model_option is None):
+        raise SEError("give the model once: se-export onnx MODEL --out DIR, or se-export onnx --model MODEL --out DIR")
+    if out is None:
+        raise SEError("--out DIR is missing: the folder to write the export to")
+    model = model if model is not None else model_option
 
     manifest = export_onnx(model, out, dtype=dtype, opset=opset, portable=portable, overwrite=overwrite,
                            show_progress=not quiet)

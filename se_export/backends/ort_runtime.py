@@ -51,7 +51,7 @@ def session_options(threads: int = 0, custom_ops: bool = True, profile_prefix: s
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: a failed run's error is raised as one line (OrtCausalLM.run)
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:  # ONNX Runtime's per-node profiler (bench/ort_profile.py)
@@ -164,8 +164,14 @@ class OrtCausalLM(StepModel):
 
     def run(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None,
             attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
-        """One step: ``(logits, present, extra outputs by name)``."""
-        outs = self.session.run(None, self.feeds(input_ids, past, attention_mask))
+        """One step: ``(logits, present, extra outputs by name)``. ONNX Runtime refusing the graph's
+        data (our op's checks of the packed experts, among others) is one line naming the export."""
+        try:
+            outs = self.session.run(None, self.feeds(input_ids, past, attention_mask))
+        except Exception as exc:  # onnxruntime's own exception types (InvalidArgument, Fail, ...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SEError(f"ONNX Runtime failed to run {self.folder / MODEL_FILE}: {first}: the export's tensors are "
+                          "damaged or were edited; re-run se-export onnx") from None
         named = dict(zip(self.output_names, outs, strict=True))
         present = [named[f"present.{i}.{kind}"] for i in range(self.layers) for kind in ("key", "value")]
         return named["logits"], present, named

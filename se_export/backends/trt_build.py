@@ -62,15 +62,21 @@ def profiles(manifest: dict, r: ShapeRanges) -> list[dict[str, tuple[tuple[int, 
     return [one((1, r.opt_seq, r.max_seq), (0, 0, r.max_past)), one((1, 1, 1), (1, r.opt_past, r.max_past))]
 
 
-def trtexec_command(onnx_path: Path, engine: Path, plugin: Path, fp16: bool, profile: dict) -> str:
+def trtexec_command(onnx_path: Path, engine: Path, plugin: Path, fp16: bool, profile: dict,
+                    strongly_typed: bool = False) -> str:
     """The equivalent trtexec line. It names one profile: the prefill one, which covers decode too
-    (past 0..max), without the decode-tuned second profile that the Python build adds."""
+    (past 0..max), without the decode-tuned second profile that the Python build adds. A strongly
+    typed build (an fp16 export; every build on TensorRT 11) is ``--stronglyTyped``: the tensor
+    types come from the graph, and TensorRT 11's trtexec has no ``--fp16``; a weakly typed fp16
+    build of an fp32 export (TensorRT 10) is ``--fp16``."""
     def shapes(k: int) -> str:
         return ",".join(f"{name}:{'x'.join(map(str, s[k]))}" for name, s in profile.items())
 
     args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine}", f"--dynamicPlugins={plugin}",
             f"--minShapes={shapes(0)}", f"--optShapes={shapes(1)}", f"--maxShapes={shapes(2)}"]
-    if fp16:
+    if strongly_typed:
+        args.append("--stronglyTyped")
+    elif fp16:
         args.append("--fp16")
     return shlex.join(args)
 
@@ -123,11 +129,13 @@ def build_engine(onnx_dir: Path, engine: Path, *, fp16: bool = False, plugin: Pa
     log(f"TensorRT form of the graph: {trt_onnx} ({stats['nodes']} RoutedSparseMatMul nodes, "
         f"{stats['indices_packed']} index tensors as int32 words"
         + (f", {stats['quantized']} with int8/int4 codes as int32 words" if stats["quantized"] else "") + ")")
+    trt_major = None if trt is None else int(trt.__version__.split(".")[0])
+    strongly_typed = manifest["dtype"] == "fp16" or (trt_major or 0) >= 11  # TensorRT 11 has no weak typing
     log("equivalent: " + trtexec_command(trt_onnx, engine, lib or Path("<none>"), fp16,
-                                         profiles(manifest, ranges)[0]))
+                                         profiles(manifest, ranges)[0], strongly_typed))
     if trt is None:
         return {"engine": None, "trt_onnx": str(trt_onnx), **stats}
-    major = int(trt.__version__.split(".")[0])
+    major = trt_major
     if fp16 and major >= 11 and manifest["dtype"] != "fp16":
         raise SEError("TensorRT 11 builds strongly typed networks only: export with se-export onnx --dtype fp16 "
                       "and build that folder (--fp16 is implied)")
@@ -135,7 +143,6 @@ def build_engine(onnx_dir: Path, engine: Path, *, fp16: bool = False, plugin: Pa
     builder = trt.Builder(logger)
     if lib is not None:
         builder.get_plugin_registry().load_library(str(lib))
-    strongly_typed = major >= 11 or manifest["dtype"] == "fp16"
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)

@@ -18,6 +18,9 @@ from ..data import load_text
 from ..errors import SEError
 
 DOCUMENTS_FILE = "documents.jsonl"
+# lm-eval's rolling log-likelihood metrics and the aggregations its wikitext task uses
+METRICS = (("word_perplexity", "weighted_perplexity"), ("byte_perplexity", "weighted_perplexity"),
+           ("bits_per_byte", "bits_per_byte"))
 
 
 def task_name(text: str) -> str:
@@ -69,9 +72,8 @@ def write_lm_eval_task(out: Path, text: str = "wikitext2", docs: int = 20, min_c
         'doc_to_text: ""',
         'doc_to_target: "{{text}}"',
         "metric_list:",
-        "  - metric: word_perplexity",
-        "  - metric: byte_perplexity",
-        "  - metric: bits_per_byte",
+        *[line for metric, aggregation in METRICS for line in
+          (f"  - metric: {metric}", f"    aggregation: {aggregation}", "    higher_is_better: false")],
         "metadata:",
         "  version: 1.0",
         "",

@@ -131,12 +131,19 @@ class TorchCausalLM:
 # ------------------------------------------------------------------ routing outputs of the graph
 
 
-def routing_outputs(onnx_path: Path, groups: list[str]) -> tuple[dict[str, str], str | None]:
-    """Map router group -> graph value holding its expert ids; a reason when impossible."""
+def read_graph(onnx_path: Path):
+    """The export's graph (weights left on disk), or a one-line SEError for a damaged file."""
     import onnx
 
+    try:
+        return onnx.load(str(onnx_path), load_external_data=False).graph
+    except Exception as exc:  # protobuf's DecodeError, OSError, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SEError(f"cannot read {onnx_path} ({first}): the export is damaged; re-run se-export onnx") from None
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+
+def routing_outputs(graph, groups: list[str]) -> tuple[dict[str, str], str | None]:
+    """Map router group -> graph value holding its expert ids; a reason when impossible."""
     custom = [n for n in graph.node if n.domain == onnx_schema.DOMAIN and n.op_type == onnx_schema.OP_TYPE]
     mapping: dict[str, str] = {}
     if custom:
@@ -249,6 +256,7 @@ def _validate(bar, onnx_dir: Path, backend: str, tokens: int, model: str | None,
     if backend not in ("ort", "trt"):
         raise SEError(f"unknown --backend '{backend}': use ort or trt")
     dtype = manifest["dtype"]
+    graph = read_graph(onnx_dir / MODEL_FILE)  # a damaged export fails before the PyTorch model loads
     if backend == "trt":  # loads first: no TensorRT, GPU or engine fails fast, before the PyTorch model
         backend_lm = TrtCausalLM(onnx_dir, engine or onnx_dir / DEFAULT_ENGINE, plugin)
         dtype = "fp16" if backend_lm.fp16 else dtype  # an fp16 engine of an fp32 graph
@@ -264,7 +272,7 @@ def _validate(bar, onnx_dir: Path, backend: str, tokens: int, model: str | None,
     if backend == "trt":
         mapping, why_not = {}, "the TensorRT engine keeps expert_ids internal (routing is compared in ort)"
     else:
-        mapping, why_not = routing_outputs(onnx_dir / MODEL_FILE, groups)
+        mapping, why_not = routing_outputs(graph, groups)
         extra = _with_extra_outputs(onnx_dir / MODEL_FILE, list(mapping.values())) if mapping else None
         try:
             backend_lm = OrtCausalLM(onnx_dir, threads=threads, model_file=extra)

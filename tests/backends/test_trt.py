@@ -108,6 +108,10 @@ def test_profiles_cover_prefill_and_decode(csr16_export):
     assert set(prefill) == set(manifest["inputs"])
     line = trtexec_command(csr16_export / "m.onnx", csr16_export / "e.engine", csr16_export / "lib.so", True, prefill)
     assert "--dynamicPlugins=" in line and "--fp16" in line and "input_ids:2x64" in line
+    # an fp16 export builds strongly typed: trtexec must say so (TensorRT 11's has no --fp16)
+    typed = trtexec_command(csr16_export / "m.onnx", csr16_export / "e.engine", csr16_export / "lib.so", True,
+                            prefill, strongly_typed=True)
+    assert "--stronglyTyped" in typed and "--fp16" not in typed
     with pytest.raises(Exception, match="bad shape ranges"):
         ShapeRanges(opt_seq=600, max_seq=512).check()
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,7 +20,7 @@ from conftest import build_tiny_model, ort_session, single_node_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from test_cli import run_cli
+from test_cli import _one_line_error, run_cli
 
 from se_export.backends.ort_runtime import OrtCausalLM
 from se_export.errors import SEError
@@ -130,14 +132,51 @@ def test_validate_cli_on_an_expanded_checkpoint(tmp_path, tiny_tokenizer):
     assert report["checks"]["generation"]["agreement"] == 1.0
     proc = run_cli("onnx", tmp_path / "ckpt", "--out", tmp_path / "onnx")
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    _damaged_exports_fail_in_one_line(tmp_path / "onnx", tmp_path)
     # fp16: the logits are compared with the reference routed as the graph routed, the comparison
     # with the reference's own routing is reported beside it
-    assert run_cli("onnx", tmp_path / "ckpt", "--out", tmp_path / "onnx16", "--dtype", "fp16").returncode == 0
+    # (the documented --model form; the model given twice is refused)
+    assert run_cli("onnx", "--model", tmp_path / "ckpt", "--out", tmp_path / "onnx16", "--dtype", "fp16").returncode == 0
+    _one_line_error(run_cli("onnx", tmp_path / "ckpt", "--model", tmp_path / "ckpt", "--out", tmp_path / "x"),
+                    "give the model once")
     proc = run_cli("validate", tmp_path / "onnx16", "--tokens", "0", "--ppl-windows", "0", "--json")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     logits = json.loads(proc.stdout)["checks"]["logits"]
     assert logits["passed"] and logits["reference_routing"] == "the backend's"
     assert logits["cosine"] >= logits["own_routing_cosine"] - 1e-6 and logits["cosine"] >= 0.999
+
+
+def _error_lines(proc) -> list[str]:
+    """stderr without the progress lines (which precede a failure off a terminal)."""
+    return [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("validate: ")]
+
+
+def _damaged_exports_fail_in_one_line(export: Path, tmp_path: Path) -> None:
+    """validate on a model.onnx with corrupted bytes, and on one whose packed tensors fail the
+    op's own checks (a row pointer past the values), answers one line naming the file and the fix."""
+    flipped = tmp_path / "flipped"
+    shutil.copytree(export, flipped)
+    data = bytearray((flipped / MODEL_FILE).read_bytes())
+    for i in range(100, len(data), 97):
+        data[i] ^= 0x5A
+    (flipped / MODEL_FILE).write_bytes(bytes(data))
+    proc = run_cli("validate", flipped, "--tokens", "2", "--ppl-windows", "0")
+    lines = _error_lines(proc)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: cannot read") and str(flipped / MODEL_FILE) in lines[0] and "se-export onnx" in lines[0]
+
+    edited = tmp_path / "edited"
+    shutil.copytree(export, edited)
+    model = onnx.load(str(edited / MODEL_FILE))
+    row_ptr = next(t for t in model.graph.initializer if t.name.endswith("row_ptr"))
+    values = numpy_helper.to_array(row_ptr).copy()
+    values[-1] = 1 << 30  # a row that starts far past the values
+    row_ptr.CopyFrom(numpy_helper.from_array(values, row_ptr.name))
+    onnx.save(model, str(edited / MODEL_FILE))
+    proc = run_cli("validate", edited, "--tokens", "2", "--ppl-windows", "0")
+    lines = _error_lines(proc)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "ONNX Runtime failed to run" in lines[0] and "se-export onnx" in lines[0], lines[0]
 
 
 def test_reference_replays_a_given_routing(models):
