@@ -118,6 +118,22 @@ def load(path: Path | str, with_tokenizer: bool = False):
     return load_checkpoint(Path(path), with_tokenizer=with_tokenizer)
 
 
+def from_pretrained(path: Path | str, dtype=None, torch_dtype=None, device_map=None, **_ignored):
+    """``load(path)`` as transformers' Auto classes call it (a checkpoint's ``auto_map``,
+    ``se_export/formats/hf_auto.py``). The experts run in fp32 (the kernels' activation type on
+    CPU): a float ``dtype`` other than fp32 is refused rather than silently ignored.
+    ``device_map`` may name one device; other transformers arguments are ignored."""
+    import torch
+
+    want = dtype if dtype is not None else torch_dtype
+    if want not in (None, "auto", "float32", torch.float32):
+        raise SEError(f"an expanded checkpoint loads in float32, not {want}: drop dtype= (or pass torch.float32)")
+    model = load(path)
+    if isinstance(device_map, str | torch.device) and str(device_map) not in ("cpu", "auto"):
+        model = model.to(device_map)
+    return model
+
+
 def evaluate(model: str | LoadedModel, text: str = "wikitext2", *, seqlen: int = 512, max_windows: int | None = None,
              batch: int = 4, cache_gb: float = 8.0, resume: Path | None = None,
              allow_calibration_text: bool = False, show_progress: bool = True) -> dict:

@@ -5,8 +5,8 @@ Why remote code (``auto_map``) and not a registered quantizer: a quantizer only 
 ``se_export`` has been imported, and transformers would have to load our packed tensors through
 its own state-dict path; ``auto_map`` needs nothing but ``trust_remote_code=True`` from the
 user (which tools such as lm-eval-harness pass through), and the loading stays ``se_export.load``.
-The code file in the checkpoint is two lines that call into the installed package, so a newer
-se-export loads older checkpoints.
+The code file in the checkpoint calls the public ``se_export.from_pretrained`` of the installed
+package, so a newer se-export loads older checkpoints.
 
 A loader that ignores ``auto_map`` (no ``trust_remote_code``) stops at a missing
 ``model.safetensors`` (the packed experts are in ``se_model.safetensors``), instead of reading
@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from ..atomic import atomic_write_text
 
 CODE_FILE = "se_export_model.py"
@@ -28,7 +26,7 @@ CLASS_NAME = "SparseExpansionForCausalLM"
 REMOTE_CODE = f'''"""Written by se-export: lets transformers' AutoModelForCausalLM load this checkpoint
 (from_pretrained(path, trust_remote_code=True)). The loading itself is se_export.load."""
 
-from se_export.formats.hf_auto import from_pretrained
+from se_export import from_pretrained
 
 
 class {CLASS_NAME}:
@@ -63,19 +61,3 @@ def strip_auto_class_hooks(config) -> None:
     for key in HOOK_KEYS:
         if hasattr(config, key):
             delattr(config, key)
-
-
-def from_pretrained(path, dtype=None, torch_dtype=None, device_map=None, **_ignored):
-    """``se_export.load(path)`` for transformers' Auto classes. The experts run in fp32 (the
-    kernels' activation type on CPU); a float ``dtype`` other than fp32 is refused rather than
-    silently ignored. ``device_map`` may name one device."""
-    from ..api import load
-    from ..errors import SEError
-
-    want = dtype if dtype is not None else torch_dtype
-    if want not in (None, "auto", "float32", torch.float32):
-        raise SEError(f"an expanded checkpoint loads in float32, not {want}: drop dtype= (or pass torch.float32)")
-    model = load(path)
-    if isinstance(device_map, str | torch.device) and str(device_map) not in ("cpu", "auto"):
-        model = model.to(device_map)
-    return model
