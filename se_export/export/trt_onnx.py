@@ -120,7 +120,7 @@ def prepare_graph(model, drop_empty_bias: bool = True) -> dict:
             del inputs[6]  # no bias: position 6 is then expert_ids (int32) or nothing
             stats["inputs_dropped"] += 1
         inputs += scales  # the scales of int8/int4 codes come last
-        if len(inputs) != len(node.input):
+        if inputs != list(node.input):
             del node.input[:]
             node.input.extend(inputs)
         if len(node.output) < 2 or node.output[1] == "":
