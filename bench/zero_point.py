@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import math
 from pathlib import Path
 
 import torch
 
 from se_export.api import evaluate
 from se_export.atomic import atomic_write_text
+from se_export.eval.stats import paired_ratio_ci
 from se_export.formats.checkpoint import expanded_modules
 from se_export.formats.quantization import QuantSpec, round_to_nearest
 from se_export.models import load_model
@@ -77,6 +78,20 @@ def round_experts(model: torch.nn.Module, grid, group: int) -> None:
         module.values = rounded[keep].contiguous()  # packed order: expert, row, column
 
 
+def paired(rows: list[dict]) -> list[dict]:
+    """Per checkpoint with both grids: zero point's perplexity over the symmetric one's, with the
+    paired bootstrap 95% CI over the same windows."""
+    out = []
+    for ckpt in sorted({r["checkpoint"] for r in rows}):
+        both = {r["grid"]: r for r in rows if r["checkpoint"] == ckpt}
+        if {"symmetric", "zero point"} <= set(both) and both["symmetric"]["windows"] == both["zero point"]["windows"]:
+            a, b = both["zero point"]["window_nll"], both["symmetric"]["window_nll"]
+            lo, hi = paired_ratio_ci(a, b)
+            out.append({"checkpoint": ckpt, "zero_point_over_symmetric": math.exp(sum(a) / len(a) - sum(b) / len(b)),
+                        "ci95": [lo, hi]})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="an expanded checkpoint with float values")
@@ -92,7 +107,6 @@ def main() -> None:
     for name in args.grids:
         if any(r["grid"] == name and r["checkpoint"] == str(args.checkpoint) for r in rows):
             continue
-        start = time.perf_counter()
         loaded = load_model(str(args.checkpoint))
         round_experts(loaded.model, GRIDS[name], args.group_size)
         resume = Path("out/zero_point") / f"{args.checkpoint.name}-{name.replace(' ', '-')}.json"
@@ -102,12 +116,13 @@ def main() -> None:
         bits = 4 * args.group_size + 16 + (4 if name == "zero point" else 0)  # codes, fp16 scale, 4-bit zero
         row = {"grid": name, "checkpoint": str(args.checkpoint), "group_size": args.group_size,
                "wikitext2_ppl": result["perplexity"], "windows": result["windows"],
-               "bits_per_group": bits, "seconds": round(time.perf_counter() - start, 1)}
+               "bits_per_group": bits, "window_nll": result["window_nll"]}
         # read again: another process may have written its grid's row meanwhile (one per grid)
         rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
         rows = sorted([r for r in rows if (r["grid"], r["checkpoint"]) != (name, str(args.checkpoint))] + [row],
                       key=lambda r: (r["checkpoint"], r["grid"]))
-        atomic_write_text(args.out, json.dumps({"command": "bench/zero_point.py", "rows": rows}, indent=1))
+        atomic_write_text(args.out, json.dumps({"command": "bench/zero_point.py", "rows": rows,
+                                                "paired": paired(rows)}, indent=1))
         print(f"{name}: perplexity {result['perplexity']:.3f} on {result['windows']} windows", flush=True)
 
 
