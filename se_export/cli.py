@@ -89,12 +89,14 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (with every window's NLL)")] = False,
     resume: Annotated[Path | None, typer.Option(help="keep the window NLLs in this file after every batch; a re-run "
                                                      "with the same model, text and settings continues from it")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress")] = False,
 ) -> None:
     """Perplexity on non-overlapping windows (the standard protocol)."""
     from .api import evaluate as evaluate_model
 
     result = evaluate_model(model, text, seqlen=seqlen, max_windows=max_windows, batch=batch, cache_gb=cache_gb,
-                            resume=resume, allow_calibration_text=allow_calibration_text, show_progress=not as_json)
+                            resume=resume, allow_calibration_text=allow_calibration_text,
+                            show_progress=not (as_json or quiet))
     if as_json:
         print(json.dumps(result))
     else:
@@ -219,6 +221,7 @@ def validate_cmd(
     report_path: Annotated[Path | None, typer.Option("--report", help="also write the JSON report here")] = None,
     engine: Annotated[Path | None, typer.Option(help="trt: engine file (default ONNX_DIR/model.engine)")] = None,
     plugin: Annotated[Path | None, typer.Option(help="trt: libse_trt_plugin.so (default: the built one)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress")] = False,
 ) -> None:
     """Compare an exported graph with PyTorch: logits, routing, decode step, generation, perplexity."""
     from .api import validate
@@ -226,7 +229,7 @@ def validate_cmd(
     from .eval.validate import format_report, to_json
 
     report = validate(onnx_dir, backend=backend, tokens=tokens, model=model, ppl_windows=ppl_windows, engine=engine,
-                      plugin=plugin, show_progress=not as_json)
+                      plugin=plugin, show_progress=not (as_json or quiet))
     if report_path:
         atomic_write_text(report_path, to_json(report))
     if as_json:

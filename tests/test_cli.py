@@ -329,6 +329,10 @@ def test_python_m_se_export_is_the_cli_and_logs_progress_as_plain_lines(expanded
     steps = [line for line in proc.stderr.splitlines() if re.search(r"\d/3, \d+:\d\d:\d\d elapsed", line)]
     assert len(steps) == 3, proc.stderr  # one line per window (stderr is a pipe here, not a terminal)
     assert "perplexity" in proc.stderr and "3 x 32 tokens" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "se_export", "eval", str(expanded), "--text", str(eval_file),
+                           "--seqlen", "32", "--max-windows", "3", "--batch", "1", "--quiet"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and not re.search(r"\d/3, \d+:\d\d:\d\d elapsed", proc.stderr), proc.stderr
 
 
 def test_int4_experts_export_portable_and_validate_in_onnx_runtime(expanded_int4, tmp_path):
@@ -352,3 +356,5 @@ def test_int4_experts_export_portable_and_validate_in_onnx_runtime(expanded_int4
     proc = run_cli("validate", out, "--tokens", "2", "--ppl-windows", "0")
     steps = [line for line in proc.stderr.splitlines() if re.match(r"validate: .+: \d/5, \d+:\d\d:\d\d elapsed", line)]
     assert proc.returncode == 0 and len(steps) == 5, proc.stderr  # model, session, logits, decode, generation
+    proc = run_cli("validate", out, "--tokens", "2", "--ppl-windows", "0", "--quiet")
+    assert proc.returncode == 0 and "validate: " not in proc.stderr, proc.stderr
