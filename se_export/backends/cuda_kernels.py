@@ -13,16 +13,8 @@ import functools
 import torch
 
 from ..errors import SEError
-from ..formats.quantization import pack_int4
 from ..formats.sparse_format import PackedExperts
-from .kernels import (
-    DTYPE_CODES,
-    FORMAT_CODES,
-    KERNELS_LIB,
-    QUANT_CODES,
-    ExpertsStruct,
-    find_library,
-)
+from .kernels import DTYPE_CODES, KERNELS_LIB, AbiExperts, ExpertsStruct, find_library
 
 CUDA_LIB = "libse_cuda_kernels.so"
 
@@ -55,29 +47,14 @@ def _reference_lib() -> ctypes.CDLL:
     return lib
 
 
-class _Bound:
+class _Bound(AbiExperts):
     """Packed experts (and router) on one device, laid out as the C ABI wants."""
 
     def __init__(self, packed: PackedExperts, g: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
                  device: torch.device) -> None:
-        self.packed = packed
-        quant = packed.quant
-        # int4 codes two per byte (se_kernels.h's nibble order), int8 codes as they are, fp16 scales
-        values = pack_int4(packed.values) if quant is not None and quant.bits == 4 else packed.values
-        self.values = values.contiguous().to(device)
-        self.scales = (None if quant is None
-                       else packed.scales.to(torch.float16).contiguous().view(torch.int16).to(device))
-        self.indices = packed.indices.contiguous().to(device)
-        self.row_ptr = packed.row_ptr.to(torch.int32).contiguous().to(device)
-        self.bias = None if bias is None else bias.float().contiguous().to(device)
+        super().__init__(packed, bias, device)
         self.g = g.float().contiguous().to(device)
         self.b = b.float().contiguous().to(device)
-        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        value_code = DTYPE_CODES[self.values.dtype] if quant is None else QUANT_CODES[quant.bits]
-        self.struct = ExpertsStruct(FORMAT_CODES[packed.format], value_code, packed.num_experts,
-                                    packed.out_features, packed.in_features, ptr(self.values), packed.nnz,
-                                    ptr(self.indices), self.indices.numel(), ptr(self.row_ptr), ptr(self.bias),
-                                    ptr(self.scales), 0 if quant is None else quant.group_size)
 
 
 def _flat(x: torch.Tensor, in_features: int, ids: torch.Tensor | None):

@@ -187,7 +187,33 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-class BoundExperts:
+class AbiExperts:
+    """Packed experts laid out as the C ABI (``se_experts`` of se_kernels.h) takes them, on one
+    device: int4 codes two per byte (se_kernels.h's nibble order), int8 codes as they are, fp16
+    scale bits, int32 row pointers, fp32 bias; ``struct`` points at these tensors. The CPU
+    kernels and the CUDA kernels' binding share it."""
+
+    def __init__(self, packed: PackedExperts, bias: torch.Tensor | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        quant = packed.quant
+        if quant is None and packed.values.dtype not in DTYPE_CODES:
+            raise SEError(f"values dtype {packed.values.dtype} is not supported: use fp32, fp16 or bf16")
+        self.packed = packed
+        values = pack_int4(packed.values) if quant is not None and quant.bits == 4 else packed.values
+        self.values = values.contiguous().to(device)
+        self.scales = (None if quant is None
+                       else packed.scales.to(torch.float16).contiguous().view(torch.int16).to(device))
+        self.indices = packed.indices.contiguous().to(device)
+        self.row_ptr = packed.row_ptr.to(torch.int32).contiguous().to(device)
+        self.bias = None if bias is None else bias.to(torch.float32).contiguous().to(device)
+        value_code = DTYPE_CODES[self.values.dtype] if quant is None else QUANT_CODES[quant.bits]
+        self.struct = ExpertsStruct(FORMAT_CODES[packed.format], value_code, packed.num_experts,
+                                    packed.out_features, packed.in_features, _ptr(self.values), packed.nnz,
+                                    _ptr(self.indices), self.indices.numel(), _ptr(self.row_ptr), _ptr(self.bias),
+                                    _ptr(self.scales), 0 if quant is None else quant.group_size)
+
+
+class BoundExperts(AbiExperts):
     """Packed experts checked once by the C++ validator and kept alive for repeated calls."""
 
     def __init__(self, packed: PackedExperts, bias: torch.Tensor | None = None,
@@ -195,22 +221,7 @@ class BoundExperts:
         """``dense_group_tokens``: an expert with at least this many tokens in one call (and at least
         the library's dense-group density) runs as a decoded dense GEMM; None takes the library's
         threshold, 0 keeps every token on the sparse kernel."""
-        quant = packed.quant
-        if quant is None and packed.values.dtype not in DTYPE_CODES:
-            raise SEError(f"values dtype {packed.values.dtype} is not supported: use fp32, fp16 or bf16")
-        self.packed = packed
-        # int4 codes go to the library two per byte (se_kernels.h's nibble order), int8 codes as they are
-        self.values = (pack_int4(packed.values) if quant is not None and quant.bits == 4
-                       else packed.values.contiguous())
-        self.scales = None if quant is None else packed.scales.to(torch.float16).contiguous().view(torch.int16)
-        self.indices = packed.indices.contiguous()
-        self.row_ptr = packed.row_ptr.to(torch.int32).contiguous()
-        self.bias = None if bias is None else bias.to(torch.float32).contiguous()
-        value_code = DTYPE_CODES[self.values.dtype] if quant is None else QUANT_CODES[quant.bits]
-        self.struct = ExpertsStruct(FORMAT_CODES[packed.format], value_code, packed.num_experts,
-                                    packed.out_features, packed.in_features, _ptr(self.values), packed.nnz,
-                                    _ptr(self.indices), self.indices.numel(), _ptr(self.row_ptr), _ptr(self.bias),
-                                    _ptr(self.scales), 0 if quant is None else quant.group_size)
+        super().__init__(packed, bias)
         err = ctypes.create_string_buffer(512)
         if require().se_check_experts(ctypes.byref(self.struct), err, 512):
             raise SEError(f"invalid packed experts: {err.value.decode()}")
