@@ -59,9 +59,9 @@ def _torch_run(model_spec: str, prompt_len: int, decode_tokens: int, repeats: in
 
 
 def _ort_run(folder: str, prompt_len: int, decode_tokens: int, repeats: int) -> dict:
-    from se_export.eval.bench_ort import bench_one
+    from se_export.eval.bench_ort import bench_one, ort_loader
 
-    r = bench_one(Path(folder), prompt_len, decode_tokens, repeats, 0)
+    r = bench_one(Path(folder), prompt_len, decode_tokens, repeats, ort_loader(0))
     return {"prefill_ms": r["prefill_ms"], "decode_tokens_per_s": r["decode_tokens_per_s"],
             "weights_bytes": r["model_bytes"]}
 

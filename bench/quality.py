@@ -48,7 +48,7 @@ from se_export.atomic import atomic_write_text
 from se_export.eval.stats import claim_check, claim_table
 from se_export.formats.checkpoint import is_checkpoint
 from se_export.formats.partial import PARTIAL_DIR
-from se_export.formats.quantization import DEFAULT_GROUP_SIZE
+from se_export.formats.quantization import DEFAULT_GROUP_SIZE, QUANT_GRID
 from se_export.formats.sparse_format import packed_nbytes
 from se_export.method.expand import DATA_FREE_METHODS
 from se_export.modeling.modules import RoutedSparseLinear
@@ -78,6 +78,7 @@ class Config:
     value_dtype: str = "fp16"  # fp16, or int8 / int4 quantized values
     group_size: int = 0  # input columns per scale of int8/int4 (0: the dtype's default)
     quant: str = "joint"  # int8/int4 with SparseGPT: joint (in the sweep) or rtn (rounded after it)
+    quant_grid: str = QUANT_GRID  # int8/int4 codes: full-range (signed scales), or the older symmetric grid
 
     @property
     def quantized(self) -> bool:
@@ -90,7 +91,8 @@ class Config:
         if not self.quantized:
             return self.value_dtype
         text = self.value_dtype + (f" G{self.group_size}" if self.group_size else "")
-        return text + (" RTN" if self.quant == "rtn" and self.method in ("se", "sparsegpt") else "")
+        text += " RTN" if self.quant == "rtn" and self.method in ("se", "sparsegpt") else ""
+        return text + (" symmetric grid" if self.quant_grid == "symmetric" else "")
 
     @property
     def label(self) -> str:
@@ -113,12 +115,21 @@ class Config:
 
     def fields(self) -> dict:
         """The configuration as hashed into cache keys: the value-precision fields only when they
-        differ from fp16 values, so rows cached before those fields existed keep their keys."""
+        differ from fp16 values (and the grid only when it is not the symmetric one, the only one
+        before the field existed), so rows cached before those fields existed keep their keys."""
         out = asdict(self)
         for name, default in (("value_dtype", "fp16"), ("group_size", 0), ("quant", "joint")):
             if out[name] == default:
                 del out[name]
+        if not self.quantized or self.quant_grid == "symmetric":
+            del out["quant_grid"]
         return out
+
+    @classmethod
+    def of(cls, fields: dict) -> Config:
+        """The Config a cached row recorded (quantized rows from before the grid field: symmetric)."""
+        quantized = fields.get("value_dtype", "fp16") in ("int8", "int4")
+        return cls(**{"quant_grid": QUANT_GRID if not quantized else "symmetric", **fields})
 
 
 def main_grid() -> list[Config]:
@@ -247,7 +258,7 @@ def config_of_checkpoint(path: Path) -> tuple[Config, dict]:
         group_size = 0
     return Config(m["method"], str(m["sparsity"]), int(m["experts"]), int(m["pca_factor"]), bool(m["true_sequential"]),
                   int(calib["samples"]), int(calib["seqlen"]), int(calib["seed"]), value_dtype, group_size,
-                  m.get("quant_method", "joint")), m
+                  m.get("quant_method", "joint"), m.get("quant_grid", "symmetric")), m
 
 
 def expansion_summary(seconds: float | None, resumed_layers: int, layers: list[dict]) -> dict:
@@ -338,6 +349,8 @@ def remove_partial_evals(key: str) -> None:
 
 def load_results(eval_setup: dict | None = None) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted(CACHE.glob("*.json"))]
+    for r in rows:  # labels as the current code names them (older rows: their quantization grid)
+        r["label"] = Config.of(r["config"]).label
     return [r for r in rows if eval_setup is None or r["eval"] == eval_setup]
 
 

@@ -1,6 +1,6 @@
 """int4 with a zero point or symmetric? Both grids applied to the same experts, paired.
 
-se-export's int4 is symmetric (codes in [-7, 7], one fp16 scale per expert, row and group). The
+se-export's int4 was symmetric (codes in [-7, 7], one fp16 scale per expert, row and group). The
 usual alternative is asymmetric: codes in [0, 15] with a per-group zero point z, the weight
 (q - z) * s, the 16 levels spread from the group's smallest to its largest kept weight. This
 takes one float checkpoint (the expansion's SparseGPT weights in fp16), rounds every expert's
@@ -66,7 +66,35 @@ def _ungrouped(t: torch.Tensor, cols: int) -> torch.Tensor:
     return t.reshape(*t.shape[:-2], -1)[..., :cols]
 
 
-GRIDS = {"symmetric": symmetric, "zero point": with_zero_point}
+def full_range(w: torch.Tensor, keep: torch.Tensor, group: int, shrinks: tuple[float, ...] = (1.0,)) -> torch.Tensor:
+    """Codes in [-8, 7] times a signed fp16 scale: the group's largest-magnitude kept weight is
+    code -8 (the scale takes its opposite sign), so all 16 levels are used at no extra bits.
+    With several ``shrinks``, each group keeps the clipped range (largest |w| times the factor)
+    whose rounding has the least squared error over its kept weights (GPTQ's ``mse`` search)."""
+    kept = _grouped(keep.float(), group) > 0
+    groups = _grouped(w * keep, group)
+    peak_at = groups.abs().argmax(-1, keepdim=True)
+    peak = groups.gather(-1, peak_at)
+    best, best_err = None, None
+    for shrink in shrinks:
+        scale = (-peak * shrink / 8).half().float()
+        scale = torch.where(scale != 0, scale, torch.ones_like(scale))
+        q = torch.clamp(torch.round(groups / scale), -8, 7) * scale
+        err = ((q - groups) ** 2 * kept).sum(-1, keepdim=True)
+        if best is None:
+            best, best_err = q, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, q, best), torch.where(better, err, best_err)
+    return _ungrouped(best, w.shape[-1]) * keep
+
+
+def full_range_mse(w: torch.Tensor, keep: torch.Tensor, group: int) -> torch.Tensor:
+    return full_range(w, keep, group, shrinks=tuple(1.0 - 0.025 * i for i in range(9)))
+
+
+GRIDS = {"symmetric": symmetric, "zero point": with_zero_point, "full range": full_range,
+         "full range mse": full_range_mse}
 
 
 def round_experts(model: torch.nn.Module, grid, group: int) -> None:
@@ -79,16 +107,19 @@ def round_experts(model: torch.nn.Module, grid, group: int) -> None:
 
 
 def paired(rows: list[dict]) -> list[dict]:
-    """Per checkpoint with both grids: zero point's perplexity over the symmetric one's, with the
+    """Per checkpoint and group size, each grid's perplexity over the symmetric one's, with the
     paired bootstrap 95% CI over the same windows."""
     out = []
-    for ckpt in sorted({r["checkpoint"] for r in rows}):
-        both = {r["grid"]: r for r in rows if r["checkpoint"] == ckpt}
-        if {"symmetric", "zero point"} <= set(both) and both["symmetric"]["windows"] == both["zero point"]["windows"]:
-            a, b = both["zero point"]["window_nll"], both["symmetric"]["window_nll"]
+    for ckpt, group in sorted({(r["checkpoint"], r["group_size"]) for r in rows}):
+        both = {r["grid"]: r for r in rows if (r["checkpoint"], r["group_size"]) == (ckpt, group)}
+        base = both.get("symmetric")
+        for name, row in both.items():
+            if base is None or name == "symmetric" or row["windows"] != base["windows"]:
+                continue
+            a, b = row["window_nll"], base["window_nll"]
             lo, hi = paired_ratio_ci(a, b)
-            out.append({"checkpoint": ckpt, "zero_point_over_symmetric": math.exp(sum(a) / len(a) - sum(b) / len(b)),
-                        "ci95": [lo, hi]})
+            out.append({"checkpoint": ckpt, "group_size": group, "grid": name,
+                        "over_symmetric": math.exp(sum(a) / len(a) - sum(b) / len(b)), "ci95": [lo, hi]})
     return out
 
 
@@ -105,11 +136,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
     for name in args.grids:
-        if any(r["grid"] == name and r["checkpoint"] == str(args.checkpoint) for r in rows):
+        if any(r["grid"] == name and r["checkpoint"] == str(args.checkpoint) and r["group_size"] == args.group_size
+               for r in rows):
             continue
         loaded = load_model(str(args.checkpoint))
         round_experts(loaded.model, GRIDS[name], args.group_size)
-        resume = Path("out/zero_point") / f"{args.checkpoint.name}-{name.replace(' ', '-')}.json"
+        tag = "" if args.group_size == 32 else f"-g{args.group_size}"
+        resume = Path("out/zero_point") / f"{args.checkpoint.name}-{name.replace(' ', '-')}{tag}.json"
         resume.parent.mkdir(parents=True, exist_ok=True)
         result = evaluate(loaded, "wikitext2", seqlen=512, max_windows=args.eval_windows or None, batch=4,
                           resume=resume, show_progress=True)
@@ -119,8 +152,9 @@ def main() -> None:
                "bits_per_group": bits, "window_nll": result["window_nll"]}
         # read again: another process may have written its grid's row meanwhile (one per grid)
         rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
-        rows = sorted([r for r in rows if (r["grid"], r["checkpoint"]) != (name, str(args.checkpoint))] + [row],
-                      key=lambda r: (r["checkpoint"], r["grid"]))
+        key = (name, str(args.checkpoint), args.group_size)
+        rows = sorted([r for r in rows if (r["grid"], r["checkpoint"], r["group_size"]) != key] + [row],
+                      key=lambda r: (r["checkpoint"], r["group_size"], r["grid"]))
         atomic_write_text(args.out, json.dumps({"command": "bench/zero_point.py", "rows": rows,
                                                 "paired": paired(rows)}, indent=1))
         print(f"{name}: perplexity {result['perplexity']:.3f} on {result['windows']} windows", flush=True)

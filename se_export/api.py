@@ -181,8 +181,8 @@ def export_onnx(model: str | LoadedModel, out: Path | str, *, dtype: str = "fp32
 
 def validate(onnx_dir: Path | str, *, backend: str = "ort", tokens: int = 32, model: str | None = None,
              ppl_windows: int = 4, engine: Path | None = None, plugin: Path | None = None,
-             show_progress: bool = True) -> Report:
+             show_progress: bool = True, provider: str = "cpu") -> Report:
     """Compare an export with the PyTorch golden reference (logits, routing, a decode step with
     the KV cache, greedy generation, perplexity); ``report.passed`` says whether all passed."""
     return _validate(Path(onnx_dir), backend=backend, tokens=tokens, model=model, ppl_windows=ppl_windows,
-                     engine=engine, plugin=plugin, show_progress=show_progress)
+                     engine=engine, plugin=plugin, show_progress=show_progress, provider=provider)

@@ -214,6 +214,8 @@ def onnx_cmd(
 def validate_cmd(
     onnx_dir: Annotated[Path, typer.Argument(help="folder written by se-export onnx")],
     backend: Annotated[str, typer.Option(help="ort | trt")] = "ort",
+    provider: Annotated[str, typer.Option(help="ort: ONNX Runtime's execution provider, cpu | cuda "
+                                               "(onnxruntime-gpu)")] = "cpu",
     tokens: Annotated[int, typer.Option(help="greedy tokens generated per prompt with the KV cache")] = 32,
     model: Annotated[str | None, typer.Option(help="PyTorch model to compare with (default: the export's source)")] = None,
     ppl_windows: Annotated[int, typer.Option(help="perplexity windows compared (0: skip)")] = 4,
@@ -229,7 +231,7 @@ def validate_cmd(
     from .eval.validate import format_report, to_json
 
     report = validate(onnx_dir, backend=backend, tokens=tokens, model=model, ppl_windows=ppl_windows, engine=engine,
-                      plugin=plugin, show_progress=not (as_json or quiet))
+                      plugin=plugin, show_progress=not (as_json or quiet), provider=provider)
     if report_path:
         atomic_write_text(report_path, to_json(report))
     if as_json:
@@ -246,10 +248,13 @@ def trt_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="engine file (default ONNX_DIR/model.engine)")] = None,
     fp16: Annotated[bool, typer.Option(help="fp16 engine (TensorRT 10: kFP16 flag; 11: needs an fp16 export)")] = False,
     plugin: Annotated[Path | None, typer.Option(help="libse_trt_plugin.so (default: build/plugins)")] = None,
-    max_batch: Annotated[int, typer.Option(help="largest batch of both profiles")] = 1,
-    opt_seq: Annotated[int, typer.Option(help="prefill profile: tuned prompt length")] = 128,
+    max_batch: Annotated[int, typer.Option(
+        help="largest batch of both profiles (validate's batch of 3 fits; larger batches run in slices)")] = 3,
+    opt_seq: Annotated[int | None, typer.Option(help="prefill profile: tuned prompt length (default: 128, at most "
+                                                     "--max-seq)")] = None,
     max_seq: Annotated[int, typer.Option(help="prefill profile: longest prompt")] = 512,
-    opt_past: Annotated[int, typer.Option(help="decode profile: tuned cache length")] = 256,
+    opt_past: Annotated[int | None, typer.Option(help="decode profile: tuned cache length (default: 256, at "
+                                                      "most --max-past)")] = None,
     max_past: Annotated[int, typer.Option(help="longest KV cache (both profiles)")] = 1024,
     workspace_gb: Annotated[float, typer.Option(help="builder workspace limit, GiB")] = 4.0,
     dry_run: Annotated[bool, typer.Option(help="prepare the graph and print the trtexec line; build nothing")] = False,
@@ -276,24 +281,71 @@ def bench_ort_cmd(
     decode_tokens: Annotated[int, typer.Option(help="decode steps timed")] = 32,
     repeats: Annotated[int, typer.Option(help="timed repeats (median reported)")] = 3,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0: default)")] = 0,
+    provider: Annotated[str, typer.Option(help="ONNX Runtime's execution provider: cpu | cuda (onnxruntime-gpu)")] = "cpu",
     interleave: Annotated[int, typer.Option(
         help="time decode only, in this many alternating blocks per export, ratios paired per block "
              "(for machines whose speed drifts; 0: prefill and decode, export after export)")] = 0,
     out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
 ) -> None:
-    """Prefill latency and decode tokens/s in ONNX Runtime (CPU), every export in one run."""
+    """Prefill latency and decode tokens/s in ONNX Runtime (CPU, or CUDA), every export in one run."""
     from .atomic import atomic_write_text
-    from .eval.bench_ort import bench_interleaved, bench_ort, format_interleaved_table, format_table
+    from .eval.bench_ort import (
+        bench_interleaved,
+        bench_ort,
+        format_interleaved_table,
+        format_table,
+        ort_loader,
+    )
 
     if interleave < 0:
         raise SEError(f"--interleave must be >= 0, got {interleave}")
+    load = ort_loader(threads, provider)
     if interleave:
         results = bench_interleaved(onnx_dirs, prompt_len=prompt_len, decode_tokens=decode_tokens,
-                                    blocks=interleave, threads=threads)
+                                    blocks=interleave, threads=threads, load=load)
         print(format_interleaved_table(results))
     else:
         results = bench_ort(onnx_dirs, prompt_len=prompt_len, decode_tokens=decode_tokens, repeats=repeats,
-                            threads=threads)
+                            threads=threads, load=load)
+        print(format_table(results))
+    if out:
+        atomic_write_text(out, json.dumps(results, indent=1))
+
+
+@bench_app.command("trt")
+def bench_trt_cmd(
+    engine: Annotated[Path, typer.Argument(help="engine of se-export trt (its ONNX folder is found beside it)")],
+    dense_engine: Annotated[Path | None, typer.Option(help="a dense model's engine, timed in the same run")] = None,
+    plugin: Annotated[Path | None, typer.Option(help="libse_trt_plugin.so (default: the one the engine was built "
+                                                     "with, else build/plugins)")] = None,
+    prompt_len: Annotated[int, typer.Option(help="prefill tokens")] = 128,
+    decode_tokens: Annotated[int, typer.Option(help="decode steps timed")] = 32,
+    repeats: Annotated[int, typer.Option(help="timed repeats (median reported)")] = 3,
+    interleave: Annotated[int, typer.Option(
+        help="time decode only, in this many alternating blocks per engine, ratios paired per block")] = 0,
+    out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+) -> None:
+    """Prefill latency and decode tokens/s of TensorRT engines (the dense one first when given), with
+    the same protocol and JSON as bench ort."""
+    from .atomic import atomic_write_text
+    from .eval.bench_ort import (
+        bench_interleaved,
+        bench_ort,
+        format_interleaved_table,
+        format_table,
+        trt_loader,
+    )
+
+    if interleave < 0:
+        raise SEError(f"--interleave must be >= 0, got {interleave}")
+    engines = ([dense_engine] if dense_engine else []) + [engine]
+    load = trt_loader(plugin)
+    if interleave:
+        results = bench_interleaved(engines, prompt_len=prompt_len, decode_tokens=decode_tokens, blocks=interleave,
+                                    load=load)
+        print(format_interleaved_table(results))
+    else:
+        results = bench_ort(engines, prompt_len=prompt_len, decode_tokens=decode_tokens, repeats=repeats, load=load)
         print(format_table(results))
     if out:
         atomic_write_text(out, json.dumps(results, indent=1))

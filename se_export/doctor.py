@@ -15,13 +15,21 @@ import sys
 
 from .backends import kernels
 from .backends.cuda_kernels import CUDA_LIB
-from .backends.kernels import KERNELS_LIB, ORT_LIB, find_library, library_origin, library_sources
+from .backends.kernels import (
+    KERNELS_LIB,
+    ORT_CUDA_LIB,
+    ORT_LIB,
+    find_library,
+    library_origin,
+    library_sources,
+)
 from .backends.trt_build import TRT_PLUGIN_LIB
 from .errors import SEError
 
 PACKAGES = ("torch", "transformers", "safetensors", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
             "tensorrt", "polygraphy")
 LIBRARIES = {KERNELS_LIB: "CPU kernels (PyTorch on CPU)", ORT_LIB: "ONNX Runtime custom op",
+             ORT_CUDA_LIB: "ONNX Runtime custom op, CPU + CUDA providers (needs nvcc)",
              CUDA_LIB: "CUDA kernels (needs nvcc at build time)", TRT_PLUGIN_LIB: "TensorRT plugin (needs nvcc)"}
 
 

@@ -177,7 +177,9 @@ def test_doctor_says_how_to_build_what_is_missing(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "se_export.cli", "doctor"], capture_output=True, text=True,
                           env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("missing: install a wheel or run `make plugins`") == 4
+    from se_export.doctor import LIBRARIES
+
+    assert proc.stdout.count("missing: install a wheel or run `make plugins`") == len(LIBRARIES) == 5
     assert "CPU kernels: not built" in proc.stdout
 
 
@@ -205,7 +207,7 @@ def test_int4_experts_store_smaller_load_and_evaluate(expanded_int4, tmp_path, t
     assert q["expert_bytes_stored"] < 0.6 * f["expert_bytes_stored"]
     model = se_export.load(expanded_int4)
     module = next(m for m in model.modules() if hasattr(m, "quant") and m.quant is not None)
-    assert module.values.dtype == torch.int8 and int(module.values.abs().max()) <= 7
+    assert module.values.dtype == torch.int8 and int(module.values.min()) >= -8 and int(module.values.max()) <= 7
     proc = run_cli("eval", expanded_int4, "--text", eval_file, "--seqlen", "32", "--max-windows", "2", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["perplexity"] > 1

@@ -22,6 +22,9 @@ using namespace nvinfer1;
 namespace se_runtime {
 namespace {
 
+constexpr char const* kPluginName = "RoutedSparseMatMul";  // plugins/trt/routedSparseMatMulPlugin
+constexpr char const* kPluginVersion = "1";
+
 size_t element_size(DataType t) {
   switch (t) {
     case DataType::kFLOAT:
@@ -63,8 +66,13 @@ EngineRunner::EngineRunner(TrtLibrary const& trt, Logger& logger, std::string co
   const std::vector<char> blob((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
   mRuntime = trt.create_runtime(logger);
   if (!mRuntime) throw std::runtime_error("createInferRuntime failed");
-  if (!mRuntime->getPluginRegistry().loadLibrary(plugin_path.c_str()))
-    throw std::runtime_error("cannot load plugin library " + plugin_path + " (build it with make plugins)");
+  // TensorRT keeps one registry per process: a second runner (bench --dense-engine) finds our creator
+  // already registered, and loading the library again may fail for that reason; it is success.
+  IPluginRegistry& registry = mRuntime->getPluginRegistry();
+  if (registry.getCreator(kPluginName, kPluginVersion, "") == nullptr &&
+      (!registry.loadLibrary(plugin_path.c_str()) || registry.getCreator(kPluginName, kPluginVersion, "") == nullptr))
+    throw std::runtime_error("cannot load plugin library " + plugin_path +
+                             " (see the TensorRT log above; build it with make plugins against this TensorRT)");
   mEngine = mRuntime->deserializeCudaEngine(blob.data(), blob.size());
   if (!mEngine)
     throw std::runtime_error("cannot deserialize " + engine_path +

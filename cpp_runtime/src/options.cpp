@@ -10,7 +10,7 @@ std::string usage() {
   return "usage: se_runtime generate --engine ENGINE --plugin LIB --ids 1,2,3 [--new-tokens N]\n"
          "       se_runtime bench    --engine ENGINE --plugin LIB [--dense-engine ENGINE] [--prompt-len L]\n"
          "                           [--new-tokens N] [--runs R] [--warmup W] [--json]\n"
-         "options: --nvinfer PATH  libnvinfer to dlopen (default libnvinfer.so.<major>, then the lean runtime)\n";
+         "options: --nvinfer PATH  libnvinfer to dlopen (default libnvinfer.so.<major>)\n";
 }
 
 bool parse_ids(std::string const& text, std::vector<int64_t>* ids) {

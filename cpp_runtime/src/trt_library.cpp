@@ -23,7 +23,7 @@ bool has_cuda_device(std::string* why) {
 TrtLibrary::TrtLibrary(std::string const& path) {
   const std::string major = std::to_string(NV_TENSORRT_MAJOR);
   std::vector<std::string> candidates = path.empty()
-      ? std::vector<std::string>{"libnvinfer.so." + major, "libnvinfer_lean.so." + major, "libnvinfer.so"}
+      ? std::vector<std::string>{"libnvinfer.so." + major, "libnvinfer.so"}
       : std::vector<std::string>{path};
   std::string errors;
   for (auto const& name : candidates) {

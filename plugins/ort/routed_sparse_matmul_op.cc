@@ -5,9 +5,7 @@
 //
 // Load it with SessionOptions.register_custom_ops_library(path); the library exports
 // RegisterCustomOps. Invalid inputs return an ONNX Runtime error status, never crash.
-#define ORT_API_MANUAL_INIT  // the API pointer comes from the host process (RegisterCustomOps)
-#include <onnxruntime_cxx_api.h>
-#include <onnxruntime_lite_custom_op.h>
+#include "se_ort_common.h"
 
 #include <cstdlib>
 #include <cstring>
@@ -18,34 +16,15 @@
 #include <type_traits>
 #include <vector>
 
-#include "se_kernels.h"
+#ifdef SE_ORT_WITH_CUDA
+#include "se_ort_cuda.h"
+#endif
 
 namespace se_ort {
-
-using Ort::Custom::Tensor;
-
-template <typename T>
-constexpr int32_t dtype_code() {
-  if constexpr (std::is_same_v<T, float>) return SE_F32;
-  if constexpr (std::is_same_v<T, Ort::Float16_t>) return SE_F16;
-  if constexpr (std::is_same_v<T, int8_t>) return SE_I8;   // int8 codes
-  if constexpr (std::is_same_v<T, uint8_t>) return SE_I4;  // int4 codes, two per byte
-  return SE_BF16;
-}
 
 // The newest op version this library implements (se_ort_op_version): a host reads it before
 // handing the library a model, so a model newer than the library is refused with a reason.
 constexpr int32_t kOpVersion = 2;
-
-inline Ort::Status invalid(const std::string& msg) {
-  return Ort::Status(("RoutedSparseMatMul: " + msg).c_str(), ORT_INVALID_ARGUMENT);
-}
-
-inline std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? "," : "") + std::to_string(s[i]);
-  return out + "]";
-}
 
 // The kernel's parallel loops run on ONNX Runtime's intra-op pool (no second thread team
 // competing for the session's cores); if the pool refuses, the loop runs on this thread.
@@ -177,7 +156,7 @@ struct RoutedSparseMatMulKernel {
     e.in_features = in;
     e.values = values.Data();
     e.nnz = values.NumberOfElement();
-    constexpr bool quantized = std::is_same_v<TV, int8_t> || std::is_same_v<TV, uint8_t>;
+    constexpr bool quantized = kQuantizedValues<TV>;
     if constexpr (quantized) {
       if (!scales.has_value() || *scales == nullptr || (*scales)->NumberOfElement() == 0)
         return invalid("int8/int4 values need the scales input (op version 2)");
@@ -268,8 +247,6 @@ struct RoutedSparseMatMulKernel {
   bool has_checked_ = false;
 };
 
-constexpr const char* kDomain = "se";
-constexpr const char* kOpName = "RoutedSparseMatMul";
 constexpr const char* kProvider = "CPUExecutionProvider";
 
 template <typename TX, typename TV, typename TI>
@@ -308,6 +285,9 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
     std::call_once(once, [] {
       se_ort::add_value_types<float>(ops);
       se_ort::add_value_types<Ort::Float16_t>(ops);
+#ifdef SE_ORT_WITH_CUDA
+      se_ort::add_cuda_kernels(ops);
+#endif
       for (auto& op : ops) domain.Add(op.get());
     });
     Ort::UnownedSessionOptions(options).Add(domain);

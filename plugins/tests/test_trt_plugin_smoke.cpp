@@ -141,7 +141,9 @@ int main(int argc, char** argv) {
   expect(std::strcmp(creator->getPluginVersion(), "1") == 0, "plugin version");
   expect(std::strcmp(creator->getPluginNamespace(), "") == 0, "plugin namespace");
   PluginFieldCollection const* names = creator->getFieldNames();
-  expect(names->nbFields == 6 && std::strcmp(names->fields[0].name, "out_features") == 0 &&
+  expect(names->nbFields == 9 && std::strcmp(names->fields[6].name, "has_bias") == 0 &&
+             std::strcmp(names->fields[7].name, "has_expert_ids") == 0 &&
+             std::strcmp(names->fields[8].name, "x_dtype") == 0 && std::strcmp(names->fields[0].name, "out_features") == 0 &&
              std::strcmp(names->fields[1].name, "format") == 0 && std::strcmp(names->fields[3].name, "value_dtype") == 0,
          "field names");
 
@@ -218,6 +220,73 @@ int main(int argc, char** argv) {
   io7[6] = desc(DataType::kFLOAT, {K, out});
   expect(build->supportsFormatCombination(6, io7.data(), 7, 2), "7 inputs: bias accepted at 6");
   expect(!build->supportsFormatCombination(0, io.data(), 5, 2), "too few inputs rejected");
+
+  // the layout said by has_bias / has_expert_ids (se-export trt sets both): input 6 is what they say,
+  // whatever its type, and the input count must match
+  {
+    const int32_t no = 0, yes = 1;
+    PluginField lf[] = {fields[0], fields[1], PluginField("has_bias", &no, PluginFieldType::kINT32, 1),
+                        PluginField("has_expert_ids", &yes, PluginFieldType::kINT32, 1)};
+    PluginFieldCollection lfc{4, lf};
+    std::unique_ptr<IPluginV3> ids_only(creator->createPlugin("mlp.down", &lfc, TensorRTPhase::kBUILD));
+    expect(ids_only != nullptr, "createPlugin with an explicit layout");
+    if (ids_only) {
+      auto* lb = static_cast<IPluginV3OneBuild*>(ids_only->getCapabilityInterface(PluginCapabilityType::kBUILD));
+      io7[6] = desc(DataType::kINT32, {1, 7});
+      expect(lb->supportsFormatCombination(6, io7.data(), 7, 2), "has_expert_ids: int32 expert_ids at 6");
+      io7[6] = desc(DataType::kFLOAT, {1, 7});
+      expect(!lb->supportsFormatCombination(6, io7.data(), 7, 2), "has_bias 0: an fp32 input 6 is refused");
+      expect(!lb->supportsFormatCombination(0, io.data(), 8, 2), "8 inputs refused when the layout says 7");
+      finder.logger.last.clear();
+      expect(lb->configurePlugin(io.data(), 8, &io[8], 2) != 0, "count mismatch refused");
+      expect(finder.logger.last.find("has_bias") != std::string::npos, "refusal names the fields");
+      auto* lr = static_cast<IPluginV3OneRuntime*>(ids_only->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+      PluginFieldCollection const* lser = lr->getFieldsToSerialize();
+      expect(field_int(lser, "has_bias") == 0 && field_int(lser, "has_expert_ids") == 1, "layout serialized");
+    }
+    const int32_t two = 2;
+    PluginField bf[] = {fields[0], fields[1], PluginField("has_bias", &two, PluginFieldType::kINT32, 1),
+                        PluginField("has_expert_ids", &yes, PluginFieldType::kINT32, 1)};
+    PluginFieldCollection bfc{4, bf};
+    expect(creator->createPlugin("x", &bfc, TensorRTPhase::kBUILD) == nullptr, "has_bias 2 refused");
+    PluginFieldCollection half_said{3, lf};
+    expect(creator->createPlugin("x", &half_said, TensorRTPhase::kBUILD) == nullptr, "has_bias alone refused");
+  }
+
+  // value_dtype / x_dtype of a float-valued node: exactly one type each is offered
+  {
+    char const fp16[] = {'f', 'p', '1', '6'};
+    PluginField tf[] = {fields[0], fields[1], PluginField("value_dtype", fp16, PluginFieldType::kCHAR, 4),
+                        PluginField("x_dtype", fp16, PluginFieldType::kCHAR, 4)};
+    PluginFieldCollection tfc{4, tf};
+    std::unique_ptr<IPluginV3> typed(creator->createPlugin("mlp.gate", &tfc, TensorRTPhase::kBUILD));
+    expect(typed != nullptr, "createPlugin with value_dtype/x_dtype");
+    if (typed) {
+      auto* tb = static_cast<IPluginV3OneBuild*>(typed->getCapabilityInterface(PluginCapabilityType::kBUILD));
+      expect(tb->supportsFormatCombination(0, io.data(), 8, 2) && tb->supportsFormatCombination(3, io.data(), 8, 2),
+             "fp16 x and fp16 values accepted");
+      auto typed_rejects = [&](int32_t pos, DataType t) {
+        auto saved = io[pos];
+        io[pos].desc.type = t;
+        const bool ok = tb->supportsFormatCombination(pos, io.data(), 8, 2);
+        io[pos] = saved;
+        return !ok;
+      };
+      expect(typed_rejects(0, DataType::kFLOAT), "x_dtype fp16: fp32 x not offered");
+      expect(typed_rejects(3, DataType::kFLOAT) && typed_rejects(3, DataType::kBF16), "value_dtype fp16: one type");
+      auto* trt_rt = static_cast<IPluginV3OneRuntime*>(typed->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+      PluginFieldCollection const* tser = trt_rt->getFieldsToSerialize();
+      expect(field_string(tser, "value_dtype") == "fp16" && field_string(tser, "x_dtype") == "fp16",
+             "value_dtype and x_dtype serialized");
+    }
+    char const fp8[] = {'f', 'p', '8'};
+    PluginField bad[] = {fields[0], fields[1], PluginField("x_dtype", fp8, PluginFieldType::kCHAR, 3)};
+    PluginFieldCollection badfc{3, bad};
+    finder.logger.last.clear();
+    expect(creator->createPlugin("x", &badfc, TensorRTPhase::kBUILD) == nullptr &&
+               finder.logger.last.find("fp8") != std::string::npos,
+           "unknown x_dtype refused, named");
+  }
 
   // configure-time layout checks and workspace from the profile's max shape
   std::vector<DynamicPluginTensorDesc> outs_desc = {io[8], io[9]};

@@ -32,6 +32,7 @@ FORMAT_CODES = {"bitmap": 0, "csr16": 1}
 KERNELS_LIB = "libse_kernels.so"
 KERNELS_ABI = 3  # SE_KERNELS_ABI of the se_kernels.h these argument lists follow
 ORT_LIB = "libse_ort_ops.so"
+ORT_CUDA_LIB = "libse_ort_ops_cuda.so"  # the same op for the CPU and the CUDA execution providers
 
 
 _GEMM_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,

@@ -11,15 +11,32 @@ import numpy as np
 
 from ..errors import SEError
 from ..export.onnx_export import MODEL_FILE, read_onnx_manifest
-from .kernels import ORT_LIB, find_library
+from .kernels import ORT_CUDA_LIB, ORT_LIB, find_library
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
-def ort_library() -> Path:
-    path = find_library(ORT_LIB)
+def ort_library(provider: str = "cpu") -> Path:
+    """The op library for ``provider``: the CPU one, or the one with CUDA kernels as well."""
+    name = ORT_CUDA_LIB if provider == "cuda" else ORT_LIB
+    path = find_library(name)
     if path is None:
-        raise SEError(f"{ORT_LIB} (the RoutedSparseMatMul op for ONNX Runtime) is not built: install se-export from a "
-                      "wheel, run `make plugins` in a checkout, set SE_EXPORT_LIB_DIR, or export with --portable")
+        needs = " (it needs nvcc at build time)" if provider == "cuda" else ""
+        raise SEError(f"{name} (the RoutedSparseMatMul op for ONNX Runtime) is not built{needs}: install se-export "
+                      "from a wheel, run `make plugins` in a checkout, set SE_EXPORT_LIB_DIR, or export with --portable")
     return path
+
+
+def check_provider(provider: str) -> list[str]:
+    """ONNX Runtime's provider list for ``--provider``, or a one-line error saying what is missing."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise SEError(f"unknown --provider '{provider}': use cpu or cuda")
+    if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise SEError(f"this onnxruntime ({ort.__version__}) has no CUDA execution provider: install onnxruntime-gpu "
+                      "(pip install 'se-export[gpu]') on a machine with a CUDA GPU")
+    return PROVIDERS[provider]
 
 
 def ort_library_op_version(path: Path) -> int:
@@ -35,9 +52,9 @@ def ort_library_op_version(path: Path) -> int:
     return int(query())
 
 
-def check_op_version(needed: int) -> None:
+def check_op_version(needed: int, provider: str = "cpu") -> None:
     """Refuse, with the fix, a graph whose op version the built library cannot read."""
-    path = ort_library()
+    path = ort_library(provider)
     have = ort_library_op_version(path)
     if needed > have:
         raise SEError(f"this export needs RoutedSparseMatMul version {needed} (int8/int4 experts), but {path} "
@@ -45,7 +62,7 @@ def check_op_version(needed: int) -> None:
 
 
 def session_options(threads: int = 0, custom_ops: bool = True, profile_prefix: str | None = None,
-                    spinning: bool = True):
+                    spinning: bool = True, provider: str = "cpu"):
     """``spinning=False`` for sessions that take turns call by call in one process (benchmarks): a
     pool left spinning after its call takes the cores from the next session's call."""
     import onnxruntime as ort
@@ -60,7 +77,7 @@ def session_options(threads: int = 0, custom_ops: bool = True, profile_prefix: s
     if threads:
         opts.intra_op_num_threads = threads
     if custom_ops:
-        opts.register_custom_ops_library(str(ort_library()))
+        opts.register_custom_ops_library(str(ort_library(provider)))
         # the op runs its loops on ONNX Runtime's intra-op pool (KernelContext_ParallelFor), so the
         # session keeps ONNX Runtime's own threading settings (spinning included)
     return opts
@@ -128,12 +145,14 @@ def windows_nll(logits_of: Callable[[np.ndarray], np.ndarray], windows: np.ndarr
 
 
 class OrtCausalLM(StepModel):
-    """An exported causal LM in ONNX Runtime (CPU), with the Optimum-style past/present I/O."""
+    """An exported causal LM in ONNX Runtime (the CPU, or ``provider="cuda"``: the CUDA execution
+    provider of onnxruntime-gpu, our op on its CUDA kernels), with the Optimum-style past/present I/O."""
 
     def __init__(self, folder: Path, threads: int = 0, model_file: Path | None = None,
-                 profile_prefix: str | None = None, spinning: bool = True) -> None:
+                 profile_prefix: str | None = None, spinning: bool = True, provider: str = "cpu") -> None:
         import onnxruntime as ort
 
+        providers = check_provider(provider)
         self.folder = Path(folder)
         self.manifest = read_onnx_manifest(self.folder)
         path = model_file or self.folder / MODEL_FILE
@@ -143,13 +162,13 @@ class OrtCausalLM(StepModel):
         # the peak of the largest call); constant folding has nothing worth precomputing there.
         lazy = self.manifest.get("portable") and self.manifest.get("expanded_linears", 0) > 0
         if needs_op:
-            check_op_version(int(self.manifest.get("op", {}).get("version", 1)))
-        opts = session_options(threads, needs_op, profile_prefix, spinning)
+            check_op_version(int(self.manifest.get("op", {}).get("version", 1)), provider)
+        opts = session_options(threads, needs_op, profile_prefix, spinning, provider)
         if lazy:
             opts.enable_cpu_mem_arena = False
         try:
             self.session = ort.InferenceSession(str(path), opts,
-                                                providers=["CPUExecutionProvider"],
+                                                providers=providers,
                                                 disabled_optimizers=["ConstantFolding"] if lazy else None)
         except SEError:
             raise

@@ -24,17 +24,29 @@ from .kernels import find_library
 TRT_PLUGIN_LIB = "libse_trt_plugin.so"
 TRT_ONNX_FILE = "model.trt.onnx"
 DEFAULT_ENGINE = "model.engine"  # se-export trt's --out default, inside the ONNX folder
+PLUGIN_NAME, PLUGIN_VERSION = "RoutedSparseMatMul", "1"  # plugins/trt/routedSparseMatMulPlugin
+
+
+DEFAULT_MAX_BATCH = 3  # validate compares a batch of 3 prompts; larger batches are split to fit
+DEFAULT_OPT_SEQ, DEFAULT_OPT_PAST = 128, 256
 
 
 @dataclass(frozen=True)
 class ShapeRanges:
-    """Batch, prompt and cache ranges of the two profiles (tokens)."""
+    """Batch, prompt and cache ranges of the two profiles (tokens). An ``opt_*`` left at None is
+    its default capped at the maximum, so ``--max-seq 64`` alone is a valid range."""
 
-    max_batch: int = 1
-    opt_seq: int = 128
+    max_batch: int = DEFAULT_MAX_BATCH
+    opt_seq: int | None = None
     max_seq: int = 512
-    opt_past: int = 256
+    opt_past: int | None = None
     max_past: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.opt_seq is None:
+            object.__setattr__(self, "opt_seq", min(DEFAULT_OPT_SEQ, self.max_seq))
+        if self.opt_past is None:
+            object.__setattr__(self, "opt_past", min(DEFAULT_OPT_PAST, self.max_past))
 
     def check(self) -> None:
         for opt, hi, name in ((self.opt_seq, self.max_seq, "seq"), (self.opt_past, self.max_past, "past")):
@@ -93,6 +105,23 @@ def plugin_library(explicit: Path | None) -> Path:
     return found
 
 
+def load_plugin(registry, lib: Path) -> None:
+    """Make our creators available in ``registry`` (a builder's or runtime's; TensorRT keeps one per
+    process). A creator that is already there is success: a second ``load_library`` of the same
+    library may fail because its creators are registered. A failed load is an error, not a
+    warning to miss before the parser or the engine fails further on."""
+    if plugin_registered(registry):
+        return
+    if registry.load_library(str(lib)) is None or not plugin_registered(registry):
+        raise SEError(f"TensorRT could not load the plugin library {lib} (see the TensorRT log above): rebuild it "
+                      "with `make plugins` against this TensorRT version, or pass --plugin PATH")
+
+
+def plugin_registered(registry) -> bool:
+    """Whether RoutedSparseMatMul v1 is in ``registry`` (IPluginRegistry.get_creator, TensorRT 10+)."""
+    return registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, "") is not None
+
+
 def import_tensorrt():
     """The tensorrt module, or a one-line SEError saying how to get it."""
     try:
@@ -105,11 +134,18 @@ def import_tensorrt():
 
 
 def require_gpu() -> None:
+    """A one-line error unless torch sees a CUDA GPU (the Python builder and runtime hold tensors in
+    torch). On Jetson the PyPI torch wheel is CPU-only: the message says which torch to install."""
     import torch
 
-    if not torch.cuda.is_available():
-        raise SEError("no CUDA GPU is visible: TensorRT builds and runs engines on the GPU they target "
-                      "(use --dry-run to print the trtexec line for another machine)")
+    if torch.cuda.is_available():
+        return
+    if Path("/etc/nv_tegra_release").exists() or torch.version.cuda is None:
+        raise SEError(f"this PyTorch ({torch.__version__}) has no CUDA support: the Python TensorRT path needs a "
+                      "CUDA-enabled torch (on Jetson, NVIDIA's torch wheel for your JetPack, not PyPI's CPU-only "
+                      "one), or run the engine with the C++ runtime build/cpp_runtime/se_runtime")
+    raise SEError("no CUDA GPU is visible: TensorRT builds and runs engines on the GPU they target "
+                  "(use --dry-run to print the trtexec line for another machine)")
 
 
 def build_engine(onnx_dir: Path, engine: Path, *, fp16: bool = False, plugin: Path | None = None,
@@ -125,7 +161,8 @@ def build_engine(onnx_dir: Path, engine: Path, *, fp16: bool = False, plugin: Pa
     needs_plugin = manifest.get("custom_op_nodes", 0) > 0
     lib = plugin_library(plugin) if needs_plugin else None
     trt_onnx = onnx_dir / TRT_ONNX_FILE
-    stats = prepare_for_tensorrt(onnx_dir / MODEL_FILE, trt_onnx)
+    x_dtype = "fp16" if fp16 or manifest["dtype"] == "fp16" else "fp32"  # what the plugins compute in
+    stats = prepare_for_tensorrt(onnx_dir / MODEL_FILE, trt_onnx, x_dtype=x_dtype)
     log(f"TensorRT form of the graph: {trt_onnx} ({stats['nodes']} RoutedSparseMatMul nodes, "
         f"{stats['indices_packed']} index tensors as int32 words"
         + (f", {stats['quantized']} with int8/int4 codes as int32 words" if stats["quantized"] else "") + ")")
@@ -142,7 +179,7 @@ def build_engine(onnx_dir: Path, engine: Path, *, fp16: bool = False, plugin: Pa
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     if lib is not None:
-        builder.get_plugin_registry().load_library(str(lib))
+        load_plugin(builder.get_plugin_registry(), lib)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -153,11 +190,14 @@ def build_engine(onnx_dir: Path, engine: Path, *, fp16: bool = False, plugin: Pa
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if fp16 and not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
+    if stats["bf16_values"] and not strongly_typed:  # bf16 expert values are refused without the flag
+        config.set_flag(trt.BuilderFlag.BF16)
     for shapes in profiles(manifest, ranges):
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
+        if config.add_optimization_profile(profile) < 0:
+            raise SEError(f"TensorRT refused an optimization profile ({shapes}): check --max-seq/--max-past")
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backends.ort_runtime import OrtCausalLM, perplexity_from, windows_nll
+from ..backends.ort_runtime import OrtCausalLM, check_provider, perplexity_from, windows_nll
 from ..backends.trt_build import DEFAULT_ENGINE
 from ..backends.trt_runtime import TrtCausalLM
 from ..data import eval_windows, load_text, tokenize, wikitext2_path
@@ -242,19 +242,25 @@ class Comparison:
 
 def validate(onnx_dir: Path, backend: str = "ort", tokens: int = 32, model: str | None = None,
              ppl_windows: int = 4, ppl_seqlen: int = 256, threads: int = 0, engine: Path | None = None,
-             plugin: Path | None = None, show_progress: bool = True) -> Report:
-    """Run every check; the report says what passed. Progress: one step per stage and check."""
+             plugin: Path | None = None, show_progress: bool = True, provider: str = "cpu") -> Report:
+    """Run every check; the report says what passed. Progress: one step per stage and check.
+    ``provider`` ("cpu" / "cuda") is ONNX Runtime's execution provider for ``backend="ort"``."""
     with progress_bar(show_progress) as bar:
-        return _validate(bar, onnx_dir, backend, tokens, model, ppl_windows, ppl_seqlen, threads, engine, plugin)
+        return _validate(bar, onnx_dir, backend, tokens, model, ppl_windows, ppl_seqlen, threads, engine, plugin,
+                         provider)
 
 
 def _validate(bar, onnx_dir: Path, backend: str, tokens: int, model: str | None, ppl_windows: int, ppl_seqlen: int,
-              threads: int, engine: Path | None, plugin: Path | None) -> Report:
+              threads: int, engine: Path | None, plugin: Path | None, provider: str) -> Report:
     start = time.perf_counter()
     step = bar.add_task("validate: loading", total=4 + (tokens > 0) + (ppl_windows > 0))
-    manifest = read_onnx_manifest(onnx_dir)
     if backend not in ("ort", "trt"):
         raise SEError(f"unknown --backend '{backend}': use ort or trt")
+    if backend == "trt" and provider != "cpu":
+        raise SEError("--provider chooses ONNX Runtime's execution provider: drop it with --backend trt")
+    if backend == "ort":
+        check_provider(provider)  # before anything loads: a missing onnxruntime-gpu fails fast
+    manifest = read_onnx_manifest(onnx_dir)
     dtype = manifest["dtype"]
     graph = read_graph(onnx_dir / MODEL_FILE)  # a damaged export fails before the PyTorch model loads
     if backend == "trt":  # loads first: no TensorRT, GPU or engine fails fast, before the PyTorch model
@@ -275,7 +281,7 @@ def _validate(bar, onnx_dir: Path, backend: str, tokens: int, model: str | None,
         mapping, why_not = routing_outputs(graph, groups)
         extra = _with_extra_outputs(onnx_dir / MODEL_FILE, list(mapping.values())) if mapping else None
         try:
-            backend_lm = OrtCausalLM(onnx_dir, threads=threads, model_file=extra)
+            backend_lm = OrtCausalLM(onnx_dir, threads=threads, model_file=extra, provider=provider)
         finally:
             if extra is not None:
                 extra.unlink(missing_ok=True)

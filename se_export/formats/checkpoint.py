@@ -26,7 +26,7 @@ from ..modeling.modules import RoutedSparseLinear
 from .hf_auto import add_auto_class_hooks, strip_auto_class_hooks
 from .mask_codec import decode_masks, encode_masks, stored_expert_bytes
 from .partial import PARTIAL_DIR
-from .quantization import parse_quant
+from .quantization import QUANT_GRID, parse_quant
 from .tensor_aliases import dedupe_tensors, restore_aliases
 
 MANIFEST = "se_manifest.json"
@@ -115,7 +115,7 @@ def save_expansion(model: nn.Module, tokenizer, out: Path, *, source: str, cfg, 
     info = {"base_model": source, "method": cfg.method, "experts": cfg.experts, "sparsity": str(cfg.check()),
             "allocation": allocation, "experts_per_layer": cfg.experts_per_layer,
             "pca_factor": cfg.pca_factor, "true_sequential": cfg.true_sequential, "value_dtype": cfg.value_dtype,
-            **({"group_size": quant.group_size, "quant_method": cfg.quant_method}
+            **({"group_size": quant.group_size, "quant_method": cfg.quant_method, "quant_grid": QUANT_GRID}
                if (quant := parse_quant(cfg.value_dtype, cfg.group_size)) else {}),
             "calibration": calibration, "stats": expanded_stats(model),
             "expansion": {"seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,

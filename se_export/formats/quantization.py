@@ -1,17 +1,23 @@
-"""Quantized expert values: symmetric integer codes with one fp16 scale per expert, row and group.
+"""Quantized expert values: integer codes with one signed fp16 scale per expert, row and group.
 
 A kept weight ``w`` in column ``c`` of row ``r`` of expert ``k`` is stored as the integer code
-``q = clamp(round(w / s), -qmax, qmax)`` with ``s = scales[k, r, c // group_size]``, and stands
+``q = clamp(round(w / s), qmin, qmax)`` with ``s = scales[k, r, c // group_size]``, and stands
 for the weight ``q * s`` (computed in fp32, which holds it exactly: at most 8 bits of code times
-11 bits of fp16 significand). ``qmax`` is 127 for int8 and 7 for int4; the grid is symmetric
-(no zero point), so a pruned weight and a zero code mean the same thing.
+11 bits of fp16 significand). Codes use the full two's-complement range (``[-128, 127]`` for
+int8, ``[-8, 7]`` for int4) and the scale carries a sign: a group's largest-magnitude kept weight
+``p`` gets the code ``qmin`` (the scale is ``-p / 2^(bits-1)``), so all 2^bits levels serve the
+group at no extra bits, and a pruned weight and a zero code still mean the same thing (no zero
+point). Measured against the alternatives on the default model (BENCHMARKS.md, "int4 grids"):
+this grid's perplexity is lower than the symmetric ``[-7, 7]`` one's and than a per-group zero
+point's (which costs 4 more bits per group), and clipping the range to the least squared rounding
+error (GPTQ's ``mse`` search) made it worse. Checkpoints written with the symmetric grid (codes in
+``[-7, 7]``, positive scales) are the same format and still read.
 
 Scales are rounded to fp16 when they are chosen, so the weights the SparseGPT sweep compensates
-for are exactly the ones stored. A group's scale is its largest kept ``|w|`` over ``qmax``; a
-group with no kept weight (or only zeros) gets scale 1.
+for are exactly the ones stored. A group with no kept weight (or only zeros) gets scale 1.
 
 In memory and in the op, codes are int8 ``[nnz]`` in the packed order of the values (int4 codes
-too, in ``[-7, 7]``). On disk, int4 codes are packed two per byte (``pack_int4``): value ``i``
+too, in ``[-8, 7]``). On disk, int4 codes are packed two per byte (``pack_int4``): value ``i``
 is the low nibble of byte ``i // 2`` when ``i`` is even, the high nibble when it is odd, in
 two's complement; a row may start in the middle of a byte, since rows are located by
 ``row_ptr`` in values, not in bytes. The last byte's unused high nibble is zero.
@@ -33,6 +39,9 @@ QUANT_METHODS = ("joint", "rtn")
 # input columns per scale when --group-size is not given: the sizes that met the quality targets on
 # the default model at K=16, 50% (int8 at 128: +1.1% perplexity; int4 at 128: +11%, at 32: +6%)
 DEFAULT_GROUP_SIZE = {"int8": 128, "int4": 32}
+# the grid new checkpoints record ("quant_grid" in the manifest); checkpoints without the field have
+# the symmetric one (codes in [-qmax, qmax], positive scales), which every reader takes as well
+QUANT_GRID = "full-range"
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,10 @@ class QuantSpec:
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
 
     @property
     def name(self) -> str:
@@ -78,17 +91,21 @@ def group_scales(weight: torch.Tensor, keep: torch.Tensor, spec: QuantSpec) -> t
     """fp32 scales ``[..., out, groups]`` (fp16-representable) of the kept weights ``[..., out, in]``."""
     inn = weight.shape[-1]
     pad = spec.groups(inn) * spec.group_size - inn
-    kept = (weight.float() * keep).abs()
+    kept, mask = weight.float() * keep, keep.float()
     if pad:
-        kept = torch.nn.functional.pad(kept, (0, pad))
-    peak = kept.reshape(*kept.shape[:-1], -1, spec.group_size).amax(-1)
-    return scale_from_peak(peak, spec)
+        kept, mask = (torch.nn.functional.pad(t, (0, pad)) for t in (kept, mask))
+    grouped = kept.reshape(*kept.shape[:-1], -1, spec.group_size)
+    return choose_scales(grouped, mask.reshape(grouped.shape) > 0, spec)
 
 
-def scale_from_peak(peak: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """The fp16-rounded scale for groups whose largest kept ``|w|`` is ``peak`` (1 where it is 0)."""
-    scale = (peak / spec.qmax).to(torch.float16).to(torch.float32)
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+def choose_scales(groups: torch.Tensor, kept: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The fp16-rounded signed scale of each group ``[..., n]`` of weights (``kept`` marks the ones
+    that count): the largest-magnitude kept weight ``p`` maps to ``qmin`` (scale ``p / qmin``);
+    1 for a group without a kept non-zero weight."""
+    groups = groups.to(torch.promote_types(groups.dtype, torch.float32)) * kept  # fp64 stays fp64
+    peak = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    scale = (peak / spec.qmin).to(torch.float16).to(groups.dtype)
+    return torch.where(scale != 0, scale, torch.ones_like(scale))
 
 
 def column_scales(scales: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
@@ -99,7 +116,7 @@ def column_scales(scales: torch.Tensor, in_features: int, group_size: int) -> to
 def quantize(weight: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """int8 codes ``[..., out, in]`` of ``weight`` on the grid ``scales`` (per group)."""
     s = column_scales(scales, weight.shape[-1], spec.group_size)
-    return torch.clamp(torch.round(weight.float() / s), -spec.qmax, spec.qmax).to(torch.int8)
+    return torch.clamp(torch.round(weight.float() / s), spec.qmin, spec.qmax).to(torch.int8)
 
 
 def round_to_nearest(weight: torch.Tensor, keep: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

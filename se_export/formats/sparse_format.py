@@ -270,12 +270,12 @@ def validate_packed(p: PackedExperts) -> None:
         expect = (p.num_experts, p.out_features, p.quant.groups(p.in_features))
         if p.values.dtype != torch.int8:
             problems.append(f"quantized values are {p.values.dtype}, expected int8 codes")
-        elif p.nnz and int(p.values.abs().max()) > p.quant.qmax:
-            problems.append(f"{p.quant.name} codes outside [-{p.quant.qmax}, {p.quant.qmax}]")
+        elif p.nnz and (int(p.values.max()) > p.quant.qmax or int(p.values.min()) < p.quant.qmin):
+            problems.append(f"{p.quant.name} codes outside [{p.quant.qmin}, {p.quant.qmax}]")
         if p.scales is None or tuple(p.scales.shape) != expect or p.scales.dtype != torch.float16:
             problems.append(f"scales {None if p.scales is None else tuple(p.scales.shape)} (expected fp16 {expect})")
-        elif not bool(torch.isfinite(p.scales).all()) or bool((p.scales <= 0).any()):
-            problems.append("scales not finite and positive")
+        elif not bool(torch.isfinite(p.scales).all()) or bool((p.scales == 0).any()):
+            problems.append("scales not finite and non-zero")
     if p.format == "csr16":
         if p.indices.numel() != p.nnz or p.indices.dtype != torch.int16:
             problems.append("csr16 column count differs from the number of values")

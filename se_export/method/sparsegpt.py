@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.quantization import QuantSpec, scale_from_peak
+from ..formats.quantization import QuantSpec, choose_scales
 from .sparsity import SparsitySpec
 
 
@@ -240,7 +240,7 @@ def sparsegpt_prune(
                     if (i1 + i) % quant.group_size == 0:
                         scale = _group_scale(w1, wt, i, i1, i2, mask1, quant, spec.structured)
                         scales[:, (i1 + i) // quant.group_size] = scale
-                    q = torch.clamp(torch.round(col / scale), -quant.qmax, quant.qmax).mul_(scale).mul_(keep_scale[:, i])
+                    q = torch.clamp(torch.round(col / scale), quant.qmin, quant.qmax).mul_(scale).mul_(keep_scale[:, i])
                     torch.sub(col, q, out=err1[:, i]).div_(d[:, i, None])
                     col.copy_(q)  # w1 now holds the pruned, quantized column
                 if i + 1 < j2:
@@ -263,13 +263,12 @@ def _group_scale(w1: torch.Tensor, wt: torch.Tensor, i: int, i1: int, i2: int, m
     start = i1 + i
     end = min(start + quant.group_size, wt.shape[1])
     inside = min(end, i2) - start
-    group = w1[:, i : i + inside].abs()
-    if not structured:
-        group = group * (~mask1[:, i : i + inside])
-    peak = group.amax(1)
+    group = w1[:, i : i + inside]  # [E, n, rows]
+    kept = torch.ones_like(group, dtype=torch.bool) if structured else ~mask1[:, i : i + inside]
     if end > i2:
-        peak = torch.maximum(peak, wt[:, i2:end].abs().amax(1))
-    return scale_from_peak(peak, quant).to(w1.dtype)
+        group = torch.cat([group, wt[:, i2:end]], 1)
+        kept = torch.cat([kept, torch.ones_like(wt[:, i2:end], dtype=torch.bool)], 1)
+    return choose_scales(group.transpose(1, 2), kept.transpose(1, 2), quant).to(w1.dtype)
 
 
 def reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, hessians: torch.Tensor) -> list[float]:

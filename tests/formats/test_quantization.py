@@ -4,6 +4,7 @@ recomputation of the grid, and the structural checks that refuse corrupt codes o
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -39,17 +40,19 @@ def test_int4_unpacking_refuses_a_wrong_byte_count():
 
 
 def reference_dequantized(weight: torch.Tensor, keep: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """The grid in float64, column by column (independent of the library's vectorised code)."""
-    qmax = 2 ** (bits - 1) - 1
+    """The grid in float64, group by group (independent of the library's vectorised code): the
+    first largest-magnitude kept weight of a group is code -2^(bits-1), its scale that weight over
+    -2^(bits-1) rounded to fp16 (1 for a group without a kept non-zero)."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     w = weight.double() * keep
     out = torch.zeros_like(w)
     cols = w.shape[-1]
-    for g0 in range(0, cols, group):
-        g1 = min(cols, g0 + group)
-        peak = w[:, :, g0:g1].abs().amax(-1, keepdim=True)
-        scale = (peak / qmax).to(torch.float16).double()
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        out[:, :, g0:g1] = torch.clamp(torch.round(w[:, :, g0:g1] / scale), -qmax, qmax) * scale
+    for e, r in itertools.product(range(w.shape[0]), range(w.shape[1])):
+        for g0 in range(0, cols, group):
+            vals = w[e, r, g0:g0 + group].tolist()
+            peak = max(vals, key=abs)  # the first of equal magnitudes, as argmax takes it
+            scale = float(torch.tensor(peak / qmin).half()) or 1.0
+            out[e, r, g0:g0 + group] = torch.tensor([min(qmax, max(qmin, round(v / scale))) * scale for v in vals])
     return out * keep
 
 
@@ -68,7 +71,7 @@ def test_packed_quantized_experts_dequantize_to_the_float64_grid(seed, k, out, i
     expect = reference_dequantized(weight, keep, bits, group)
     for e in range(k):
         assert torch.allclose(packed.unpack_expert(e, torch.float64), expect[e], rtol=0, atol=1e-12)
-    assert packed.values.dtype == torch.int8 and all(abs(v) <= spec.qmax for v in packed.values.tolist())
+    assert packed.values.dtype == torch.int8 and all(spec.qmin <= v <= spec.qmax for v in packed.values.tolist())
     assert torch.equal(packed.mask(), keep)
     # packing the dequantized weights again gives the same codes: the grid is a fixed point
     again = pack_experts(packed.unpack(torch.float32), keep, fmt, torch.int8, spec, packed.scales.float())
@@ -79,7 +82,18 @@ def test_scales_come_from_kept_weights_only():
     weight = torch.tensor([[[1.0, -100.0, 0.5, 0.25]]])
     keep = torch.tensor([[[True, False, True, True]]])
     scales = group_scales(weight, keep, QuantSpec(8, 4))
-    assert float(scales) == pytest.approx(1.0 / 127, rel=1e-3)  # the pruned -100 does not set the grid
+    # the pruned -100 does not set the grid; the largest kept weight, 1.0, is code -128
+    assert float(scales) == pytest.approx(-1.0 / 128, rel=1e-3)
+
+
+def test_the_largest_weight_takes_the_extra_level():
+    """int4: a group's largest-magnitude weight is code -8 (the scale takes the opposite sign), so
+    16 levels serve the group; the other side reaches 7 steps."""
+    spec = QuantSpec(4, 4)
+    w = torch.tensor([[[0.8, -0.3, 0.1, 0.5]]])
+    dequantized, scales = round_to_nearest(w, torch.ones_like(w, dtype=torch.bool), spec)
+    assert float(scales) == pytest.approx(-0.1, rel=1e-3) and float(dequantized[0, 0, 0]) == pytest.approx(0.8, rel=1e-3)
+    assert float(dequantized[0, 0, 3]) == pytest.approx(0.5, rel=1e-3)  # code -5
 
 
 def test_validation_refuses_corrupt_codes_and_scales():
@@ -89,11 +103,11 @@ def test_validation_refuses_corrupt_codes_and_scales():
     good = pack_experts(dequantized, keep, "bitmap", torch.int8, spec, scales)
     validate_packed(good)
     bad_codes = good.values.clone()
-    bad_codes[0] = 8  # outside int4's symmetric [-7, 7]
+    bad_codes[0] = 8  # outside int4's [-8, 7]
     cases = {
         "codes outside": dataclasses.replace(good, values=bad_codes),
         "scales": dataclasses.replace(good, scales=good.scales[:, :, :1].contiguous()),
-        "not finite and positive": dataclasses.replace(good, scales=-good.scales),
+        "not finite and non-zero": dataclasses.replace(good, scales=good.scales * 0),
         "expected int8 codes": dataclasses.replace(good, values=good.values.float()),
     }
     for needle, packed in cases.items():

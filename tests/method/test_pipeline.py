@@ -280,9 +280,10 @@ def test_rtn_quantization_rounds_the_finished_sparsegpt_weights(method, tiny_tok
         ref = fp32.get_submodule(name)
         w = ref.packed().unpack(torch.float64)  # [K, out, in], zeros where pruned
         groups = w.reshape(*w.shape[:-1], -1, 16)
-        scale = (groups.abs().amax(-1, keepdim=True) / 7).to(torch.float16).double()
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        expected = (torch.clamp(torch.round(groups / scale), -7, 7) * scale).reshape(w.shape)
+        peak = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))  # the group's largest |w| is code -8
+        scale = (peak / -8).to(torch.float16).double()
+        scale = torch.where(scale != 0, scale, torch.ones_like(scale))
+        expected = (torch.clamp(torch.round(groups / scale), -8, 7) * scale).reshape(w.shape)
         got = rtn.get_submodule(name).packed().unpack(torch.float64)
         assert torch.allclose(got, expected, atol=1e-6), name
         assert not torch.allclose(joint.get_submodule(name).packed().unpack(torch.float64), expected, atol=1e-6), name

@@ -50,18 +50,27 @@ def reference_sparsegpt(weight, hessian, fraction=0.0, prune_n=0, group_m=0, blo
             q = w[:, i]
             if bits:
                 if i % group == 0:
-                    part = w[:, i : i + group].abs()
-                    if not group_m:
-                        part = part * ~prune[:, i : i + group]
-                    s = (part.amax(1) / qmax).to(torch.float16).double()
-                    scales[:, i // group] = torch.where(s > 0, s, torch.ones_like(s))
+                    part = w[:, i : i + group]
+                    kept = torch.ones_like(part, dtype=torch.bool) if group_m else ~prune[:, i : i + group]
+                    scales[:, i // group] = signed_peak_scale(part, kept, bits)
                 s = scales[:, i // group]
-                q = torch.clamp(torch.round(q / s), -qmax, qmax) * s
+                q = torch.clamp(torch.round(q / s), -qmax - 1, qmax) * s
             q = torch.where(prune[:, i], 0.0, q)
             err = (w[:, i] - q) / hinv[i, i]
             w[:, i:] -= err[:, None] * hinv[i, i:][None, :]
             w[:, i] = q
     return (w, ~prune, scales) if bits else (w, ~prune)
+
+
+def signed_peak_scale(part: torch.Tensor, kept: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per row of ``part`` [rows, n]: the first largest-magnitude kept weight over -2^(bits-1),
+    rounded to fp16 (1 for a row without a kept non-zero)."""
+    out = torch.ones(part.shape[0], dtype=torch.float64)
+    for r in range(part.shape[0]):
+        vals = (part[r] * kept[r]).tolist()
+        peak = max(vals, key=abs)
+        out[r] = float(torch.tensor(peak / -(2 ** (bits - 1))).half()) or 1.0
+    return out
 
 
 def _problem(out, inn, tokens, seed):
@@ -247,15 +256,16 @@ def test_joint_quantization_matches_the_float64_reference(out, inn, spec, bits, 
     assert torch.equal(res.scales[0].double(), ref_scales)
     assert torch.allclose(res.weight[0], ref_w, atol=1e-9, rtol=1e-9)
     codes = res.weight[0] / column_scales(res.scales[0], inn, group)
-    assert torch.allclose(codes, codes.round(), atol=1e-6) and int(codes.abs().max()) <= 2 ** (bits - 1) - 1
+    assert torch.allclose(codes, codes.round(), atol=1e-6)
+    assert -(2 ** (bits - 1)) <= int(codes.round().min()) and int(codes.round().max()) <= 2 ** (bits - 1) - 1
 
 
 def test_weights_on_the_grid_with_an_uncorrelated_hessian_reproduce_plain_sparsegpt():
     """Without correlations SparseGPT moves no kept weight, so weights already on the int4 grid
     stay there: the joint sweep then equals plain SparseGPT exactly."""
     gen = torch.Generator().manual_seed(3)
-    codes = torch.randint(-6, 7, (6, 32), generator=gen).double()
-    codes[:, ::8] = 7  # every row group's largest |w| is 7 steps (and kept): the scale is the step
+    codes = torch.randint(-7, 8, (6, 32), generator=gen).double()
+    codes[:, ::8] = -8  # every row group's largest |w| is code -8 (and kept): the scale is the step
     step = 0.25
     weight = codes * step
     h = torch.eye(32, dtype=torch.float64)[None] * 2.0

@@ -14,7 +14,7 @@ struct Options {
   std::string engine;         // serialized TensorRT engine (se-export trt --out)
   std::string plugin;         // libse_trt_plugin.so (RoutedSparseMatMul)
   std::string dense_engine;   // bench: a dense engine measured in the same run
-  std::string nvinfer;        // explicit libnvinfer path (else libnvinfer.so.<major>, lean runtime)
+  std::string nvinfer;        // explicit libnvinfer path (else libnvinfer.so.<major>)
   std::vector<int64_t> ids;   // generate: prompt token ids
   int new_tokens = 32;        // generate: greedy tokens; bench: decode steps
   int prompt_len = 128;       // bench: prefill length

@@ -11,7 +11,8 @@ namespace se_runtime {
 
 class TrtLibrary {
  public:
-  // Opens `path`, or libnvinfer.so.<major> then libnvinfer_lean.so.<major>; refuses a library
+  // Opens `path`, or libnvinfer.so.<major> then libnvinfer.so (the lean runtime runs only
+  // version-compatible plans, which se-export trt does not build); refuses a library
   // whose major version differs from the headers'. Throws std::runtime_error with the reason.
   explicit TrtLibrary(std::string const& path = "");
   ~TrtLibrary();

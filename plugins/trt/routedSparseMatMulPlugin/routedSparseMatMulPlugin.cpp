@@ -4,6 +4,7 @@
 #include <cstring>
 #include <exception>
 #include <new>
+#include <utility>
 
 #include "se_cuda_kernels.h"
 
@@ -21,18 +22,23 @@ int64_t volume(Dims const& d, int32_t upto = -1) {
   return v;
 }
 
-// Which optional inputs are present: after the six required ones come bias and expert_ids (one of
-// them alone is told apart by type: fp32 bias, int32 expert_ids), then the scales of int8/int4
-// codes, always last.
+// Which optional inputs are present: after the six required ones come bias and expert_ids, as the
+// fields has_bias / has_expert_ids say (a graph prepared without them: a lone input 6 is told apart
+// by type, fp32 bias or int32 expert_ids), then the scales of int8/int4 codes, always last.
 struct Optional {
   int32_t bias = -1, ids = -1, scales = -1;
 };
 
-Optional optional_inputs(int32_t nbInputs, DataType input6, bool quantized) {
+bool layout_said(PluginParams const& p) { return p.has_bias >= 0 && p.has_expert_ids >= 0; }
+
+Optional optional_inputs(PluginParams const& p, int32_t nbInputs, DataType input6) {
   Optional o;
-  const int32_t plain = quantized ? nbInputs - 1 : nbInputs;  // inputs before the scales
-  if (quantized) o.scales = nbInputs - 1;
-  if (plain == 8) {
+  const int32_t plain = p.quantized() ? nbInputs - 1 : nbInputs;  // inputs before the scales
+  if (p.quantized()) o.scales = nbInputs - 1;
+  if (layout_said(p)) {
+    if (p.has_bias) o.bias = 6;
+    if (p.has_expert_ids) o.ids = 6 + p.has_bias;
+  } else if (plain == 8) {
     o.bias = 6;
     o.ids = 7;
   } else if (plain == 7) {
@@ -41,9 +47,11 @@ Optional optional_inputs(int32_t nbInputs, DataType input6, bool quantized) {
   return o;
 }
 
-// Input counts the plugin takes: 6 to 8, plus the scales of int8/int4 codes.
-bool input_count_ok(int32_t nbInputs, bool quantized) {
-  const int32_t plain = quantized ? nbInputs - 1 : nbInputs;
+// Input counts the plugin takes: 6 plus what has_bias/has_expert_ids say (6 to 8 when they are not
+// said), plus the scales of int8/int4 codes.
+bool input_count_ok(PluginParams const& p, int32_t nbInputs) {
+  const int32_t plain = p.quantized() ? nbInputs - 1 : nbInputs;
+  if (layout_said(p)) return plain == 6 + p.has_bias + p.has_expert_ids;
   return plain >= 6 && plain <= 8;
 }
 
@@ -71,28 +79,37 @@ std::string parse_fields(PluginFieldCollection const* fc, PluginParams* out) {
     PluginField const& f = fc->fields[i];
     if (f.name == nullptr || f.data == nullptr) continue;
     const std::string name(f.name);
-    if (name == "out_features" || name == "gemv_max_tokens" || name == "group_size" || name == "nnz") {
+    if (name == "out_features" || name == "gemv_max_tokens" || name == "group_size" || name == "nnz" ||
+        name == "has_bias" || name == "has_expert_ids") {
       if (f.type != PluginFieldType::kINT32 || f.length != 1) return "field " + name + " must be one int32";
       int32_t v = 0;
       std::memcpy(&v, f.data, sizeof(v));  // serialized fields need not be aligned
       (name == "out_features" ? out->out_features
        : name == "gemv_max_tokens" ? out->gemv_max_tokens
        : name == "group_size"      ? out->group_size
-                                   : out->nnz) = v;
+       : name == "nnz"             ? out->nnz
+       : name == "has_bias"        ? out->has_bias
+                                   : out->has_expert_ids) = v;
       have_out |= name == "out_features";
-    } else if (name == "format" || name == "value_dtype") {
+    } else if (name == "format" || name == "value_dtype" || name == "x_dtype") {
       if (f.type != PluginFieldType::kCHAR) return "field " + name + " must be a string";
       std::string s(static_cast<char const*>(f.data), static_cast<size_t>(f.length));
       s.erase(s.find_last_not_of('\0') + 1);
-      (name == "format" ? out->format : out->value_dtype) = s;
+      (name == "format" ? out->format : name == "value_dtype" ? out->value_dtype : out->x_dtype) = s;
     }
   }
   if (!have_out || out->out_features <= 0) return "field out_features (a positive int32) is missing";
   if (out->format != "bitmap" && out->format != "csr16")
     return "field format is '" + out->format + "'; expected 'bitmap' or 'csr16'";
+  for (int32_t flag : {out->has_bias, out->has_expert_ids})
+    if (flag < -1 || flag > 1) return "fields has_bias and has_expert_ids must be 0 or 1";
+  if ((out->has_bias < 0) != (out->has_expert_ids < 0)) return "fields has_bias and has_expert_ids come together";
+  const std::string& v = out->value_dtype;
+  if (!v.empty() && v != "fp32" && v != "fp16" && v != "bf16" && v != "int8" && v != "int4")
+    return "field value_dtype is '" + v + "'; expected fp32, fp16, bf16, int8 or int4";
+  if (!out->x_dtype.empty() && out->x_dtype != "fp32" && out->x_dtype != "fp16")
+    return "field x_dtype is '" + out->x_dtype + "'; expected fp32 or fp16";
   if (out->quantized()) {
-    if (out->value_dtype != "int8" && out->value_dtype != "int4")
-      return "field value_dtype is '" + out->value_dtype + "'; expected 'int8' or 'int4' (or absent for float values)";
     if (out->group_size < 1) return "int8/int4 codes need field group_size (a positive int32)";
     if (out->nnz < 0) return "field nnz must be >= 0";
   }
@@ -123,7 +140,7 @@ IPluginV3* RoutedSparseMatMulPlugin::clone() noexcept {
 
 int32_t RoutedSparseMatMulPlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs,
                                                      DataType const* inputTypes, int32_t nbInputs) const noexcept {
-  if (nbOutputs != 2 || !input_count_ok(nbInputs, mParams.quantized())) return -1;
+  if (nbOutputs != 2 || !input_count_ok(mParams, nbInputs)) return -1;
   outputTypes[0] = inputTypes[kX];
   outputTypes[1] = DataType::kINT32;
   return 0;
@@ -132,7 +149,7 @@ int32_t RoutedSparseMatMulPlugin::getOutputDataTypes(DataType* outputTypes, int3
 int32_t RoutedSparseMatMulPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const*,
                                                   int32_t, DimsExprs* outputs, int32_t nbOutputs,
                                                   IExprBuilder& exprBuilder) noexcept {
-  if (!input_count_ok(nbInputs, mParams.quantized()) || nbOutputs != 2 || inputs[kX].nbDims < 1) return -1;
+  if (!input_count_ok(mParams, nbInputs) || nbOutputs != 2 || inputs[kX].nbDims < 1) return -1;
   DimsExprs const& x = inputs[kX];
   outputs[0].nbDims = x.nbDims;
   outputs[1].nbDims = x.nbDims - 1;
@@ -144,7 +161,7 @@ int32_t RoutedSparseMatMulPlugin::getOutputShapes(DimsExprs const* inputs, int32
 bool RoutedSparseMatMulPlugin::supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* inOut,
                                                          int32_t nbInputs, int32_t nbOutputs) noexcept {
   const bool quantized = mParams.quantized();
-  if (!input_count_ok(nbInputs, quantized) || nbOutputs != 2 || pos < 0 || pos >= nbInputs + nbOutputs) return false;
+  if (!input_count_ok(mParams, nbInputs) || nbOutputs != 2 || pos < 0 || pos >= nbInputs + nbOutputs) return false;
   PluginTensorDesc const& d = inOut[pos].desc;
   if (d.format != TensorFormat::kLINEAR) return false;
   const DataType t = d.type;
@@ -153,23 +170,35 @@ bool RoutedSparseMatMulPlugin::supportsFormatCombination(int32_t pos, DynamicPlu
   if (quantized && pos == nbInputs - 1) return t == DataType::kHALF;  // scales
   const int32_t plain = quantized ? nbInputs - 1 : nbInputs;
   switch (pos) {
-    case kX: return t == DataType::kFLOAT || t == DataType::kHALF;
+    case kX:
+      if (!mParams.x_dtype.empty()) return t == (mParams.x_dtype == "fp16" ? DataType::kHALF : DataType::kFLOAT);
+      return t == DataType::kFLOAT || t == DataType::kHALF;
     case kRouterW:
     case kRouterB: return t == DataType::kFLOAT;
     case kValues:  // int8/int4 codes: their bytes as int32 words (TensorRT form)
-      return quantized ? t == DataType::kINT32 : (t == DataType::kFLOAT || t == DataType::kHALF || t == DataType::kBF16);
+      if (quantized) return t == DataType::kINT32;
+      if (mParams.value_dtype == "fp32") return t == DataType::kFLOAT;
+      if (mParams.value_dtype == "fp16") return t == DataType::kHALF;
+      if (mParams.value_dtype == "bf16") return t == DataType::kBF16;
+      return t == DataType::kFLOAT || t == DataType::kHALF || t == DataType::kBF16;
     case kIndices: return t == DataType::kINT32;  // packed bytes as int32 words (TensorRT form)
     case kRowPtr: return t == DataType::kINT32;
-    case 6: return plain == 8 ? t == DataType::kFLOAT : (t == DataType::kFLOAT || t == DataType::kINT32);
-    default: return t == DataType::kINT32;  // 7: expert_ids
+    default: {  // 6 and 7: bias fp32, expert_ids int32, where the layout says (or by type: see optional_inputs)
+      const Optional o = optional_inputs(mParams, nbInputs, t);
+      if (!layout_said(mParams) && plain == 7) return t == DataType::kFLOAT || t == DataType::kINT32;
+      return pos == o.bias ? t == DataType::kFLOAT : pos == o.ids && t == DataType::kINT32;
+    }
   }
 }
 
 int32_t RoutedSparseMatMulPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
                                                   DynamicPluginTensorDesc const*, int32_t nbOutputs) noexcept {
-  if (!input_count_ok(nbInputs, mParams.quantized()) || nbOutputs != 2) {
-    log_error(mParams.quantized() ? "RoutedSparseMatMul: expected 7 to 9 inputs (the scales last) and 2 outputs"
-                                  : "RoutedSparseMatMul: expected 6 to 8 inputs and 2 outputs");
+  if (!input_count_ok(mParams, nbInputs) || nbOutputs != 2) {
+    const int32_t plain = layout_said(mParams) ? 6 + mParams.has_bias + mParams.has_expert_ids : -1;
+    const std::string count = plain > 0 ? std::to_string(plain + (mParams.quantized() ? 1 : 0)) + " inputs"
+                                        : (mParams.quantized() ? "7 to 9 inputs" : "6 to 8 inputs");
+    log_error("RoutedSparseMatMul: expected " + count + (mParams.quantized() ? " (the scales last)" : "") +
+              " and 2 outputs, as the fields has_bias/has_expert_ids say; got " + std::to_string(nbInputs));
     return -1;
   }
   mNbInputs = nbInputs;
@@ -212,7 +241,7 @@ int32_t RoutedSparseMatMulPlugin::configurePlugin(DynamicPluginTensorDesc const*
 
 size_t RoutedSparseMatMulPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
                                                   DynamicPluginTensorDesc const*, int32_t) const noexcept {
-  if (!input_count_ok(nbInputs, mParams.quantized())) return 0;
+  if (!input_count_ok(mParams, nbInputs)) return 0;
   Dims const& x = inputs[kX].max;  // sized for the profile's largest shape
   const int64_t tokens = volume(x, x.nbDims - 1), K = inputs[kRouterW].max.d[1];
   return se_cuda_workspace_size(tokens, K);
@@ -220,7 +249,7 @@ size_t RoutedSparseMatMulPlugin::getWorkspaceSize(DynamicPluginTensorDesc const*
 
 int32_t RoutedSparseMatMulPlugin::onShapeChange(PluginTensorDesc const*, int32_t nbInputs, PluginTensorDesc const*,
                                                 int32_t nbOutputs) noexcept {
-  if (!input_count_ok(nbInputs, mParams.quantized()) || nbOutputs != 2) return -1;
+  if (!input_count_ok(mParams, nbInputs) || nbOutputs != 2) return -1;
   mNbInputs = nbInputs;
   return 0;
 }
@@ -243,8 +272,7 @@ int32_t RoutedSparseMatMulPlugin::enqueue(PluginTensorDesc const* inputDesc, Plu
   e.indices = inputs[kIndices];
   e.indices_len = e.format == SE_CSR16 ? e.nnz : packed_index_bytes(mParams.format, K, e.out_features, in_f, e.nnz);
   e.row_ptr = static_cast<int32_t const*>(inputs[kRowPtr]);
-  const Optional opt =
-      optional_inputs(mNbInputs, mNbInputs >= 7 ? inputDesc[6].type : DataType::kFLOAT, mParams.quantized());
+  const Optional opt = optional_inputs(mParams, mNbInputs, mNbInputs >= 7 ? inputDesc[6].type : DataType::kFLOAT);
   if (opt.bias >= 0 && volume(inputDesc[opt.bias].dims) > 0) e.bias = static_cast<float const*>(inputs[opt.bias]);
   if (opt.scales >= 0) {
     e.scales = static_cast<uint16_t const*>(inputs[opt.scales]);
@@ -274,9 +302,15 @@ PluginFieldCollection const* RoutedSparseMatMulPlugin::getFieldsToSerialize() no
                   static_cast<int32_t>(mParams.format.size())),
       PluginField("gemv_max_tokens", &mParams.gemv_max_tokens, PluginFieldType::kINT32, 1),
   };
+  if (layout_said(mParams)) {
+    mSerialFields.emplace_back("has_bias", &mParams.has_bias, PluginFieldType::kINT32, 1);
+    mSerialFields.emplace_back("has_expert_ids", &mParams.has_expert_ids, PluginFieldType::kINT32, 1);
+  }
+  for (auto const& [name, value] : {std::pair<char const*, std::string const*>{"value_dtype", &mParams.value_dtype},
+                                    {"x_dtype", &mParams.x_dtype}})
+    if (!value->empty())
+      mSerialFields.emplace_back(name, value->c_str(), PluginFieldType::kCHAR, static_cast<int32_t>(value->size()));
   if (mParams.quantized()) {
-    mSerialFields.emplace_back("value_dtype", mParams.value_dtype.c_str(), PluginFieldType::kCHAR,
-                               static_cast<int32_t>(mParams.value_dtype.size()));
     mSerialFields.emplace_back("group_size", &mParams.group_size, PluginFieldType::kINT32, 1);
     mSerialFields.emplace_back("nnz", &mParams.nnz, PluginFieldType::kINT32, 1);
   }

@@ -6,12 +6,16 @@
 //   3 values [nnz] fp32|fp16|bf16, or int32 words holding int8/int4 codes (value_dtype field)
 //   4 indices int32 words holding the packed little-endian bytes (bitmap bytes or csr16 columns,
 //     zero-padded to a whole word)
-//   5 row_ptr [K*out] int32   6 optional bias [K, out] fp32 or expert_ids int32   7 optional expert_ids
-//   last (int8/int4 codes only): scales [K, out, ceil(in / group_size)] fp16
+//   5 row_ptr [K*out] int32   then, as the fields has_bias / has_expert_ids say: bias [K, out] fp32,
+//   expert_ids [...] int32   last (int8/int4 codes only): scales [K, out, ceil(in / group_size)] fp16
 // Outputs: 0 y [..., out] (x's type), 1 expert_ids [...] int32 (the routing used).
-// Fields: out_features (int32), format (char: "bitmap"|"csr16"), gemv_max_tokens (int32, optional);
-// for int8/int4 codes value_dtype (char: "int8"|"int4"), group_size (int32) and nnz (int32: the
-// value count, which the padded words of int4 codes leave ambiguous).
+// Fields: out_features (int32), format (char: "bitmap"|"csr16"), gemv_max_tokens (int32, optional),
+// has_bias and has_expert_ids (int32 0/1; graphs prepared before they existed leave them out, and a
+// lone input 6 is then told apart by type: fp32 bias, int32 expert_ids);
+// value_dtype (char: "fp32"|"fp16"|"bf16" for float values, "int8"|"int4" for codes) and x_dtype
+// (char: "fp32"|"fp16"), so the plugin offers TensorRT exactly the one format combination the graph
+// needs (no format timing on synthetic inputs); for int8/int4 codes group_size (int32) and nnz
+// (int32: the value count, which the padded words of int4 codes leave ambiguous).
 #pragma once
 
 #include <NvInferRuntime.h>
@@ -34,11 +38,14 @@ struct PluginParams {
   int32_t out_features = 0;
   std::string format = "bitmap";
   int32_t gemv_max_tokens = 0;  // <= 0: the kernel library's default
-  std::string value_dtype;      // "" (values carry their float type), "int8" or "int4"
+  std::string value_dtype;      // "fp32" | "fp16" | "bf16" | "int8" | "int4"; "" (older graphs): any float type
+  std::string x_dtype;          // "fp32" | "fp16": the one activation type offered; "" (older graphs): either
   int32_t group_size = 0;       // int8/int4: input columns per scale
   int32_t nnz = 0;              // int8/int4: kept values
+  int32_t has_bias = -1;        // 0/1: input 6 is the bias; -1: not said (told by type)
+  int32_t has_expert_ids = -1;  // 0/1: expert_ids follow the bias (or sit at 6); -1: not said
 
-  bool quantized() const { return !value_dtype.empty(); }
+  bool quantized() const { return value_dtype == "int8" || value_dtype == "int4"; }
 };
 
 // Parses fields from the ONNX parser or a serialized engine; empty string on success, else why not.

@@ -16,6 +16,9 @@ RoutedSparseMatMulPluginCreator::RoutedSparseMatMulPluginCreator() {
       PluginField("value_dtype", nullptr, PluginFieldType::kCHAR, 0),
       PluginField("group_size", nullptr, PluginFieldType::kINT32, 1),
       PluginField("nnz", nullptr, PluginFieldType::kINT32, 1),
+      PluginField("has_bias", nullptr, PluginFieldType::kINT32, 1),
+      PluginField("has_expert_ids", nullptr, PluginFieldType::kINT32, 1),
+      PluginField("x_dtype", nullptr, PluginFieldType::kCHAR, 0),
   };
   mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
   mFieldCollection.fields = mFields.data();
