@@ -1,14 +1,15 @@
-"""int4 with a zero point or symmetric? Both grids applied to the same experts, paired.
+"""Which int4 grid? Symmetric, with a zero point, or full range, applied to the same experts, paired.
 
-se-export's int4 was symmetric (codes in [-7, 7], one fp16 scale per expert, row and group). The
+se-export's int4 was symmetric (codes in [-7, 7], one fp16 scale per expert, row and group); it is
+now "full range" (codes in [-8, 7], a signed scale: the largest-magnitude weight is code -8). The
 usual alternative is asymmetric: codes in [0, 15] with a per-group zero point z, the weight
 (q - z) * s, the 16 levels spread from the group's smallest to its largest kept weight. This
 takes one float checkpoint (the expansion's SparseGPT weights in fp16), rounds every expert's
 kept weights to nearest on each grid (same groups, fp16 scales, pruned weights left out of the
-ranges), and evaluates both on all WikiText-2 windows with the grid's protocol (512-token
-windows, batch 4). Rounding to nearest isolates the grid: the joint sweep would compensate
-either grid's error the same way. The asymmetric grid's dequantized weights are kept in fp32
-(exact), since neither the checkpoint nor the kernels store zero points.
+ranges), and evaluates each on all WikiText-2 windows with the grid's protocol (512-token
+windows, batch 4), paired against the symmetric grid. Rounding to nearest isolates the grid: the
+joint sweep would compensate either grid's error the same way. The asymmetric grid's dequantized
+weights are kept in fp32 (exact), since neither the checkpoint nor the kernels store zero points.
 
     .venv/bin/python bench/zero_point.py out/quant/se16-50-fp16 --group-size 32 --threads 1 [--grids symmetric]
 
@@ -36,8 +37,12 @@ LEVELS = 16  # int4
 
 
 def symmetric(w: torch.Tensor, keep: torch.Tensor, group: int) -> torch.Tensor:
-    """se-export's int4: codes in [-7, 7] times an fp16 scale per group (the package's RTN)."""
-    return round_to_nearest(w, keep, QuantSpec(4, group))[0]
+    """The older int4 grid: codes in [-7, 7] times a positive fp16 scale, the group's largest kept
+    |w| over 7."""
+    groups = _grouped(w * keep, group)
+    scale = (groups.abs().amax(-1, keepdim=True) / 7).half().float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return _ungrouped(torch.clamp(torch.round(groups / scale), -7, 7) * scale, w.shape[-1]) * keep
 
 
 def with_zero_point(w: torch.Tensor, keep: torch.Tensor, group: int) -> torch.Tensor:
@@ -68,13 +73,15 @@ def _ungrouped(t: torch.Tensor, cols: int) -> torch.Tensor:
 
 def full_range(w: torch.Tensor, keep: torch.Tensor, group: int, shrinks: tuple[float, ...] = (1.0,)) -> torch.Tensor:
     """Codes in [-8, 7] times a signed fp16 scale: the group's largest-magnitude kept weight is
-    code -8 (the scale takes its opposite sign), so all 16 levels are used at no extra bits.
-    With several ``shrinks``, each group keeps the clipped range (largest |w| times the factor)
-    whose rounding has the least squared error over its kept weights (GPTQ's ``mse`` search)."""
+    code -8 (the scale takes its opposite sign), so all 16 levels are used at no extra bits: the
+    package's grid (se_export.formats.quantization). With several ``shrinks``, each group keeps the
+    clipped range (largest |w| times the factor) whose rounding has the least squared error over
+    its kept weights (GPTQ's ``mse`` search)."""
+    if shrinks == (1.0,):
+        return round_to_nearest(w, keep, QuantSpec(4, group))[0]
     kept = _grouped(keep.float(), group) > 0
     groups = _grouped(w * keep, group)
-    peak_at = groups.abs().argmax(-1, keepdim=True)
-    peak = groups.gather(-1, peak_at)
+    peak = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))
     best, best_err = None, None
     for shrink in shrinks:
         scale = (-peak * shrink / 8).half().float()

@@ -288,24 +288,27 @@ def bench_ort_cmd(
     out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
 ) -> None:
     """Prefill latency and decode tokens/s in ONNX Runtime (CPU, or CUDA), every export in one run."""
+    from .eval.bench_ort import ort_loader
+
+    _latency_bench(onnx_dirs, ort_loader(threads, provider), prompt_len, decode_tokens, repeats, interleave, out,
+                   threads)
+
+
+def _latency_bench(targets: list[Path], load, prompt_len: int, decode_tokens: int, repeats: int, interleave: int,
+                   out: Path | None, threads: int = 0) -> None:
+    """bench ort / bench trt: every target in one run (alternating decode blocks with
+    ``interleave``), the table on stdout, the JSON to ``out``."""
     from .atomic import atomic_write_text
-    from .eval.bench_ort import (
-        bench_interleaved,
-        bench_ort,
-        format_interleaved_table,
-        format_table,
-        ort_loader,
-    )
+    from .eval.bench_ort import bench_interleaved, bench_ort, format_interleaved_table, format_table
 
     if interleave < 0:
         raise SEError(f"--interleave must be >= 0, got {interleave}")
-    load = ort_loader(threads, provider)
     if interleave:
-        results = bench_interleaved(onnx_dirs, prompt_len=prompt_len, decode_tokens=decode_tokens,
-                                    blocks=interleave, threads=threads, load=load)
+        results = bench_interleaved(targets, prompt_len=prompt_len, decode_tokens=decode_tokens, blocks=interleave,
+                                    threads=threads, load=load)
         print(format_interleaved_table(results))
     else:
-        results = bench_ort(onnx_dirs, prompt_len=prompt_len, decode_tokens=decode_tokens, repeats=repeats,
+        results = bench_ort(targets, prompt_len=prompt_len, decode_tokens=decode_tokens, repeats=repeats,
                             threads=threads, load=load)
         print(format_table(results))
     if out:
@@ -327,28 +330,10 @@ def bench_trt_cmd(
 ) -> None:
     """Prefill latency and decode tokens/s of TensorRT engines (the dense one first when given), with
     the same protocol and JSON as bench ort."""
-    from .atomic import atomic_write_text
-    from .eval.bench_ort import (
-        bench_interleaved,
-        bench_ort,
-        format_interleaved_table,
-        format_table,
-        trt_loader,
-    )
+    from .eval.bench_ort import trt_loader
 
-    if interleave < 0:
-        raise SEError(f"--interleave must be >= 0, got {interleave}")
     engines = ([dense_engine] if dense_engine else []) + [engine]
-    load = trt_loader(plugin)
-    if interleave:
-        results = bench_interleaved(engines, prompt_len=prompt_len, decode_tokens=decode_tokens, blocks=interleave,
-                                    load=load)
-        print(format_interleaved_table(results))
-    else:
-        results = bench_ort(engines, prompt_len=prompt_len, decode_tokens=decode_tokens, repeats=repeats, load=load)
-        print(format_table(results))
-    if out:
-        atomic_write_text(out, json.dumps(results, indent=1))
+    _latency_bench(engines, trt_loader(plugin), prompt_len, decode_tokens, repeats, interleave, out)
 
 
 @app.command("lm-eval-task")

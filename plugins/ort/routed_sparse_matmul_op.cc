@@ -80,14 +80,7 @@ int64_t dense_tile_bytes() { return env_int64("SE_ORT_DENSE_TILE_BYTES", kDenseT
 template <typename TX, typename TV, typename TI>
 struct RoutedSparseMatMulKernel {
   RoutedSparseMatMulKernel(const OrtApi* /*api*/, const OrtKernelInfo* info) {
-    Ort::ConstKernelInfo ki(info);
-    out_features_ = ki.GetAttribute<int64_t>("out_features");
-    format_ = ki.GetAttribute<std::string>("format");
-    try {
-      group_size_ = ki.GetAttribute<int64_t>("group_size");
-    } catch (const Ort::Exception&) {  // version 1 nodes and float values have none
-      group_size_ = 0;
-    }
+    attrs_ = NodeAttributes::of(info);
     min_group_tokens_ = dense_group_tokens();
     tile_bytes_ = dense_tile_bytes();
     if (min_group_tokens_ > 0) {
@@ -113,93 +106,19 @@ struct RoutedSparseMatMulKernel {
                       std::optional<const Tensor<float>*> bias, std::optional<const Tensor<int32_t>*> expert_ids,
                       std::optional<const Tensor<Ort::Float16_t>*> scales, Tensor<TX>& y,
                       std::optional<Tensor<int32_t>*> expert_ids_out) {
-    const int32_t format = format_ == "bitmap" ? SE_BITMAP : format_ == "csr16" ? SE_CSR16 : -1;
-    if (format < 0) return invalid("format attribute must be 'bitmap' or 'csr16', got '" + format_ + "'");
-    // Indices are bitmap bytes (uint8) or csr16 columns (int16), or either packed little-endian
-    // into int32 words, zero-padded to a whole word: the TensorRT form (se_export.trt_onnx), as
-    // TensorRT has no 16-bit integers and takes int32 constants everywhere.
-    constexpr bool words = std::is_same_v<TI, int32_t>;
-    if (format == SE_BITMAP && std::is_same_v<TI, int16_t>) return invalid("format 'bitmap' needs uint8 or int32 indices");
-    if (format == SE_CSR16 && std::is_same_v<TI, uint8_t>) return invalid("format 'csr16' needs int16 or int32 indices");
+    se_experts e;
+    CallShape call;
+    Ort::Status st =
+        describe_experts(attrs_, x, router_weight, router_bias, values, indices, row_ptr, bias, expert_ids, scales, e, call);
+    if (st.IsOK() && (kQuantizedValues<TV> || std::is_same_v<TI, int32_t>)) {
+      const int64_t rows = e.num_experts * e.out_features;
+      st = finish_counts<TV, TI>(e, reinterpret_cast<const uint8_t*>(indices.Data()),
+                                 rows > 0 ? row_ptr.Data()[rows - 1] : -1);
+    }
+    if (!st.IsOK()) return st;
     const auto& xs = x.Shape();
-    if (xs.empty()) return invalid("x must have at least one dimension");
-    const int64_t in = xs.back();
-    const auto& gs = router_weight.Shape();
-    if (gs.size() != 2 || gs[0] != in)
-      return invalid("router_weight is " + shape_str(gs) + " but x has " + std::to_string(in) + " features");
-    const int64_t K = gs[1];
-    if (router_bias.NumberOfElement() != K) return invalid("router_bias must have K = " + std::to_string(K) + " entries");
-    const int64_t out = out_features_;
-    if (out < 1) return invalid("out_features must be >= 1");
-    if (row_ptr.NumberOfElement() != K * out)
-      return invalid("row_ptr must have K*out = " + std::to_string(K * out) + " entries, has " +
-                     std::to_string(row_ptr.NumberOfElement()));
-    const float* bias_data = nullptr;
-    if (bias.has_value() && *bias != nullptr && (*bias)->NumberOfElement() > 0) {
-      if ((*bias)->NumberOfElement() != K * out) return invalid("bias must be [K, out]");
-      bias_data = (*bias)->Data();
-    }
-    int64_t tokens = 1;
-    for (size_t i = 0; i + 1 < xs.size(); ++i) tokens *= xs[i];
-    const int32_t* ids_in = nullptr;
-    if (expert_ids.has_value() && *expert_ids != nullptr && ((*expert_ids)->NumberOfElement() > 0 || tokens == 0)) {
-      if ((*expert_ids)->NumberOfElement() != tokens)
-        return invalid("expert_ids must have one entry per token (" + std::to_string(tokens) + ")");
-      ids_in = (*expert_ids)->Data();
-    }
-
-    se_experts e{};
-    e.format = format;
-    e.value_dtype = dtype_code<TV>();
-    e.num_experts = K;
-    e.out_features = out;
-    e.in_features = in;
-    e.values = values.Data();
-    e.nnz = values.NumberOfElement();
-    constexpr bool quantized = kQuantizedValues<TV>;
-    if constexpr (quantized) {
-      if (!scales.has_value() || *scales == nullptr || (*scales)->NumberOfElement() == 0)
-        return invalid("int8/int4 values need the scales input (op version 2)");
-      if (group_size_ < 1 || group_size_ > in)
-        return invalid("group_size attribute must be in [1, in_features = " + std::to_string(in) + "], got " +
-                       std::to_string(group_size_));
-      const int64_t groups = (in + group_size_ - 1) / group_size_;
-      if ((*scales)->NumberOfElement() != K * out * groups)
-        return invalid("scales must be [K, out, ceil(in / group_size)] = " + std::to_string(K * out * groups) +
-                       " entries, have " + std::to_string((*scales)->NumberOfElement()));
-      e.scales = reinterpret_cast<const uint16_t*>((*scales)->Data());
-      e.group_size = group_size_;
-      if constexpr (std::is_same_v<TV, uint8_t>) {  // int4: the code count from the last row's start and length
-        if (format != SE_BITMAP && words) return invalid("int4 csr16 values need int16 indices");
-        const int32_t last = row_ptr.Data()[K * out - 1];
-        int64_t count = indices.NumberOfElement();  // csr16: one column per code
-        if (format == SE_BITMAP) {
-          const int64_t width = (in + 7) / 8;
-          const auto* bytes = reinterpret_cast<const uint8_t*>(indices.Data());
-          const int64_t total = words ? K * out * width : indices.NumberOfElement();
-          if (total < width || last < 0) return invalid("bitmap indices are shorter than one row");
-          count = last;
-          for (int64_t i = total - width; i < total; ++i) count += __builtin_popcount(bytes[i]);
-        }
-        if (values.NumberOfElement() != (count + 1) / 2)
-          return invalid("int4 values must hold " + std::to_string((count + 1) / 2) + " bytes for " +
-                         std::to_string(count) + " codes, have " + std::to_string(values.NumberOfElement()));
-        e.nnz = count;
-      }
-    } else if (scales.has_value() && *scales != nullptr && (*scales)->NumberOfElement() > 0) {
-      return invalid("scales are for int8/int4 values; these values are floats");
-    }
-    e.indices = indices.Data();
-    e.indices_len = indices.NumberOfElement();
-    if (words) {  // the packed bytes it must cover; the zero padding after them is ignored
-      const int64_t bytes = format == SE_BITMAP ? K * out * ((in + 7) / 8) : 2 * e.nnz;
-      if (indices.NumberOfElement() != (bytes + 3) / 4)
-        return invalid("int32-word indices must hold " + std::to_string((bytes + 3) / 4) + " words, have " +
-                       std::to_string(indices.NumberOfElement()));
-      e.indices_len = format == SE_BITMAP ? bytes : e.nnz;
-    }
-    e.row_ptr = row_ptr.Data();
-    e.bias = bias_data;
+    const int64_t out = e.out_features, tokens = call.tokens;
+    const int32_t* ids_in = call.ids_in;
     char err[512] = {0};
     if (!already_checked(e)) {
       if (se_check_experts(&e, err, sizeof(err))) return invalid(err);
@@ -236,9 +155,7 @@ struct RoutedSparseMatMulKernel {
     has_checked_ = true;
   }
 
-  int64_t out_features_ = 0;
-  int64_t group_size_ = 0;
-  std::string format_;
+  NodeAttributes attrs_;
   int64_t min_group_tokens_ = 0;
   int64_t tile_bytes_ = 0;
   Ort::Op gemm_{nullptr};  // a standalone Gemm kernel, created with the node
@@ -248,27 +165,6 @@ struct RoutedSparseMatMulKernel {
 };
 
 constexpr const char* kProvider = "CPUExecutionProvider";
-
-template <typename TX, typename TV, typename TI>
-void add_kernel(std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>& ops) {
-  ops.emplace_back(Ort::Custom::CreateLiteCustomOp<RoutedSparseMatMulKernel<TX, TV, TI>>(kOpName, kProvider, 1));
-}
-
-template <typename TX, typename TV>
-void add_index_types(std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>& ops) {
-  add_kernel<TX, TV, uint8_t>(ops);
-  add_kernel<TX, TV, int16_t>(ops);
-  add_kernel<TX, TV, int32_t>(ops);
-}
-
-template <typename TX>
-void add_value_types(std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>& ops) {
-  add_index_types<TX, float>(ops);
-  add_index_types<TX, Ort::Float16_t>(ops);
-  add_index_types<TX, Ort::BFloat16_t>(ops);
-  add_index_types<TX, int8_t>(ops);
-  add_index_types<TX, uint8_t>(ops);
-}
 
 }  // namespace se_ort
 
@@ -283,8 +179,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
   static std::once_flag once;
   try {
     std::call_once(once, [] {
-      se_ort::add_value_types<float>(ops);
-      se_ort::add_value_types<Ort::Float16_t>(ops);
+      se_ort::add_kernels<se_ort::RoutedSparseMatMulKernel>(ops, se_ort::kProvider);
 #ifdef SE_ORT_WITH_CUDA
       se_ort::add_cuda_kernels(ops);
 #endif

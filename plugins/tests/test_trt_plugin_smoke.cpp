@@ -85,6 +85,17 @@ Dims dims(std::vector<int64_t> v) {
   return d;
 }
 
+// Whether `build` refuses position `pos` of the 8-input, 2-output `io` with type t (and format f).
+bool refuses(IPluginV3OneBuild* build, std::vector<DynamicPluginTensorDesc>& io, int32_t pos, DataType t,
+             TensorFormat f = TensorFormat::kLINEAR) {
+  const auto saved = io[pos];
+  io[pos].desc.type = t;
+  io[pos].desc.format = f;
+  const bool ok = build->supportsFormatCombination(pos, io.data(), 8, 2);
+  io[pos] = saved;
+  return !ok;
+}
+
 DynamicPluginTensorDesc desc(DataType t, std::vector<int64_t> shape, std::vector<int64_t> max = {}) {
   DynamicPluginTensorDesc d{};
   d.desc.type = t;
@@ -195,12 +206,7 @@ int main(int argc, char** argv) {
       desc(DataType::kHALF, {1, 7, out}), desc(DataType::kINT32, {1, 7})};
   for (int32_t pos = 0; pos < 10; ++pos) expect(build->supportsFormatCombination(pos, io.data(), 8, 2), "accepted");
   auto rejects = [&](int32_t pos, DataType t, TensorFormat f = TensorFormat::kLINEAR) {
-    auto saved = io[pos];
-    io[pos].desc.type = t;
-    io[pos].desc.format = f;
-    const bool ok = build->supportsFormatCombination(pos, io.data(), 8, 2);
-    io[pos] = saved;
-    return !ok;
+    return refuses(build, io, pos, t, f);
   };
   expect(rejects(0, DataType::kINT8), "x int8 rejected");
   expect(rejects(0, DataType::kHALF, TensorFormat::kCHW32), "non-linear format rejected");
@@ -265,13 +271,7 @@ int main(int argc, char** argv) {
       auto* tb = static_cast<IPluginV3OneBuild*>(typed->getCapabilityInterface(PluginCapabilityType::kBUILD));
       expect(tb->supportsFormatCombination(0, io.data(), 8, 2) && tb->supportsFormatCombination(3, io.data(), 8, 2),
              "fp16 x and fp16 values accepted");
-      auto typed_rejects = [&](int32_t pos, DataType t) {
-        auto saved = io[pos];
-        io[pos].desc.type = t;
-        const bool ok = tb->supportsFormatCombination(pos, io.data(), 8, 2);
-        io[pos] = saved;
-        return !ok;
-      };
+      auto typed_rejects = [&](int32_t pos, DataType t) { return refuses(tb, io, pos, t); };
       expect(typed_rejects(0, DataType::kFLOAT), "x_dtype fp16: fp32 x not offered");
       expect(typed_rejects(3, DataType::kFLOAT) && typed_rejects(3, DataType::kBF16), "value_dtype fp16: one type");
       auto* trt_rt = static_cast<IPluginV3OneRuntime*>(typed->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
@@ -356,13 +356,7 @@ int main(int argc, char** argv) {
           desc(DataType::kINT32, {K * out}), desc(DataType::kFLOAT, {K, out}), desc(DataType::kHALF, {K, out, groups}),
           desc(DataType::kHALF, {1, 7, out}), desc(DataType::kINT32, {1, 7})};
       for (int32_t pos = 0; pos < 10; ++pos) expect(qb->supportsFormatCombination(pos, q.data(), 8, 2), "int4 io accepted");
-      auto q_rejects = [&](int32_t pos, DataType t) {
-        auto saved = q[pos];
-        q[pos].desc.type = t;
-        const bool ok = qb->supportsFormatCombination(pos, q.data(), 8, 2);
-        q[pos] = saved;
-        return !ok;
-      };
+      auto q_rejects = [&](int32_t pos, DataType t) { return refuses(qb, q, pos, t); };
       expect(q_rejects(3, DataType::kHALF), "int4 codes must come as int32 words");
       expect(q_rejects(7, DataType::kFLOAT), "scales are fp16");
       expect(q_rejects(6, DataType::kHALF), "input 6 is the fp32 bias (or int32 expert_ids)");

@@ -38,3 +38,30 @@ def test_zero_point_grid_matches_a_float64_reference(seed, rows, cols, group, de
                 expect[r, c] = (q - zero) * scale
     assert torch.allclose(got.double(), expect, rtol=0, atol=1e-6)
     assert torch.all(got[~keep] == 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), rows=st.integers(1, 5), cols=st.integers(1, 70), group=st.integers(1, 40),
+       density=st.floats(0.05, 1.0))
+def test_symmetric_and_full_range_grids_match_float64_references(seed, rows, cols, group, density):
+    """The older symmetric grid ([-7, 7], largest |w| over 7) and the full-range one ([-8, 7], the
+    largest-magnitude weight is code -8), each recomputed group by group in float64."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen) * 2
+    keep = torch.rand(rows, cols, generator=gen) < density
+    got = {"symmetric": zero_point.symmetric(w, keep, group), "full": zero_point.full_range(w, keep, group)}
+    expect = {name: torch.zeros(rows, cols, dtype=torch.float64) for name in got}
+    for r in range(rows):
+        for g0 in range(0, cols, group):
+            cols_g = [c for c in range(g0, min(cols, g0 + group)) if keep[r, c]]
+            if not cols_g:
+                continue
+            vals = [float(w[r, c]) for c in cols_g]
+            peak = max(vals, key=abs)
+            sym = float(torch.tensor(abs(peak) / 7).half()) or 1.0
+            full = float(torch.tensor(peak / -8).half()) or 1.0
+            for c, v in zip(cols_g, vals, strict=True):
+                expect["symmetric"][r, c] = min(7, max(-7, round(v / sym))) * sym
+                expect["full"][r, c] = min(7, max(-8, round(v / full))) * full
+    for name in got:
+        assert torch.allclose(got[name].double(), expect[name], rtol=0, atol=1e-6), name
