@@ -41,6 +41,16 @@ def expanded_export(tmp_path_factory, tiny_llama_dir, calib_file):
     return out
 
 
+@pytest.fixture(scope="module")
+def fp16_export(expanded_export, tmp_path_factory):
+    """The same checkpoint exported with fp16 activations (a strongly typed TensorRT build)."""
+    out = tmp_path_factory.mktemp("trt-runtime-fp16") / "onnx"
+    ckpt = json.loads((expanded_export / "se_onnx.json").read_text())["source"]
+    proc = run_cli("onnx", ckpt, "--out", out, "--dtype", "fp16", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
 @pytest.fixture
 def strict_trt(monkeypatch):
     """se-export's TensorRT code with the stand-in as ``tensorrt``, host tensors instead of CUDA."""
@@ -75,6 +85,22 @@ def test_engine_builds_and_validates_through_the_strict_stand_in(expanded_export
                       show_progress=False)
     assert report.passed, json.dumps(report.checks, default=str)
     assert {"logits", "decode_step", "generation"} <= set(report.checks)
+
+
+@needs_plugin
+def test_an_fp16_export_builds_strongly_typed_and_validates(fp16_export, strict_trt, tmp_path):
+    engine = tmp_path / "model.engine"
+    info = build_engine(fp16_export, engine, plugin=PLUGIN, log=lambda _: None, ranges=ShapeRanges(max_seq=64, max_past=128))
+    assert info["fp16"]
+    import onnx
+
+    graph = onnx.load(str(fp16_export / trt_build.TRT_ONNX_FILE), load_external_data=False)
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in graph.graph.node
+             if n.op_type == "RoutedSparseMatMul"]
+    assert attrs and all(a["x_dtype"] == b"fp16" for a in attrs), "the plugins offer fp16 activations only"
+    report = validate(fp16_export, backend="trt", engine=engine, plugin=PLUGIN, tokens=4, ppl_windows=0,
+                      show_progress=False)
+    assert report.passed and report.dtype == "fp16", json.dumps(report.checks, default=str)
 
 
 @needs_plugin
