@@ -22,6 +22,7 @@ from ..export.trt_onnx import prepare_for_tensorrt
 from .kernels import find_library
 
 TRT_PLUGIN_LIB = "libse_trt_plugin.so"
+TRT_AUTOLOAD_LIB = "libse_trt_plugin_autoload.so"  # registers the plugin on a plain dlopen (polygraphy --plugins)
 TRT_ONNX_FILE = "model.trt.onnx"
 DEFAULT_ENGINE = "model.engine"  # se-export trt's --out default, inside the ONNX folder
 PLUGIN_NAME, PLUGIN_VERSION = "RoutedSparseMatMul", "1"  # plugins/trt/routedSparseMatMulPlugin
@@ -91,6 +92,23 @@ def trtexec_command(onnx_path: Path, engine: Path, plugin: Path, fp16: bool, pro
     elif fp16:
         args.append("--fp16")
     return shlex.join(args)
+
+
+def polygraphy_commands(trt_onnx: Path, autoload: Path, profile: dict, fp16: bool, strongly_typed: bool) -> list[str]:
+    """Polygraphy's parity check of the engine, at the decode profile's tuned shapes. Polygraphy's
+    ONNX Runtime runner cannot register our op library, so the reference is a ``--portable``
+    export of the same checkpoint (standard ops; the same inputs and outputs), whose inputs and
+    outputs the TensorRT run then loads (its profile is the loaded inputs' shapes). ``--plugins``
+    only dlopens a library: the autoload one registers the plugin when it is. Attention masks are
+    all ones (random 0/1 masks can mask a whole row)."""
+    shapes = [f"{name}:[{','.join(map(str, s[1]))}]" for name, s in profile.items()]
+    reference = ["polygraphy", "run", "PORTABLE_EXPORT/model.onnx", "--onnxrt", "--input-shapes", *shapes,
+                 "--val-range", "attention_mask:[1,1]", "--save-inputs", "se_inputs.json", "--save-outputs", "se_ort.json"]
+    engine = ["polygraphy", "run", str(trt_onnx), "--trt", "--plugins", str(autoload), "--load-inputs", "se_inputs.json",
+              "--load-outputs", "se_ort.json"]
+    engine += ["--strongly-typed"] if strongly_typed else ["--fp16"] if fp16 else []
+    return [shlex.join(reference) + "   # PORTABLE_EXPORT: se-export onnx CKPT --out DIR --portable",
+            shlex.join(engine)]
 
 
 def plugin_library(explicit: Path | None) -> Path:
@@ -170,6 +188,10 @@ def build_engine(onnx_dir: Path, engine: Path, *, fp16: bool = False, plugin: Pa
     strongly_typed = manifest["dtype"] == "fp16" or (trt_major or 0) >= 11  # TensorRT 11 has no weak typing
     log("equivalent: " + trtexec_command(trt_onnx, engine, lib or Path("<none>"), fp16,
                                          profiles(manifest, ranges)[0], strongly_typed))
+    if lib is not None:
+        for line in polygraphy_commands(trt_onnx, lib.with_name(TRT_AUTOLOAD_LIB), profiles(manifest, ranges)[1],
+                                        fp16, strongly_typed):
+            log("parity: " + line)
     if trt is None:
         return {"engine": None, "trt_onnx": str(trt_onnx), **stats}
     major = trt_major

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,6 +165,34 @@ def test_the_stand_in_refuses_what_tensorrt_refuses(expanded_export, strict_trt,
     parser = strict_trt.OnnxParser(network, strict_trt.Logger())
     assert not parser.parse_from_file(str(expanded_export / trt_build.TRT_ONNX_FILE)), "no plugin loaded"
     assert "Plugin not found" in parser.get_error(0)
+
+
+@needs_plugin
+@pytest.mark.skipif(importlib.util.find_spec("polygraphy") is None, reason="polygraphy is not installed")
+def test_the_printed_polygraphy_reference_run_works(expanded_export, tmp_path):
+    """`se-export trt --dry-run` prints Polygraphy's parity check: ONNX Runtime on a --portable
+    export saves inputs and outputs, the TensorRT run (with the autoload plugin library) loads
+    them. The first half runs here; the second needs TensorRT."""
+    import shlex
+    import subprocess
+    import sys
+
+    lines = []
+    build_engine(expanded_export, tmp_path / "model.engine", plugin=PLUGIN, dry_run=True, log=lines.append,
+                 ranges=ShapeRanges(max_seq=16, max_past=32))
+    parity = [line.removeprefix("parity: ") for line in lines if line.startswith("parity: ")]
+    assert len(parity) == 2 and "--plugins" in parity[1] and trt_build.TRT_AUTOLOAD_LIB in parity[1]
+    portable = tmp_path / "portable"
+    ckpt = json.loads((expanded_export / "se_onnx.json").read_text())["source"]
+    assert run_cli("onnx", ckpt, "--out", portable, "--portable", "--quiet").returncode == 0
+    args = shlex.split(parity[0].split("   #")[0].replace("PORTABLE_EXPORT", str(portable)))
+    assert args[0] == "polygraphy"
+    polygraphy = Path(sys.executable).with_name("polygraphy")  # the console script beside this Python
+    proc = subprocess.run([str(polygraphy), *args[1:]], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    saved = json.loads((tmp_path / "se_ort.json").read_text())
+    assert (tmp_path / "se_inputs.json").is_file() and saved
 
 
 @pytest.mark.gpu
