@@ -244,3 +244,37 @@ def test_bench_trt_without_tensorrt_is_a_one_line_error(tmp_path):
     proc = run_cli("bench", "trt", engine)
     assert proc.returncode != 0 and "tensorrt Python module is not installed" in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
+
+
+@needs_plugin
+def test_bf16_expert_values_build_weakly_typed_with_the_bf16_flag(tiny_llama_dir, calib_file, strict_trt, tmp_path):
+    """bf16 values in an fp32 graph: the weakly typed build sets BuilderFlag.BF16 (the stand-in,
+    like TensorRT, refuses bf16 tensors without it), and the nodes name their values' type."""
+    ckpt, out = tmp_path / "ckpt", tmp_path / "onnx"
+    proc = run_cli("expand", tiny_llama_dir, "--out", ckpt, "--experts", "2", "--calib", calib_file, "--calib-samples",
+                   "8", "--seqlen", "32", "--min-cluster-tokens", "4", "--value-dtype", "bf16", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert run_cli("onnx", ckpt, "--out", out, "--quiet").returncode == 0
+    info = build_engine(out, tmp_path / "model.engine", plugin=PLUGIN, log=lambda _: None,
+                        ranges=ShapeRanges(max_seq=16, max_past=32))
+    assert info["bf16_values"] == info["nodes"] > 0 and not info["fp16"]
+    strict_trt.reset()
+    original = strict_trt.IBuilderConfig.set_flag
+    strict_trt.IBuilderConfig.set_flag = lambda self, flag: None  # a builder that forgot the flag
+    try:
+        with pytest.raises(SEError, match="could not build"):
+            build_engine(out, tmp_path / "again.engine", plugin=PLUGIN, log=lambda _: None,
+                         ranges=ShapeRanges(max_seq=16, max_past=32))
+    finally:
+        strict_trt.IBuilderConfig.set_flag = original
+    assert any("BuilderFlag.BF16" in m for m in strict_trt.LOG)
+
+
+def test_without_a_cuda_torch_the_error_says_which_torch_to_install(monkeypatch):
+    """The Python TensorRT path holds tensors in torch: a CPU-only torch (PyPI's on Jetson) is a
+    one-line error naming the fix."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(SEError, match="has no CUDA support") as info:
+        trt_build.require_gpu()
+    assert "\n" not in str(info.value) and "Jetson" in str(info.value) and "se_runtime" in str(info.value)
