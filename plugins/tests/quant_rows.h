@@ -63,7 +63,8 @@ inline QuantRows random_quant_rows(std::mt19937& gen) {
         r.codes.push_back(static_cast<int8_t>(code(gen)));
       }
     r.row_ptr.push_back(static_cast<int64_t>(r.codes.size()));
-    for (int64_t g = 0; g < r.groups; ++g) r.scales.push_back(to_f16_exact(static_cast<float>(steps(gen)) / 64.f));
+    for (int64_t g = 0; g < r.groups; ++g)  // either sign, as the full-range grid writes them
+      r.scales.push_back(to_f16_exact(static_cast<float>(steps(gen) * (g % 2 ? -1 : 1)) / 64.f));
   }
   r.nibbles.assign((r.codes.size() + 1) / 2, 0);
   for (size_t i = 0; i < r.codes.size(); ++i)

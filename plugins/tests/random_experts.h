@@ -71,10 +71,16 @@ struct RandomExperts {
     row_ptr.resize(c.K * c.out);
     const bool quantized = c.value_dtype == SE_I8 || c.value_dtype == SE_I4;
     const int64_t groups = quantized ? (c.in + c.group - 1) / c.group : 0;
-    std::uniform_int_distribution<int> code(-8, 7), steps(1, 64);
+    // codes over the full two's-complement range (int8 [-128, 127], int4 [-8, 7]) and scales of
+    // either sign, as the full-range grid writes them
+    std::uniform_int_distribution<int> code(c.value_dtype == SE_I8 ? -128 : -8, c.value_dtype == SE_I8 ? 127 : 7);
+    std::uniform_int_distribution<int> steps(-64, 63);
     for (int64_t r = 0; r < c.K * c.out; ++r) {
       row_ptr[r] = static_cast<int32_t>(quantized ? codes.size() : c.value_dtype == SE_F32 ? vals32.size() : vals16.size());
-      for (int64_t g = 0; g < groups; ++g) scales.push_back(to_f16_exact(static_cast<float>(steps(rng)) / 64.f));
+      for (int64_t g = 0; g < groups; ++g) {
+        const int step = steps(rng);
+        scales.push_back(to_f16_exact(static_cast<float>(step >= 0 ? step + 1 : step) / 64.f));
+      }
       for (int64_t i = 0; i < c.in; ++i) {
         if (uni(rng) >= c.density) continue;
         float v = normal(rng);
@@ -152,6 +158,14 @@ struct RandomExperts {
     double ref = bias[k * c.out + r];
     for (int64_t i = 0; i < c.in; ++i) ref += dense[(k * c.out + r) * c.in + i] * x[t * c.in + i];
     return ref;
+  }
+
+  // |bias| + sum |w x|: what fp32 accumulation error scales with (int8 codes up to 128 steps make
+  // large terms that cancel, so |reference| alone would be too tight a yardstick)
+  double magnitude(int64_t t, int64_t k, int64_t r) const {
+    double m = std::fabs(bias[k * c.out + r]);
+    for (int64_t i = 0; i < c.in; ++i) m += std::fabs(dense[(k * c.out + r) * c.in + i] * x[t * c.in + i]);
+    return m;
   }
 };
 

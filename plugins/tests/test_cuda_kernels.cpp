@@ -115,7 +115,9 @@ int run_case(const se_test::Case& c, int x_dtype, int gemv_max, bool give_ids, s
         return x_dtype == SE_F32 ? reinterpret_cast<const float*>(v.data())[i]
                                  : se_half::f16_to_f32(reinterpret_cast<const uint16_t*>(v.data())[i]);
       };
-      failures += std::fabs(val(got) - val(ref)) > tol * (1 + std::fabs(val(ref)));
+      // the same decomposition and weights as the reference: only the summation order differs,
+      // whose fp32 error scales with sum |w x| (large, cancelling terms with int8 codes)
+      failures += std::fabs(val(got) - val(ref)) > tol * (1 + std::fabs(val(ref))) + 1e-5 * re.magnitude(t, got_ids[t], r);
     }
   }
   for (const void* p : {static_cast<const void*>(values_base), static_cast<const void*>(indices_base),

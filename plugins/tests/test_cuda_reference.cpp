@@ -156,7 +156,10 @@ int run_case(const se_test::Case& c, int x_dtype, int gemv_max, std::mt19937& rn
     std::printf("cpu kernel failed: %s\n", err);
     return 1;
   }
-  const double tol = x_dtype == SE_F32 ? 1e-4 : 4e-3;
+  // fp16 activations: the grouped path hands the tensor cores fp16 weights (code * scale rounded
+  // once: 2^-11 of each term, so of sum |w x|, which int8 codes' cancellation can make far larger
+  // than |y|); fp32 activations: fp32 accumulation
+  const double tol = x_dtype == SE_F32 ? 1e-4 : 4e-3, per_term = x_dtype == SE_F32 ? 1e-5 : 1e-3;
   int failures = 0;
   for (int64_t t = 0; t < c.tokens; ++t) {
     failures += !re.routing_ok(t, ids[t]);
@@ -164,9 +167,9 @@ int run_case(const se_test::Case& c, int x_dtype, int gemv_max, std::mt19937& rn
       const size_t i = static_cast<size_t>(t * c.out + r);
       const double got = x_dtype == SE_F32 ? y32[i] : se_half::f16_to_f32(y16[i]);
       const double cpu = x_dtype == SE_F32 ? cpu32[i] : se_half::f16_to_f32(cpu16[i]);
-      const double ref = re.reference(t, ids[t], r);
-      failures += std::fabs(got - ref) > tol * (1 + std::fabs(ref));
-      failures += std::fabs(got - cpu) > tol * (1 + std::fabs(ref));
+      const double ref = re.reference(t, ids[t], r), bound = tol * (1 + std::fabs(ref)) + per_term * re.magnitude(t, ids[t], r);
+      failures += std::fabs(got - ref) > bound;
+      failures += std::fabs(got - cpu) > bound;
     }
   }
   // the reference rejects out-of-range ids like every host entry point

@@ -79,13 +79,15 @@ def test_kernel_matches_float64_reference(seed, k, out, inn, tokens, density, fm
 
 
 def make_quant_case(seed, k, out, inn, density, fmt, bits, group):
-    """Experts whose weights lie on an int8/int4 grid (random codes, random fp16 scales per group):
+    """Experts whose weights lie on an int8/int4 grid (random codes over the full range, random
+    signed fp16 scales per group):
     ``(packed, float64 dequantized weights [K, out, in])``."""
     gen = torch.Generator().manual_seed(seed)
     spec = QuantSpec(bits, group)
     mask = torch.rand(k, out, inn, generator=gen) < density
-    codes = torch.randint(-spec.qmax, spec.qmax + 1, (k, out, inn), generator=gen) * mask
-    scales = (torch.rand(k, out, spec.groups(inn), generator=gen) * 0.1 + 1e-3).half().float()
+    codes = torch.randint(spec.qmin, spec.qmax + 1, (k, out, inn), generator=gen) * mask  # the full range
+    sign = torch.where(torch.rand(k, out, spec.groups(inn), generator=gen) < 0.5, -1.0, 1.0)  # scales take a sign
+    scales = (sign * (torch.rand(k, out, spec.groups(inn), generator=gen) * 0.1 + 1e-3)).half().float()
     weights = codes.double() * column_scales(scales, inn, group).double()
     return pack_experts(weights.float(), mask, fmt, torch.int8, spec, scales), weights
 
