@@ -503,13 +503,16 @@ def pareto_plot(rows: list[dict], path: Path) -> Path | None:
         c = r["config"]
         family = ("dense" if c["sparsity"] == "0" or c["method"] == "dense"
                   else f"se K={c['experts']} @ {c['sparsity']}" if c["method"] == "se" else f"sparsegpt @ {c['sparsity']}")
-        precision = Config(**c).precision.replace(f" G{c.get('group_size', 0)}", "")
+        precision = Config.of(c).precision.replace(f" G{c.get('group_size', 0)}", "")
+        symmetric = precision.endswith(" symmetric grid")  # rows of the older int8/int4 grid
+        precision = precision.removesuffix(" symmetric grid")
+        text = (precision if c["method"] != "magnitude" else f"{precision} RTN") + (" (sym.)" if symmetric else "")
         color = families.setdefault(family, plt.get_cmap("tab20")(len(families) % 20))
         for ax, x in zip(axes, (r["stored_mlp_bytes"], read_bytes(r)), strict=True):
             ax.scatter([x / 1e6], [r["wikitext2"]["perplexity"]], color=color, marker=markers.get(precision, "x"),
-                       s=45, edgecolors="k", linewidths=0.4)
-            ax.annotate(precision if c["method"] != "magnitude" else f"{precision} RTN", (x / 1e6, r["wikitext2"]["perplexity"]),
-                        fontsize=6, xytext=(3, 2), textcoords="offset points")
+                       s=45, edgecolors="k", linewidths=0.4, alpha=0.5 if symmetric else 1.0)
+            ax.annotate(text, (x / 1e6, r["wikitext2"]["perplexity"]), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")
     for ax, xlabel in zip(axes, ("stored MLP bytes, MB", "MLP bytes read per token, MB"), strict=True):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -519,7 +522,8 @@ def pareto_plot(rows: list[dict], path: Path) -> Path | None:
     handles = [plt.Line2D([], [], color=col, marker="o", ls="", label=f) for f, col in families.items()]
     handles += [plt.Line2D([], [], color="grey", marker=m, ls="", label=p) for p, m in markers.items()]
     axes[1].legend(handles=handles, fontsize=7, loc="upper right")
-    fig.suptitle("Quality against memory and bytes read (SmolLM2-135M MLPs; marker: value precision)")
+    fig.suptitle("Quality against memory and bytes read (SmolLM2-135M MLPs; marker: value precision; "
+                 "faded, sym.: the older symmetric int grid)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
