@@ -11,7 +11,7 @@ windows, batch 4), paired against the symmetric grid. Rounding to nearest isolat
 joint sweep would compensate either grid's error the same way. The asymmetric grid's dequantized
 weights are kept in fp32 (exact), since neither the checkpoint nor the kernels store zero points.
 
-    .venv/bin/python bench/zero_point.py out/quant/se16-50-fp16 --group-size 32 --threads 1 [--grids symmetric]
+    .venv/bin/python bench/zero_point.py out/quant/se16-50-fp16 --group-size 32 --threads 1 [--grids symmetric ...]
 
 One process per grid may run at the same time (each adds its own row to the JSON).
 """
