@@ -110,7 +110,7 @@ struct RoutedSparseMatMulKernel {
     CallShape call;
     Ort::Status st =
         describe_experts(attrs_, x, router_weight, router_bias, values, indices, row_ptr, bias, expert_ids, scales, e, call);
-    if (st.IsOK() && (kQuantizedValues<TV> || std::is_same_v<TI, int32_t>)) {
+    if (st.IsOK()) {
       const int64_t rows = e.num_experts * e.out_features;
       st = finish_counts<TV, TI>(e, reinterpret_cast<const uint8_t*>(indices.Data()),
                                  rows > 0 ? row_ptr.Data()[rows - 1] : -1);

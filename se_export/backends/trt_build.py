@@ -233,6 +233,12 @@ def build_engine(onnx_dir: Path, engine: Path, *, fp16: bool = False, plugin: Pa
     return info
 
 
+def read_engine_info(engine: Path) -> dict:
+    """The build facts ``se-export trt`` kept beside ``engine`` ({} for an engine built elsewhere)."""
+    path = engine_info_path(Path(engine))
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def engine_info_path(engine: Path) -> Path:
     """Build facts kept beside the engine (precision, plugin, ranges) for validate and bench."""
     return engine.with_name(engine.name + ".json")

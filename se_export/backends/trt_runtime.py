@@ -10,7 +10,6 @@ and the engine on one stream) are enforced by the strict stand-in the tests driv
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import numpy as np
 from ..errors import SEError
 from ..export.onnx_export import read_onnx_manifest
 from .ort_runtime import StepModel
-from .trt_build import engine_info_path, import_tensorrt, load_plugin, plugin_library, require_gpu
+from .trt_build import import_tensorrt, load_plugin, plugin_library, read_engine_info, require_gpu
 
 
 def runtime_device() -> str:
@@ -37,8 +36,7 @@ class TrtCausalLM(StepModel):
         self.manifest = read_onnx_manifest(folder)
         if not Path(engine).is_file():
             raise SEError(f"no engine at {engine}: build one with se-export trt {folder} --out {engine}")
-        info_path = engine_info_path(Path(engine))
-        self.info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        self.info = read_engine_info(Path(engine))
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         if self.manifest.get("custom_op_nodes", 0) > 0:

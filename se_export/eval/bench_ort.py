@@ -35,19 +35,15 @@ def trt_loader(plugin: Path | None = None) -> Loader:
     """TensorRT engines of ``se-export trt`` (the export folder is the engine's, or the one its
     build record names)."""
     def load(engine: Path) -> tuple[StepModel, dict]:
-        import json
-
-        from ..backends.trt_build import engine_info_path
+        from ..backends.trt_build import read_engine_info
         from ..backends.trt_runtime import TrtCausalLM
         from ..errors import SEError
 
         engine = Path(engine)
         if not engine.is_file():
             raise SEError(f"no engine at {engine}: build one with se-export trt ONNX_DIR --out {engine}")
-        info = engine_info_path(engine)
-        folder = engine.parent
-        if info.is_file() and json.loads(info.read_text()).get("trt_onnx"):
-            folder = Path(json.loads(info.read_text())["trt_onnx"]).parent
+        trt_onnx = read_engine_info(engine).get("trt_onnx")
+        folder = Path(trt_onnx).parent if trt_onnx else engine.parent
         return TrtCausalLM(folder, engine, plugin), {"engine": str(engine), "onnx_dir": str(folder),
                                                      "model_bytes": engine.stat().st_size}
     return load
