@@ -79,6 +79,8 @@ class Config:
     group_size: int = 0  # input columns per scale of int8/int4 (0: the dtype's default)
     quant: str = "joint"  # int8/int4 with SparseGPT: joint (in the sweep) or rtn (rounded after it)
     quant_grid: str = QUANT_GRID  # int8/int4 codes: full-range (signed scales), or the older symmetric grid
+    layer_sparsity: str = "uniform"  # or owl: per-layer sparsity from outlier ratios, same total
+    hessian_prior: float = 0.0  # se: tokens of the pooled Hessian per expert, in units of in_features
 
     @property
     def quantized(self) -> bool:
@@ -110,6 +112,10 @@ class Config:
             extras.append(f"calib={self.calib_samples}")
         if self.seed != 0:
             extras.append(f"seed={self.seed}")
+        if self.layer_sparsity != "uniform":
+            extras.append(self.layer_sparsity)
+        if self.hessian_prior:
+            extras.append(f"prior={self.hessian_prior:g}")
         values = f" {self.precision}" if self.quantized else ""
         return f"{name} @ {self.sparsity}{values}" + (f" ({', '.join(extras)})" if extras else "")
 
@@ -118,7 +124,8 @@ class Config:
         differ from fp16 values (and the grid only when it is not the symmetric one, the only one
         before the field existed), so rows cached before those fields existed keep their keys."""
         out = asdict(self)
-        for name, default in (("value_dtype", "fp16"), ("group_size", 0), ("quant", "joint")):
+        for name, default in (("value_dtype", "fp16"), ("group_size", 0), ("quant", "joint"),
+                              ("layer_sparsity", "uniform"), ("hessian_prior", 0.0)):
             if out[name] == default:
                 del out[name]
         if not self.quantized or self.quant_grid == "symmetric":
@@ -149,6 +156,14 @@ def ablation_grid() -> list[Config]:
             Config("se", "0.5", 16, true_sequential=False), Config("se", "0.9", 16, true_sequential=False)]
 
 
+def lever_grid() -> list[Config]:
+    """Levers toward dense at equal bytes and active weights (OWL per-layer sparsity for SE and
+    SparseGPT alike; the Hessian prior for SE, with the full and the small calibration set)."""
+    return [Config("se", "0.7", 16, layer_sparsity="owl"), Config("sparsegpt", "0.7", layer_sparsity="owl"),
+            Config("se", "0.7", 16, hessian_prior=1.0), Config("se", "0.7", 16, calib_samples=32, hessian_prior=1.0),
+            Config("se", "0.5", 16, layer_sparsity="owl"), Config("sparsegpt", "0.5", layer_sparsity="owl")]
+
+
 def seed_grid() -> list[Config]:
     """The claim's two rows at 90% with other calibration samples and k-means seeds (1, 2): how far
     a re-expansion moves a 90% model, against the SE K=16 / SparseGPT gap."""
@@ -170,7 +185,7 @@ def quant_grid() -> list[Config]:
     return list(dict.fromkeys(grid))
 
 
-GRIDS = {"main": main_grid, "ablation": ablation_grid, "seeds": seed_grid, "quant": quant_grid}
+GRIDS = {"main": main_grid, "ablation": ablation_grid, "levers": lever_grid, "seeds": seed_grid, "quant": quant_grid}
 
 
 def cache_key(cfg: Config, eval_setup: dict) -> str:
@@ -254,6 +269,8 @@ def config_of_checkpoint(path: Path) -> tuple[Config, dict]:
     calib = m.get("calibration", {})
     if m["method"] in DATA_FREE_METHODS:  # no calibration: the grid's settings describe it as well as any
         calib = {"source": "wiki", "samples": Config.calib_samples, "seqlen": Config.seqlen, "seed": Config.seed}
+    if m.get("owl_lambda", 0.08) != 0.08 or m.get("owl_threshold", 5.0) != 5.0:
+        raise SystemExit(f"{path}: OWL settings differ from the grid's (lambda 0.08, threshold 5)")
     if calib.get("source") != "wiki" or m.get("allocation", "uniform") != "uniform":
         raise SystemExit(f"{path}: not calibrated like the grid (wiki text, uniform K)")
     value_dtype = m.get("value_dtype", "fp16")
@@ -262,7 +279,8 @@ def config_of_checkpoint(path: Path) -> tuple[Config, dict]:
         group_size = 0
     return Config(m["method"], str(m["sparsity"]), int(m["experts"]), int(m["pca_factor"]), bool(m["true_sequential"]),
                   int(calib["samples"]), int(calib["seqlen"]), int(calib["seed"]), value_dtype, group_size,
-                  m.get("quant_method", "joint"), m.get("quant_grid", "symmetric")), m
+                  m.get("quant_method", "joint"), m.get("quant_grid", "symmetric"),
+                  m.get("layer_sparsity", "uniform"), float(m.get("hessian_prior", 0.0))), m
 
 
 def expansion_summary(seconds: float | None, resumed_layers: int, layers: list[dict]) -> dict:
@@ -293,6 +311,7 @@ def run_config(cfg: Config, args, eval_setup: dict, key: str, checkpoint: Path |
                            seed=cfg.seed, true_sequential=cfg.true_sequential, value_dtype=cfg.value_dtype,
                            group_size=cfg.group_size or None,
                            quant_method=cfg.quant if cfg.quantized and cfg.method in ("se", "sparsegpt") else "joint",
+                           layer_sparsity=cfg.layer_sparsity, hessian_prior=cfg.hessian_prior,
                            resume=(out / PARTIAL_DIR).is_dir(),
                            show_progress=not args.quiet)
         loaded = expansion.loaded

@@ -57,7 +57,8 @@ def expand(model: str | LoadedModel, out: Path | str, *, method: str = "se", exp
            sparsity: str = "0.5", calib: str = "wiki", calib_samples: int = 128, seqlen: int = 512,
            pca_factor: int = 32, seed: int = 0, true_sequential: bool = True, min_cluster_tokens: int = 128,
            value_dtype: str = "fp16", group_size: int | None = None, quant_method: str = "joint",
-           format: str = "auto", layers: list[int] | None = None,
+           format: str = "auto", layers: list[int] | None = None, layer_sparsity: str = "uniform",
+           owl_lambda: float = 0.08, owl_threshold: float = 5.0, hessian_prior: float = 0.0,
            allocate: str = "uniform", resume: bool = False, overwrite: bool = False, show_progress: bool = True,
            log: Callable[[str], None] | None = None) -> Expansion:
     """Expand every MLP linear of ``model`` into routed sparse experts and save the checkpoint in
@@ -70,7 +71,8 @@ def expand(model: str | LoadedModel, out: Path | str, *, method: str = "se", exp
     cfg = ExpandConfig(method=method, experts=experts if experts is not None else (16 if routed else 1),
                        sparsity=sparsity, pca_factor=pca_factor, seed=seed, true_sequential=true_sequential,
                        min_cluster_tokens=min_cluster_tokens, value_dtype=value_dtype, group_size=group_size,
-                       quant_method=quant_method, format=format, layers=layers)
+                       quant_method=quant_method, format=format, layers=layers, layer_sparsity=layer_sparsity,
+                       owl_lambda=owl_lambda, owl_threshold=owl_threshold, hessian_prior=hessian_prior)
     cfg.check()
     data_free = METHODS[cfg.method].data_free
     if routed and cfg.experts > calib_samples * seqlen:
@@ -107,6 +109,9 @@ def expand(model: str | LoadedModel, out: Path | str, *, method: str = "se", exp
                    "model_config": loaded.model.config.to_json_string()})
     workdir = prepare_workdir(out, key, resume)
     result = expand_model(loaded.model, windows, cfg, workdir=workdir, show_progress=show_progress)
+    if log and cfg.layer_sparsity != "uniform":
+        log(f"sparsity per layer ({cfg.layer_sparsity}): "
+            + ", ".join(f"{s:.3f}" for _, s in sorted(result.layer_sparsity.items())))
     info = save_expansion(loaded.model, loaded.tokenizer, out, source=loaded.source, cfg=cfg,
                           calibration=calibration, result=result, allocation=allocate)
     remove_partial(out)

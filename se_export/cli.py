@@ -55,6 +55,12 @@ def expand(
     fmt: Annotated[str, typer.Option("--format", help="auto | bitmap | csr16")] = "auto",
     layers: Annotated[str | None, typer.Option(help="expand only these decoder layers, e.g. 0-3,7")] = None,
     allocate: Annotated[str, typer.Option(help="uniform | wasserstein: per-layer K from the layers' WD, same total")] = "uniform",
+    layer_sparsity: Annotated[str, typer.Option(help="uniform | owl: per-layer sparsity from the layers' outlier "
+                                                     "ratios (OWL), same total kept weights")] = "uniform",
+    owl_lambda: Annotated[float, typer.Option(help="owl: per-layer densities spread over 2 x lambda")] = 0.08,
+    owl_threshold: Annotated[float, typer.Option(help="owl: outlier = score above this x the layer mean")] = 5.0,
+    hessian_prior: Annotated[float, typer.Option(help="se: shrink each expert's Hessian toward the layer's with "
+                                                      "this x in_features tokens of prior (0: off)")] = 0.0,
     resume: Annotated[bool, typer.Option(help="continue an interrupted expansion in --out")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace whatever --out holds")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
@@ -66,7 +72,9 @@ def expand(
     expansion = expand_model(model, out, method=method, experts=experts, sparsity=sparsity, calib=calib,
                              calib_samples=calib_samples, seqlen=seqlen, pca_factor=pca_factor, seed=seed,
                              true_sequential=true_sequential, min_cluster_tokens=min_cluster_tokens,
-                             value_dtype=value_dtype, group_size=group_size, quant_method=quant_method, format=fmt, layers=_parse_layers(layers), allocate=allocate,
+                             value_dtype=value_dtype, group_size=group_size, quant_method=quant_method, format=fmt, layers=_parse_layers(layers),
+                             layer_sparsity=layer_sparsity, owl_lambda=owl_lambda, owl_threshold=owl_threshold,
+                             hessian_prior=hessian_prior, allocate=allocate,
                              resume=resume, overwrite=overwrite, show_progress=not quiet, log=err.print)
     result, stats = expansion.result, expansion.info["stats"]
     err.print(f"[green]expanded[/] {len(result.layers)} layers in {time.perf_counter() - t0:.1f}s "

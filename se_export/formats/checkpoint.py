@@ -117,6 +117,10 @@ def save_expansion(model: nn.Module, tokenizer, out: Path, *, source: str, cfg, 
             "pca_factor": cfg.pca_factor, "true_sequential": cfg.true_sequential, "value_dtype": cfg.value_dtype,
             **({"group_size": quant.group_size, "quant_method": cfg.quant_method, "quant_grid": QUANT_GRID}
                if (quant := parse_quant(cfg.value_dtype, cfg.group_size)) else {}),
+            **({"layer_sparsity": cfg.layer_sparsity, "owl_lambda": cfg.owl_lambda, "owl_threshold": cfg.owl_threshold,
+                "sparsity_per_layer": {str(i): round(s, 6) for i, s in sorted(result.layer_sparsity.items())}}
+               if cfg.layer_sparsity != "uniform" else {}),
+            **({"hessian_prior": cfg.hessian_prior} if cfg.hessian_prior else {}),
             "calibration": calibration, "stats": expanded_stats(model),
             "expansion": {"seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
                           "resumed_layers": result.resumed_layers}}

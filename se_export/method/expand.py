@@ -52,6 +52,7 @@ from .capture import (
     layer_output,
     stack_rows,
 )
+from .layer_sparsity import LAYER_SPARSITY_MODES, layer_sparsities
 from .router import fit_router
 from .sparsegpt import ClusterHessians, input_gram, reconstruction_error, sparsegpt_prune
 from .sparsity import SparsitySpec, parse_sparsity
@@ -114,6 +115,10 @@ class ExpandConfig:
     batch_size: int = 8
     layers: list[int] | None = None
     experts_per_layer: list[int] | None = None  # overrides ``experts`` (see allocation.py)
+    layer_sparsity: str = "uniform"  # or "owl": per-layer sparsity at the same total (layer_sparsity.py)
+    owl_lambda: float = 0.08  # OWL: densities spread over 2 * lambda
+    owl_threshold: float = 5.0  # OWL: an outlier scores above this many times the layer's mean
+    hessian_prior: float = 0.0  # each expert's Hessian gets this many x in_features tokens of the pooled one
 
     def experts_for(self, layer: int) -> int:
         return self.experts_per_layer[layer] if self.experts_per_layer else self.experts
@@ -140,11 +145,29 @@ class ExpandConfig:
             raise SEError(f"unknown format '{self.format}': use auto or one of {', '.join(FORMATS)}")
         if self.pca_factor < 0:
             raise SEError("--pca-factor must be >= 0 (0 or 1 disables PCA)")
-        return parse_sparsity(self.sparsity)
+        if self.hessian_prior < 0:
+            raise SEError(f"--hessian-prior must be >= 0 (got {self.hessian_prior:g}; 0 disables it)")
+        spec = parse_sparsity(self.sparsity)
+        if self.layer_sparsity not in LAYER_SPARSITY_MODES:
+            raise SEError(f"unknown --layer-sparsity '{self.layer_sparsity}': use one of {', '.join(LAYER_SPARSITY_MODES)}")
+        if self.layer_sparsity != "uniform":
+            if spec.structured:
+                raise SEError(f"--layer-sparsity {self.layer_sparsity} varies the fraction of zeros per layer, which "
+                              f"{spec} fixes: use an unstructured sparsity such as 0.5")
+            if self.owl_lambda <= 0 or self.owl_threshold <= 0:
+                raise SEError("--owl-lambda and --owl-threshold must be > 0")
+        return spec
 
     def key(self, extra: dict) -> str:
-        blob = json.dumps({"config": asdict(self), **extra}, sort_keys=True)
+        fields = asdict(self)
+        for name, default in _KEY_DEFAULTS.items():  # options newer than a checkpoint keep its key
+            if fields[name] == default:
+                del fields[name]
+        blob = json.dumps({"config": fields, **extra}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+_KEY_DEFAULTS = {"layer_sparsity": "uniform", "owl_lambda": 0.08, "owl_threshold": 5.0, "hessian_prior": 0.0}
 
 
 @dataclass
@@ -153,6 +176,7 @@ class ExpandResult:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     resumed_layers: int = 0
+    layer_sparsity: dict[int, float] = field(default_factory=dict)  # target of every expanded layer
 
 
 class ExpansionInterrupted(RuntimeError):
@@ -225,7 +249,8 @@ def expand_group(
     num_experts = router_weight.shape[1]
     lap("router")
 
-    clusters = None if x is None else ClusterHessians(x, labels, num_experts, total=gram)
+    prior = round(cfg.hessian_prior * in_features) if method.routed else 0
+    clusters = None if x is None else ClusterHessians(x, labels, num_experts, total=gram, prior_tokens=prior)
     lap("hessians")
     quant = parse_quant(cfg.value_dtype, cfg.group_size, in_features)
     scales = None
@@ -344,6 +369,11 @@ def expand_model(
     last = max(selected, default=-1)
     start = time.perf_counter()
     result = ExpandResult()
+    result.layer_sparsity = layer_sparsities(model, layers, adapter, calib, sorted(selected), spec.fraction,
+                                             mode=cfg.layer_sparsity, lam=cfg.owl_lambda,
+                                             threshold=cfg.owl_threshold, batch_size=cfg.batch_size)
+    specs = {i: spec if spec.structured or s == spec.fraction else SparsitySpec(fraction=s)
+             for i, s in result.layer_sparsity.items()}
 
     states, kwargs_list = ([], []) if data_free else capture_decoder_inputs(model, layers, calib, cfg.batch_size)
     reuse = adapter.residual is not None and adapter.mlp is not None and len(adapter.groups[-1]) == 1
@@ -363,9 +393,11 @@ def expand_model(
                     result.resumed_layers += 1
                 else:
                     if data_free:
-                        report = _expand_layer_from_weights(layer, index, prefix, cfg, spec, adapter)
+                        report = _expand_layer_from_weights(layer, index, prefix, cfg, specs[index], adapter)
                     else:
-                        report, capture = _expand_layer(layer, index, prefix, states, kwargs_list, cfg, spec, adapter)
+                        report, capture = _expand_layer(layer, index, prefix, states, kwargs_list, cfg, specs[index],
+                                                        adapter)
+                    report["target_sparsity"] = specs[index].fraction
                     modules = {n: layer.get_submodule(n) for g in adapter.groups for n in g}
                     if workdir:
                         save_partial_layer(workdir, index, prefix, modules, report)

@@ -65,12 +65,21 @@ class ClusterHessians:
     is 4.3 GB in fp32, 8.6 GB as fp64 sums), so the expansion prunes the experts in chunks. With
     ``total`` (``x^T x`` in fp64, already computed by the caller) the largest cluster's sum is
     derived by subtraction instead of computed: it comes last in ``expert_order``.
+
+    ``prior_tokens`` = t > 0 shrinks every cluster's Hessian toward the pooled one as if t tokens
+    drawn from all of the layer's inputs joined the cluster: ``H_k = 2/(n_k + t) (X_k^T X_k +
+    t/n X^T X)``. A cluster with fewer tokens than inputs has a rank-deficient Hessian, and its
+    expert would fit those tokens instead of the layer; the prior weighs in where the cluster's
+    own data is thin and vanishes as ``n_k`` grows (an empty cluster gets the pooled Hessian).
     """
 
     def __init__(self, x: torch.Tensor, labels: torch.Tensor | None, num_experts: int = 1,
-                 total: torch.Tensor | None = None) -> None:
+                 total: torch.Tensor | None = None, prior_tokens: int = 0) -> None:
         self.x = x.reshape(-1, x.shape[-1]).float()
         n = self.x.shape[0]
+        self.prior_tokens = prior_tokens
+        if prior_tokens > 0 and total is None:
+            total = input_gram(self.x).double()
         labels = torch.zeros(n, dtype=torch.int64) if labels is None else labels.reshape(-1).long()
         self.order = torch.argsort(labels, stable=True)
         self.counts = torch.bincount(labels, minlength=num_experts)
@@ -116,8 +125,13 @@ class ClusterHessians:
         sums are taken in ``expert_order``, so a chunk with the derived expert comes last."""
         rank = {k: i for i, k in enumerate(self.expert_order())}
         out = torch.empty(len(experts), self.x.shape[1], self.x.shape[1])
+        t, n = self.prior_tokens, self.x.shape[0]
         for slot, k in sorted(enumerate(experts), key=lambda slot_k: rank[slot_k[1]]):
-            out[slot] = self.sum64(k) * (2.0 / max(1, int(self.counts[k])))
+            xtx = self.sum64(k)
+            if t > 0 and n > 0:
+                out[slot] = (xtx + self.total * (t / n)) * (2.0 / (int(self.counts[k]) + t))
+            else:
+                out[slot] = xtx * (2.0 / max(1, int(self.counts[k])))
         return out
 
 
