@@ -29,10 +29,12 @@ from .export.onnx_export import check_export_args
 from .export.onnx_export import export_onnx as _export_onnx
 from .formats.checkpoint import is_checkpoint, load_checkpoint, read_manifest, save_expansion
 from .formats.partial import PARTIAL_DIR, prepare_workdir, remove_partial
+from .host_memory import available_memory_bytes
 from .method.allocation import allocate_experts, layer_scores
 from .method.expand import METHODS, ExpandConfig, ExpandResult, expand_model
-from .modeling.modules import decoded_expert_cache
-from .models import LoadedModel, load_model
+from .method.memory_plan import check_fits, plan_expansion
+from .modeling.modules import decoded_expert_cache, default_cache_bytes
+from .models import LoadedModel, load_model, meta_model
 
 ALLOCATIONS = ("uniform", "wasserstein")
 
@@ -59,13 +61,16 @@ def expand(model: str | LoadedModel, out: Path | str, *, method: str = "se", exp
            value_dtype: str = "fp16", group_size: int | None = None, quant_method: str = "joint",
            format: str = "auto", layers: list[int] | None = None, layer_sparsity: str = "uniform",
            owl_lambda: float = 0.08, owl_threshold: float = 5.0, hessian_prior: float = 0.0,
+           max_memory_gb: float | None = None, plan_only: bool = False,
            allocate: str = "uniform", resume: bool = False, overwrite: bool = False, show_progress: bool = True,
-           log: Callable[[str], None] | None = None) -> Expansion:
+           log: Callable[[str], None] | None = None) -> Expansion | None:
     """Expand every MLP linear of ``model`` into routed sparse experts and save the checkpoint in
     ``out`` (resumable: every finished layer is kept in ``out/.se-partial`` until the end).
 
     ``experts`` defaults to 16 for ``se`` and 1 for the single-expert methods. Raises SEError with
-    a one-line reason for any setting or folder that cannot work, before loading the model."""
+    a one-line reason for any setting or folder that cannot work, before loading the model, and
+    when the memory plan (``method/memory_plan.py``) exceeds ``max_memory_gb`` or, without it, the
+    memory available now. ``plan_only``: log the plan and return None."""
     out = Path(out)
     routed = method in METHODS and METHODS[method].routed
     cfg = ExpandConfig(method=method, experts=experts if experts is not None else (16 if routed else 1),
@@ -82,16 +87,31 @@ def expand(model: str | LoadedModel, out: Path | str, *, method: str = "se", exp
         raise SEError(f"unknown --allocate '{allocate}': use uniform or wasserstein")
     if allocate == "wasserstein" and not routed:
         raise SEError("--allocate wasserstein spreads experts: it needs --method se")
+    if not overwrite and is_checkpoint(out):
+        raise SEError(f"{out} already holds a checkpoint: pass --overwrite to replace it or choose another --out")
+    if not overwrite and out.exists() and not (out / PARTIAL_DIR).is_dir() and any(out.iterdir()):
+        raise SEError(f"{out} is a non-empty folder that is not an se-export expansion: choose another --out")
+    if resume and (overwrite or not (out / PARTIAL_DIR).is_dir()):
+        raise SEError(f"nothing to resume in {out}: run without --resume")
+    if max_memory_gb is not None and max_memory_gb <= 0:
+        raise SEError(f"--max-memory-gb must be > 0 (got {max_memory_gb:g})")
+
+    loaded = None if isinstance(model, str) else model
+    shapes = meta_model(model) if loaded is None else loaded.model
+    if shapes is None:  # no config without loading (a hub id): plan from the loaded model
+        loaded = load_model(model)
+        shapes = loaded.model
+    plan = plan_expansion(shapes, cfg, calib_samples * seqlen)
+    if plan_only:
+        if log:
+            log(plan.summary())
+        return None
+    free = available_memory_bytes()
+    check_fits(plan, None if free is None else free + (0 if loaded is None else _model_bytes(loaded.model)),
+               max_memory_gb)
     if out.exists() and overwrite:
         shutil.rmtree(out)
-    if is_checkpoint(out):
-        raise SEError(f"{out} already holds a checkpoint: pass --overwrite to replace it or choose another --out")
-    if out.exists() and not (out / PARTIAL_DIR).is_dir() and any(out.iterdir()):
-        raise SEError(f"{out} is a non-empty folder that is not an se-export expansion: choose another --out")
-    if resume and not (out / PARTIAL_DIR).is_dir():
-        raise SEError(f"nothing to resume in {out}: run without --resume")
-
-    loaded = load_model(model) if isinstance(model, str) else model
+    loaded = load_model(model) if loaded is None else loaded
     if data_free:  # the weights alone decide: no calibration text is read
         windows = None
         calibration = {"source": None, "note": f"--method {cfg.method} uses no calibration data"}
@@ -108,6 +128,8 @@ def expand(model: str | LoadedModel, out: Path | str, *, method: str = "se", exp
     key = cfg.key({"model": loaded.source, "calibration": calibration,
                    "model_config": loaded.model.config.to_json_string()})
     workdir = prepare_workdir(out, key, resume)
+    if log:
+        log(plan.summary())
     result = expand_model(loaded.model, windows, cfg, workdir=workdir, show_progress=show_progress)
     if log and cfg.layer_sparsity != "uniform":
         log(f"sparsity per layer ({cfg.layer_sparsity}): "
@@ -116,6 +138,10 @@ def expand(model: str | LoadedModel, out: Path | str, *, method: str = "se", exp
                           calibration=calibration, result=result, allocation=allocate)
     remove_partial(out)
     return Expansion(loaded.model, loaded.tokenizer, out, info, result)
+
+
+def _model_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def load(path: Path | str, with_tokenizer: bool = False):
@@ -140,12 +166,13 @@ def from_pretrained(path: Path | str, dtype=None, torch_dtype=None, device_map=N
 
 
 def evaluate(model: str | LoadedModel, text: str = "wikitext2", *, seqlen: int = 512, max_windows: int | None = None,
-             batch: int = 4, cache_gb: float = 8.0, resume: Path | None = None,
+             batch: int = 4, cache_gb: float | None = None, resume: Path | None = None,
              allow_calibration_text: bool = False, show_progress: bool = True) -> dict:
     """Perplexity of ``model`` on non-overlapping ``seqlen`` windows of ``text`` (the standard
     protocol), with every window's NLL. Refuses the text the model was calibrated on (compared by
     sha256) unless ``allow_calibration_text``. ``resume``: keep the window NLLs there after every
-    batch, and continue from them."""
+    batch, and continue from them. ``cache_gb``: decoded experts kept between batches (None: none
+    where the C++ kernels run the packed experts, else sized from the free memory)."""
     body = load_text(text)
     calibrated_on = _calibration_sha256(model)
     if calibrated_on == body.sha256 and not allow_calibration_text:
@@ -153,7 +180,8 @@ def evaluate(model: str | LoadedModel, text: str = "wikitext2", *, seqlen: int =
                       "or pass --allow-calibration-text")
     loaded = load_model(model) if isinstance(model, str) else model
     windows = eval_windows(tokenize(loaded.tokenizer, body), seqlen, max_windows)
-    with decoded_expert_cache(int(cache_gb * (1 << 30))):
+    cache = default_cache_bytes() if cache_gb is None else int(cache_gb * (1 << 30))
+    with decoded_expert_cache(cache):
         result = perplexity(loaded.model, windows, show_progress=show_progress, batch=batch, resume=resume)
     return {"model": _name(model), "text": body.name, **result}
 

@@ -61,6 +61,9 @@ def expand(
     owl_threshold: Annotated[float, typer.Option(help="owl: outlier = score above this x the layer mean")] = 5.0,
     hessian_prior: Annotated[float, typer.Option(help="se: shrink each expert's Hessian toward the layer's with "
                                                       "this x in_features tokens of prior (0: off)")] = 0.0,
+    max_memory_gb: Annotated[float | None, typer.Option(help="refuse a plan above this many GiB of host memory "
+                                                             "(default: the memory available now)")] = None,
+    plan_only: Annotated[bool, typer.Option(help="print the memory plan and exit")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted expansion in --out")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace whatever --out holds")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
@@ -74,8 +77,11 @@ def expand(
                              true_sequential=true_sequential, min_cluster_tokens=min_cluster_tokens,
                              value_dtype=value_dtype, group_size=group_size, quant_method=quant_method, format=fmt, layers=_parse_layers(layers),
                              layer_sparsity=layer_sparsity, owl_lambda=owl_lambda, owl_threshold=owl_threshold,
-                             hessian_prior=hessian_prior, allocate=allocate,
+                             hessian_prior=hessian_prior, max_memory_gb=max_memory_gb, plan_only=plan_only,
+                             allocate=allocate,
                              resume=resume, overwrite=overwrite, show_progress=not quiet, log=err.print)
+    if expansion is None:  # --plan-only
+        return
     result, stats = expansion.result, expansion.info["stats"]
     err.print(f"[green]expanded[/] {len(result.layers)} layers in {time.perf_counter() - t0:.1f}s "
               f"(peak RSS {result.peak_rss_mb:.0f} MB) -> {out}")
@@ -92,7 +98,9 @@ def evaluate(
     seqlen: Annotated[int, typer.Option(help="tokens per window")] = 512,
     max_windows: Annotated[int | None, typer.Option(help="evaluate only the first N windows")] = None,
     allow_calibration_text: Annotated[bool, typer.Option(help="allow evaluating on the calibration text")] = False,
-    cache_gb: Annotated[float, typer.Option(help="GB of decoded experts kept between windows (0: none)")] = 8.0,
+    cache_gb: Annotated[float | None, typer.Option(help="GB of decoded experts kept between windows (default: none "
+                                                        "where the C++ kernels are built, else up to 8 within half "
+                                                        "the free memory)")] = None,
     batch: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (with every window's NLL)")] = False,
     resume: Annotated[Path | None, typer.Option(help="keep the window NLLs in this file after every batch; a re-run "

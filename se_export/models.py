@@ -101,6 +101,29 @@ def _from_pretrained(where: str) -> LoadedModel:
     return LoadedModel(model, tokenizer, where)
 
 
+def meta_model(spec: str) -> torch.nn.Module | None:
+    """MODEL's architecture on the meta device (shapes only, no weights read), or None where its
+    config cannot be found without loading it (the caller then plans from the loaded model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet_transformers()
+    path = Path(spec).expanduser()
+    try:
+        if spec == "default":
+            where = str(gguf_to_hf_folder(default_gguf_path()))
+        elif path.is_file() and path.suffix.lower() == ".gguf":
+            where = str(gguf_to_hf_folder(path.resolve()))
+        elif path.is_dir() and (path / "config.json").is_file() and not is_checkpoint(path):
+            where = str(path)
+        else:
+            return None
+        config = AutoConfig.from_pretrained(where)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError):
+        return None
+
+
 def load_model(spec: str) -> LoadedModel:
     """Load MODEL as an fp32 causal LM with its tokenizer, or raise SEError saying what to pass."""
     quiet_transformers()

@@ -24,7 +24,7 @@ from ..method.capture import capture_decoder_inputs, capture_input, layer_output
 from ..method.router import fit_router
 from ..method.sparsegpt import ClusterHessians, sparsegpt_prune
 from ..method.sparsity import parse_sparsity
-from ..modeling.modules import RoutedSparseLinear, decoded_expert_cache
+from ..modeling.modules import RoutedSparseLinear, decoded_expert_cache, default_cache_bytes
 from ..progress import progress_bar
 from .wasserstein import NeuronStats, mapping_difficulty, wasserstein_between
 
@@ -79,7 +79,7 @@ def analyze_model(model: nn.Module, windows: torch.Tensor, *, top: float = 0.03,
     tokens = windows.numel()
     results: list[LayerNeurons] = []
     kept: dict[int, torch.Tensor] = {}
-    with progress_bar(show_progress) as bar, decoded_expert_cache(2 << 30):
+    with progress_bar(show_progress) as bar, decoded_expert_cache(default_cache_bytes(2.0)):
         task = bar.add_task("wasserstein", total=len(layers))
         for index, layer in enumerate(layers):
             target = layer.get_submodule(target_name)

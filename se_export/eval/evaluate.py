@@ -57,9 +57,11 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, show_progress: boo
     with progress_bar(show_progress) as bar:
         task = bar.add_task("perplexity", total=windows.shape[0], completed=resumed)
         for chunk in windows[resumed:].split(batch) if resumed < windows.shape[0] else ():
-            logits = model(chunk, use_cache=False).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none").mean(dim=1)
-            per_window += [float(v) for v in nll]
+            logits = model(chunk, use_cache=False).logits
+            for window, window_logits in zip(chunk, logits, strict=True):  # one vocab-wide softmax at a time
+                nll = F.cross_entropy(window_logits[:-1].float(), window[1:])
+                per_window.append(float(nll))
+            del logits
             if resume is not None:
                 atomic_write_text(resume, json.dumps({"digest": digest, "window_nll": per_window}))
             bar.update(task, advance=chunk.shape[0],

@@ -31,7 +31,7 @@ from ..errors import SEError
 from ..export import onnx_schema
 from ..export.onnx_export import MODEL_FILE, cache_argument, read_onnx_manifest, returned_cache
 from ..formats.checkpoint import expanded_modules
-from ..modeling.modules import decoded_expert_cache
+from ..modeling.modules import golden_reference
 from ..models import load_model
 from ..progress import progress_bar
 
@@ -288,7 +288,7 @@ def _validate(bar, onnx_dir: Path, backend: str, tokens: int, model: str | None,
     bar.update(step, advance=1, description=f"validate: {backend} session ready")
     c = Comparison(TorchCausalLM(loaded.model), backend_lm, backend, dtype, prompt_ids(tokenizer, manifest["vocab_size"]),
                    groups, mapping, why_not, report)
-    with decoded_expert_cache(8 << 30):
+    with golden_reference():  # PyTorch's op, one expert decoded at a time: no kernel shared, no dense copies
         check_logits_and_routing(c)
         bar.update(step, advance=1, description="validate: logits and routing compared")
         check_decode_step(c)

@@ -22,6 +22,7 @@ from torch import nn
 from ..adapters import set_submodule
 from ..atomic import atomic_path, atomic_write_text, sha256_file
 from ..errors import SEError
+from ..host_memory import release_freed_memory
 from ..modeling.modules import RoutedSparseLinear
 from .hf_auto import add_auto_class_hooks, strip_auto_class_hooks
 from .mask_codec import decode_masks, encode_masks, stored_expert_bytes
@@ -189,6 +190,8 @@ def load_checkpoint(path: Path, with_tokenizer: bool = False, verify: bool = Tru
     except RuntimeError as exc:
         raise SEError(f"corrupt checkpoint {path}: weights do not match the model ({str(exc).splitlines()[0]})") from None
     model.eval()
+    del tensors
+    release_freed_memory()  # the mask decoders' thread arenas
     if not with_tokenizer:
         return model
     from transformers import AutoTokenizer

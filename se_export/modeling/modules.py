@@ -3,9 +3,12 @@
 It owns a folded router and K packed sparse experts and calls ``se::routed_sparse_matmul``.
 Experts with int8/int4 values run the C++ kernels too (codes decoded in registers); where those
 are not built, the reference semantics (dequantize, then the same grouped product) in PyTorch.
-Decoding a packed expert costs more than multiplying it on CPU, so evaluation and calibration
-may enable ``decoded_expert_cache``: a byte-bounded LRU of decoded fp32 experts that runs the
-same grouped product (``ops.grouped_expert_matmul``) without repeating the decode.
+Where the kernels are built, evaluation runs on the packed experts (no dense copy: a model needs
+its packed bytes and little more). Without them, decoding a packed expert in PyTorch costs more
+than multiplying it, so ``decoded_expert_cache`` keeps a byte-bounded LRU of decoded fp32 experts
+(``default_cache_bytes`` sizes it from the memory actually free) that runs the same grouped
+product (``ops.grouped_expert_matmul``) without repeating the decode; calibration keeps one
+layer's decoded experts the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from ..backends import kernels
 from ..errors import SEError
 from ..formats.quantization import QuantSpec, pack_int4
 from ..formats.sparse_format import PackedExperts, validate_packed
+from ..host_memory import available_memory_bytes
 from . import ops
 
 
@@ -54,6 +58,7 @@ class _DecodedExpertCache:
 
 
 _CACHE = _DecodedExpertCache()
+_GOLDEN = False  # inside ``golden_reference``: the PyTorch op, never the C++ kernels
 _SHARED_ROUTING: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
@@ -85,6 +90,30 @@ def remember_expert_ids(router_group: str, x: torch.Tensor, ids: torch.Tensor) -
     """Offer this input's routing to the next linear of the group (inside ``shared_routing``)."""
     if _SHARED_ROUTING is not None and router_group:
         _SHARED_ROUTING[router_group] = (x, ids)
+
+
+def default_cache_bytes(max_gb: float = 8.0) -> int:
+    """Decoded-expert cache for evaluation: none where the C++ kernels run the packed experts
+    (they are faster than decoded copies and need no memory), else up to ``max_gb`` within half
+    of the memory actually free."""
+    if kernels.available():
+        return 0
+    limit = int(max_gb * (1 << 30))
+    free = available_memory_bytes()
+    return limit if free is None else max(0, min(limit, free // 2))
+
+
+@contextlib.contextmanager
+def golden_reference() -> Iterator[None]:
+    """Within the block, expanded linears run the PyTorch reference op (each expert decoded in
+    PyTorch when its tokens come, then dropped), not the C++ kernels: what validation compares
+    a backend against must not share that backend's kernels."""
+    global _GOLDEN
+    previous, _GOLDEN = _GOLDEN, True
+    try:
+        yield
+    finally:
+        _GOLDEN = previous
 
 
 @contextlib.contextmanager
@@ -176,7 +205,7 @@ class RoutedSparseLinear(nn.Module):
 
     def _use_kernels(self, x: torch.Tensor) -> bool:
         """Plain eager CPU inference runs the C++ kernels (shared with ONNX Runtime) when built."""
-        return (type(x) is torch.Tensor and x.device.type == "cpu"
+        return (not _GOLDEN and type(x) is torch.Tensor and x.device.type == "cpu"
                 and x.dtype in (torch.float32, torch.float16)
                 and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
                 and not torch.jit.is_tracing() and kernels.available())

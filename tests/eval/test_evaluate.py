@@ -75,3 +75,39 @@ def test_interrupted_perplexity_resumes_to_the_same_result(tiny_tokenizer, tmp_p
     for m, w, b in ((other, windows, 2), (model, windows[:5], 2), (model, windows, 3)):
         state.write_text(saved)
         assert perplexity(m, w, show_progress=False, batch=b, resume=state)["resumed_windows"] == 0
+
+
+def test_packed_kernels_and_decoded_experts_give_the_same_perplexity(tiny_tokenizer, calib_file, tmp_path):
+    """The default evaluation path (C++ kernels on the packed experts, no decoded copies) against
+    the decoded-expert reference (the golden op's grouped product on dense fp32 weights)."""
+    from se_export.api import evaluate, expand, load_model
+    from se_export.backends import kernels
+    from se_export.modeling.modules import default_cache_bytes
+
+    if not kernels.available():
+        pytest.skip("the C++ kernel library is not built")
+    assert default_cache_bytes() == 0
+    src = tmp_path / "dense"
+    build_tiny_model("llama", tiny_tokenizer, src)
+    expand(str(src), tmp_path / "ck", experts=4, sparsity="0.5", calib=str(calib_file), calib_samples=8, seqlen=32,
+           min_cluster_tokens=8, show_progress=False)
+    loaded = load_model(str(tmp_path / "ck"))
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"word{i % 97} token{i % 13}" for i in range(3000)))
+    packed = evaluate(loaded, str(text), seqlen=32, max_windows=6, batch=3, show_progress=False)
+    decoded = evaluate(loaded, str(text), seqlen=32, max_windows=6, batch=3, cache_gb=1.0, show_progress=False)
+    for a, b in zip(packed["window_nll"], decoded["window_nll"], strict=True):
+        assert abs(a - b) < 1e-4 * (1 + abs(b))
+
+
+def test_without_kernels_the_cache_fits_half_the_free_memory(monkeypatch):
+    from se_export.backends import kernels
+    from se_export.modeling import modules
+
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    monkeypatch.setattr(modules, "available_memory_bytes", lambda: 6 << 30)
+    assert modules.default_cache_bytes(8.0) == 3 << 30
+    monkeypatch.setattr(modules, "available_memory_bytes", lambda: 64 << 30)
+    assert modules.default_cache_bytes(8.0) == 8 << 30
+    monkeypatch.setattr(modules, "available_memory_bytes", lambda: None)
+    assert modules.default_cache_bytes(2.0) == 2 << 30

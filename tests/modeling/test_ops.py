@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 import se_export.modeling.ops  # noqa: F401  (registers se::routed_sparse_matmul)
 from se_export.formats.sparse_format import pack_experts
-from se_export.modeling.modules import RoutedSparseLinear, decoded_expert_cache
+from se_export.modeling.modules import RoutedSparseLinear, decoded_expert_cache, golden_reference
 
 
 def _case(batch_shape, k, out, inn, density, fmt, with_bias, seed, value_dtype=torch.float32):
@@ -95,3 +95,24 @@ def test_module_cached_path_equals_op_path():
     assert torch.equal(plain, cached_again)
     kernel = module(x)  # eager CPU: the C++ kernel, another summation order
     assert torch.allclose(kernel, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_golden_reference_never_calls_the_kernels(monkeypatch):
+    """Validation's PyTorch side: the reference op on one decoded expert at a time, equal to a
+    float64 recomputation, and no call into the C++ library the backends share."""
+    from se_export.backends import kernels
+
+    packed, g, b, bias, x = _case((3, 7), 4, 10, 20, 0.5, "bitmap", True, 5, value_dtype=torch.float16)
+    module = RoutedSparseLinear(packed, g, b, bias)
+
+    def refuse(*_args, **_kw):
+        raise AssertionError("the golden reference called the C++ kernels")
+
+    monkeypatch.setattr(kernels.BoundExperts, "matmul", refuse)
+    with golden_reference():
+        y = module(x)
+    expect, _ = reference(x, g, b, packed.unpack(torch.float64), bias)
+    assert torch.allclose(y.double(), expect, rtol=1e-5, atol=1e-5)
+    if kernels.available():
+        with pytest.raises(AssertionError, match="golden"):
+            module(x)  # outside the block, eager CPU inference takes the kernels
