@@ -335,6 +335,14 @@ def _prune_experts(weight: torch.Tensor, clusters: ClusterHessians, spec: Sparsi
 # ---------------------------------------------------------------- the pipeline
 
 
+def check_group_size(cfg: ExpandConfig, layers: nn.ModuleList, adapter: MlpAdapter, selected: set[int]) -> None:
+    """Refuse an int8/int4 group size wider than the narrowest selected linear, before any work."""
+    if parse_quant(cfg.value_dtype, cfg.group_size) is not None and selected:
+        narrowest = min(linear_weight(layers[i].get_submodule(n), adapter)[0].shape[1]
+                        for i in selected for group in adapter.groups for n in group)
+        parse_quant(cfg.value_dtype, cfg.group_size, narrowest)
+
+
 @torch.no_grad()
 def expand_model(
     model: nn.Module,
@@ -362,10 +370,7 @@ def expand_model(
     selected = set(range(len(layers)) if cfg.layers is None else cfg.layers)
     if bad := [i for i in selected if not 0 <= i < len(layers)]:
         raise SEError(f"--layers {bad} out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
-    if parse_quant(cfg.value_dtype, cfg.group_size) is not None:  # refuse a group size before any work
-        narrowest = min(linear_weight(layers[i].get_submodule(n), adapter)[0].shape[1]
-                        for i in selected for group in adapter.groups for n in group)
-        parse_quant(cfg.value_dtype, cfg.group_size, narrowest)
+    check_group_size(cfg, layers, adapter, selected)
     last = max(selected, default=-1)
     start = time.perf_counter()
     result = ExpandResult()

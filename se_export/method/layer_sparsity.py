@@ -76,12 +76,11 @@ def mlp_input_sq_norms(model: nn.Module, layers: nn.ModuleList, adapter: MlpAdap
 def layer_sparsities(model: nn.Module, layers: nn.ModuleList, adapter: MlpAdapter, calib: torch.Tensor | None,
                      selected: list[int], target: float, *, mode: str, lam: float, threshold: float,
                      batch_size: int = 8, score_windows: int = 32) -> dict[int, float]:
-    """Sparsity of every selected layer under ``mode``; ``uniform`` gives ``target`` everywhere.
+    """Sparsity of every selected layer under ``mode`` (one of ``LAYER_SPARSITY_MODES``, checked by
+    ``ExpandConfig.check``); ``uniform`` gives ``target`` everywhere.
 
     OWL scores on the first ``score_windows`` calibration windows: a share of outliers is a stable
     statistic long before the Hessians are, and each window costs a forward of the dense model."""
-    if mode not in LAYER_SPARSITY_MODES:
-        raise SEError(f"unknown --layer-sparsity '{mode}': use one of {', '.join(LAYER_SPARSITY_MODES)}")
     if mode == "uniform" or not selected:
         return dict.fromkeys(selected, target)
     if calib is None:

@@ -26,6 +26,7 @@ import torch
 from ..adapters import MlpAdapter, adapter_for, decoder_layers, linear_weight
 from ..errors import SEError
 from ..formats.quantization import parse_quant
+from .expand import METHODS, check_group_size, experts_per_chunk
 from .sparsity import parse_sparsity
 
 PROCESS_BYTES = 600 << 20  # Python, torch, transformers and the tokenizer, resident before any tensor
@@ -90,16 +91,12 @@ def _group_work(group: _Group, experts: int, tokens: int, chunk: int, density: f
 def plan_expansion(model: torch.nn.Module, cfg, calib_tokens: int, *, prune_budget: int | None = None) -> MemoryPlan:
     """Peak host memory of ``expand_model(model, calib, cfg)`` with ``calib_tokens`` calibration
     tokens. ``model`` may live on the meta device: only shapes are read."""
-    from .expand import METHODS, experts_per_chunk
-
     spec = parse_sparsity(cfg.sparsity)
     adapter = adapter_for(model.config)
     layers = decoder_layers(model, adapter)
     selected = set(range(len(layers)) if cfg.layers is None else cfg.layers)
+    check_group_size(cfg, layers, adapter, {i for i in selected if 0 <= i < len(layers)})
     quant = parse_quant(cfg.value_dtype, cfg.group_size)
-    if quant is not None and selected:  # the group-size check expand_model makes, before any loading
-        parse_quant(cfg.value_dtype, cfg.group_size, min(g.inputs for i in selected if 0 <= i < len(layers)
-                                                         for g in _groups(layers[i], adapter)))
     value_bytes = _VALUE_BYTES[cfg.value_dtype]
     group_size = quant.group_size if quant else None
     fmt = "csr16" if cfg.format == "csr16" else "bitmap"
