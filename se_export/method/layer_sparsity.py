@@ -36,7 +36,8 @@ def owl_sparsities(ratios: list[float], sizes: list[int], target: float, lam: fl
     r = torch.tensor(ratios, dtype=torch.float64)
     w = torch.tensor(sizes, dtype=torch.float64)
     spread = float(r.max() - r.min())
-    density = (r - r.min()) * (2 * lam / spread) if spread > 0 else torch.zeros_like(r)
+    # ratios are shares of a layer's weights: closer than 1e-12 they are equal (no spread from noise)
+    density = (r - r.min()) * (2 * lam / spread) if spread > 1e-12 else torch.zeros_like(r)
     density = density - (density * w).sum() / w.sum() + (1.0 - target)
     sparsity = 1.0 - density
     if float(sparsity.min()) < 0 or float(sparsity.max()) >= 1:
